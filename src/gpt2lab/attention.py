@@ -1,0 +1,259 @@
+"""Causal self-attention and its variants, all in one place.
+
+* multi-head (GPT-2), grouped-query and multi-query attention: ``n_kv_head`` key/value heads shared by
+  groups of ``n_head / n_kv_head`` query heads. K/V are never repeated: SDPA's ``enable_gqa`` broadcasts.
+* rotary position embeddings (RoFormer, Su et al. 2021) applied to queries and keys.
+* sliding-window attention (Longformer / Mistral): each query sees the W most recent keys, itself
+  included. Training and prefill use a banded formulation that costs O(T·W); decoding uses a rolling
+  KV cache of W slots.
+
+Shapes: B batch, T new tokens, S keys attended (cache + new), nh query heads, nkv key/value heads,
+hs head size.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .config import GPTConfig
+
+# ---------------------------------------------------------------------------------------- rotary
+
+
+class RotaryEmbedding(nn.Module):
+    """Rotates each (x[i], x[i + hs/2]) pair of a head by angle pos · theta^(-2i/hs).
+
+    This is the "rotate half" layout of GPT-NeoX and Llama; RoFormer pairs adjacent channels instead.
+    Both give scores that depend on relative position only; the layouts differ by a fixed permutation
+    of the head channels. Angles are computed from the positions on every call, so any position works,
+    including those past ``block_size``.
+    """
+
+    def __init__(self, head_dim: int, theta: float) -> None:
+        super().__init__()
+        inv_freq = theta ** (-torch.arange(0, head_dim, 2, dtype=torch.float32) / head_dim)
+        self.register_buffer("inv_freq", inv_freq, persistent=False)
+
+    def forward(self, x: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+        # x: (B, h, T, hs); positions: (B, T) or (T,)
+        angles = positions.to(torch.float32)[..., None] * self.inv_freq  # (B, T, hs/2)
+        if angles.dim() == 3:
+            angles = angles[:, None]  # (B, 1, T, hs/2), broadcast over heads
+        cos, sin = angles.cos().to(x.dtype), angles.sin().to(x.dtype)
+        x1, x2 = x.chunk(2, dim=-1)
+        return torch.cat((x1 * cos - x2 * sin, x2 * cos + x1 * sin), dim=-1)
+
+
+# ---------------------------------------------------------------------------------------- KV cache
+
+
+class KVCache:
+    """Keys and values of one layer, for incremental decoding.
+
+    ``window=None``: a buffer of ``capacity`` slots filled left to right.
+    ``window=W``: a ring of W slots; the token at sequence index p lives in slot p % W, so memory stays
+    constant however long the generation runs. Keys are stored after RoPE, so a slot's order in the
+    ring does not matter: the mask is built from the sequence index stored with each slot.
+
+    ``key_valid`` marks padding (left-padded batches) so that pad tokens are never attended.
+    """
+
+    def __init__(self, batch: int, n_kv_head: int, head_dim: int, capacity: int, window: int | None,
+                 dtype: torch.dtype, device: torch.device | str) -> None:
+        size = capacity if window is None else min(window, capacity)
+        self.window = window
+        self.k = torch.zeros(batch, n_kv_head, size, head_dim, dtype=dtype, device=device)
+        self.v = torch.zeros_like(self.k)
+        self.key_index = torch.full((size,), -1, dtype=torch.long, device=device)  # -1: empty slot
+        self.key_valid = torch.zeros(batch, size, dtype=torch.bool, device=device)
+        self.length = 0  # tokens written so far = sequence index of the next token
+        self.has_padding = False
+
+    @property
+    def capacity(self) -> int:
+        return self.k.shape[2]
+
+    def nbytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in (self.k, self.v))
+
+    def _write(self, k: torch.Tensor, v: torch.Tensor, valid: torch.Tensor) -> None:
+        T = k.shape[2]
+        start = self.length
+        if self.window is None:
+            if start + T > self.capacity:
+                raise RuntimeError(f"KV cache is full ({self.capacity} tokens)")
+            slots = slice(start, start + T)
+            index = torch.arange(start, start + T, device=k.device)
+        else:
+            keep = min(T, self.capacity)  # only the last W tokens can ever be attended again
+            k, v, valid = k[:, :, T - keep:], v[:, :, T - keep:], valid[:, T - keep:]
+            index = torch.arange(start + T - keep, start + T, device=k.device)
+            slots = index % self.capacity
+        self.k[:, :, slots] = k
+        self.v[:, :, slots] = v
+        self.key_index[slots] = index
+        self.key_valid[:, slots] = valid
+        self.length += T
+
+    def update(self, k: torch.Tensor, v: torch.Tensor, valid: torch.Tensor | None):
+        """Store the new (B, nkv, T, hs) keys/values; return what the new queries attend to.
+
+        Returns ``(keys, values, key_index, key_valid)``: the cached entries (new ones included, or
+        appended when a multi-token step would overwrite ring slots its own queries still need).
+        """
+        B, _, T, _ = k.shape
+        if valid is None:
+            valid = torch.ones(B, T, dtype=torch.bool, device=k.device)
+        else:
+            self.has_padding = self.has_padding or not bool(valid.all())
+        if self.window is None or T == 1:
+            self._write(k, v, valid)
+            n = min(self.length, self.capacity)
+            return self.k[:, :, :n], self.v[:, :, :n], self.key_index[:n], self.key_valid[:, :n]
+        new_index = torch.arange(self.length, self.length + T, device=k.device)
+        out = (
+            torch.cat((self.k, k), dim=2),
+            torch.cat((self.v, v), dim=2),
+            torch.cat((self.key_index, new_index)),
+            torch.cat((self.key_valid, valid), dim=1),
+        )
+        self._write(k, v, valid)
+        return out
+
+
+# ---------------------------------------------------------------------------------------- kernels
+
+
+def causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, dropout_p: float = 0.0) -> torch.Tensor:
+    """Full causal attention, (B, nh, T, hs) x (B, nkv, T, hs) -> (B, nh, T, hs)."""
+    return F.scaled_dot_product_attention(
+        q, k, v, is_causal=True, dropout_p=dropout_p, enable_gqa=q.shape[1] != k.shape[1]
+    )
+
+
+def _band_mask(window: int, device: torch.device) -> torch.Tensor:
+    # Query i of a chunk sits at offset W + i among the 2W keys [previous chunk | own chunk];
+    # it may see key j when i < j <= i + W, i.e. the W keys ending at itself.
+    i = torch.arange(window, device=device)[:, None]
+    j = torch.arange(2 * window, device=device)[None, :]
+    return (j > i) & (j <= i + window)  # (W, 2W)
+
+
+def sliding_window_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, window: int,
+                             dropout_p: float = 0.0) -> torch.Tensor:
+    """Causal attention where query i sees keys i-W+1 .. i, in O(T·W) time and memory.
+
+    The sequence is cut into chunks of W queries. Every key a chunk needs lies in the chunk itself or
+    the one before, so each chunk attends to 2W keys under one shared (W, 2W) band mask. The first
+    chunk has no predecessor and is plain causal attention.
+    """
+    B, nh, T, hs = q.shape
+    if T <= window:
+        return causal_attention(q, k, v, dropout_p)
+    nkv = k.shape[1]
+    n_chunks = math.ceil(T / window)
+    pad = n_chunks * window - T  # padded keys sit after every real query, so causality hides them
+    if pad:
+        q, k, v = (F.pad(t, (0, 0, 0, pad)) for t in (q, k, v))
+    first = causal_attention(q[:, :, :window], k[:, :, :window], v[:, :, :window], dropout_p)
+
+    def chunks(t: torch.Tensor, h: int) -> torch.Tensor:
+        return t.view(B, h, n_chunks, window, hs).transpose(1, 2)  # (B, n, h, W, hs)
+
+    qc, kc, vc = chunks(q, nh)[:, 1:], chunks(k, nkv), chunks(v, nkv)
+    k2 = torch.cat((kc[:, :-1], kc[:, 1:]), dim=3)  # (B, n-1, nkv, 2W, hs)
+    v2 = torch.cat((vc[:, :-1], vc[:, 1:]), dim=3)
+    rest = F.scaled_dot_product_attention(
+        qc, k2, v2, attn_mask=_band_mask(window, q.device), dropout_p=dropout_p, enable_gqa=nh != nkv
+    )  # (B, n-1, nh, W, hs)
+    rest = rest.transpose(1, 2).reshape(B, nh, (n_chunks - 1) * window, hs)
+    return torch.cat((first, rest), dim=2)[:, :, :T]
+
+
+def masked_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, query_index: torch.Tensor,
+                     key_index: torch.Tensor, key_valid: torch.Tensor | None, window: int | None,
+                     dropout_p: float = 0.0) -> torch.Tensor:
+    """General path for padded batches and cached decoding: the mask is built from sequence indices.
+
+    query_index: (T,) and key_index: (S,) sequence indices (-1 marks an empty cache slot);
+    key_valid: (B, S), False for padding.
+    """
+    qi, ki = query_index[:, None], key_index[None, :]
+    allowed = (ki >= 0) & (ki <= qi)
+    if window is not None:
+        allowed = allowed & (ki > qi - window)
+    mask = allowed[None, None]  # (1, 1, T, S)
+    if key_valid is not None:
+        mask = mask & key_valid[:, None, None, :]
+        # A query with no visible key (a pad query before any real token) would give NaN; let it see
+        # everything instead. Its output is never used.
+        mask = mask | ~mask.any(dim=-1, keepdim=True)
+    return F.scaled_dot_product_attention(
+        q, k, v, attn_mask=mask, dropout_p=dropout_p, enable_gqa=q.shape[1] != k.shape[1]
+    )
+
+
+# ---------------------------------------------------------------------------------------- module
+
+
+class CausalSelfAttention(nn.Module):
+    """GPT-2's attention block with the variant switches of :class:`GPTConfig`.
+
+    ``c_attn`` packs the query, key and value projections as GPT-2 does: its output is
+    ``[q (nh·hs) | k (nkv·hs) | v (nkv·hs)]``, which for MHA is exactly GPT-2's ``3·n_embd``.
+    """
+
+    def __init__(self, config: GPTConfig, layer: int) -> None:
+        super().__init__()
+        self.n_head, self.n_kv_head, self.head_dim = config.n_head, config.n_kv_head, config.head_dim
+        self.window = config.layer_window(layer)
+        self.dropout = config.dropout
+        kv_dim = self.n_kv_head * self.head_dim
+        self.c_attn = nn.Linear(config.n_embd, config.n_embd + 2 * kv_dim)
+        self.c_proj = nn.Linear(config.n_embd, config.n_embd)
+        self.resid_dropout = nn.Dropout(config.dropout)
+        self.rotary = RotaryEmbedding(self.head_dim, config.rope_theta) if config.pos_encoding == "rope" else None
+
+    def forward(self, x: torch.Tensor, positions: torch.Tensor, cache: KVCache | None = None,
+                valid: torch.Tensor | None = None) -> torch.Tensor:
+        B, T, C = x.shape
+        hs, nh, nkv = self.head_dim, self.n_head, self.n_kv_head
+        q, k, v = self.c_attn(x).split([nh * hs, nkv * hs, nkv * hs], dim=2)
+        q = q.view(B, T, nh, hs).transpose(1, 2)  # (B, nh, T, hs)
+        k = k.view(B, T, nkv, hs).transpose(1, 2)  # (B, nkv, T, hs)
+        v = v.view(B, T, nkv, hs).transpose(1, 2)  # (B, nkv, T, hs)
+        if self.rotary is not None:
+            q, k = self.rotary(q, positions), self.rotary(k, positions)
+        dropout_p = self.dropout if self.training else 0.0
+
+        start = 0 if cache is None else cache.length
+        padded = valid is not None and not bool(valid.all())
+        if start == 0 and not padded:
+            # Fast paths: nothing cached, no padding.
+            if self.window is None:
+                y = causal_attention(q, k, v, dropout_p)
+            else:
+                y = sliding_window_attention(q, k, v, self.window, dropout_p)
+            if cache is not None:
+                cache.update(k, v, valid)
+        else:
+            query_index = torch.arange(start, start + T, device=x.device)
+            if cache is None:
+                keys, values, key_index, key_valid = k, v, query_index, valid
+            else:
+                keys, values, key_index, key_valid = cache.update(k, v, valid)
+                if not cache.has_padding:
+                    key_valid = None
+            if T == 1 and key_valid is None and bool((key_index >= 0).all()):
+                # Decoding one token when every stored key is visible (a full cache, or a ring
+                # that holds exactly the last W tokens): no mask needed.
+                y = F.scaled_dot_product_attention(q, keys, values, enable_gqa=nh != nkv)
+            else:
+                y = masked_attention(q, keys, values, query_index, key_index, key_valid, self.window, dropout_p)
+
+        y = y.transpose(1, 2).contiguous().view(B, T, C)  # re-assemble heads: (B, T, nh·hs)
+        return self.resid_dropout(self.c_proj(y))

@@ -1,0 +1,158 @@
+"""Model configuration: one dataclass, named presets, validation that fails early with one line."""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+
+class GPT2LabError(ValueError):
+    """A user-facing error: the message is one line that names the problem.
+
+    The CLI prints it as ``error: <message>`` and exits with status 2 instead of a traceback.
+    """
+
+
+def closest_hint(name: str, choices) -> str:
+    """`` (did you mean 'x'?)`` when a close match exists, else an empty string."""
+    match = difflib.get_close_matches(name, list(choices), n=1)
+    return f" (did you mean '{match[0]}'?)" if match else ""
+
+
+@dataclass
+class GPTConfig:
+    """Shape of a GPT-2 style decoder and of its attention variant.
+
+    The defaults are GPT-2 small (124M). The three architecture switches compose freely:
+
+    * ``pos_encoding``: ``"learned"`` (GPT-2's ``wpe`` table) or ``"rope"`` (rotary, no ``wpe``).
+    * ``n_kv_head``: key/value heads; ``None`` means ``n_head`` (multi-head), ``1`` is multi-query.
+    * ``window``: ``None`` for full causal attention, or W = the number of keys each query sees,
+      *itself included* (query i attends to keys i-W+1 .. i). Mistral's ``sliding_window`` uses the
+      same count; Longformer's one-sided window w corresponds to W = w + 1. A list gives one value per
+      layer, ``None`` entries being global layers.
+    """
+
+    block_size: int = 1024
+    vocab_size: int = 50257
+    n_layer: int = 12
+    n_head: int = 12
+    n_embd: int = 768
+    n_kv_head: int | None = None
+    pos_encoding: str = "learned"
+    rope_theta: float = 10000.0
+    window: int | list[int | None] | None = None
+    dropout: float = 0.0
+    layer_norm_epsilon: float = 1e-5
+    extra: dict[str, Any] = field(default_factory=dict, repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        if self.n_kv_head is None:
+            self.n_kv_head = self.n_head
+        if isinstance(self.window, tuple):
+            self.window = list(self.window)
+        self.validate()
+
+    # ------------------------------------------------------------------ validation
+    def validate(self) -> None:
+        for name in ("block_size", "vocab_size", "n_layer", "n_head", "n_embd", "n_kv_head"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+                raise GPT2LabError(f"config: {name} must be a positive integer, got {value!r}")
+        if self.n_embd % self.n_head:
+            raise GPT2LabError(f"config: n_embd ({self.n_embd}) must be divisible by n_head ({self.n_head})")
+        if self.n_head % self.n_kv_head:
+            raise GPT2LabError(
+                f"config: n_head ({self.n_head}) must be divisible by n_kv_head ({self.n_kv_head})"
+            )
+        if self.pos_encoding not in ("learned", "rope"):
+            raise GPT2LabError(f"config: pos_encoding must be 'learned' or 'rope', got {self.pos_encoding!r}")
+        if self.pos_encoding == "rope":
+            if self.head_dim % 2:
+                raise GPT2LabError(f"config: rope needs an even head size, got {self.head_dim}")
+            if self.rope_theta <= 0:
+                raise GPT2LabError(f"config: rope_theta must be > 0, got {self.rope_theta}")
+        if not 0.0 <= self.dropout < 1.0:
+            raise GPT2LabError(f"config: dropout must be in [0, 1), got {self.dropout}")
+        windows = self.window if isinstance(self.window, list) else [self.window]
+        if isinstance(self.window, list) and len(self.window) != self.n_layer:
+            raise GPT2LabError(
+                f"config: window list has {len(self.window)} entries but the model has {self.n_layer} layers"
+            )
+        for w in windows:
+            if w is None:
+                continue
+            if not isinstance(w, int) or isinstance(w, bool) or w < 1:
+                raise GPT2LabError(f"config: window must be None or an integer >= 1, got {w!r}")
+            if w > self.block_size:
+                raise GPT2LabError(
+                    f"config: window ({w}) is larger than the context block_size ({self.block_size})"
+                )
+
+    # ------------------------------------------------------------------ derived
+    @property
+    def head_dim(self) -> int:
+        return self.n_embd // self.n_head
+
+    def layer_window(self, layer: int) -> int | None:
+        return self.window[layer] if isinstance(self.window, list) else self.window
+
+    @property
+    def max_window(self) -> int | None:
+        """The largest window, or None if any layer attends globally (its KV cache must grow)."""
+        windows = [self.layer_window(i) for i in range(self.n_layer)]
+        return None if any(w is None for w in windows) else max(windows)
+
+    def check_length(self, length: int) -> None:
+        """Learned positions stop at block_size; RoPE models extrapolate (and slide, with a window)."""
+        if self.pos_encoding == "learned" and length > self.block_size:
+            raise GPT2LabError(
+                f"sequence of {length} tokens is longer than the context ({self.block_size}) of a model "
+                "with learned positions"
+            )
+
+    # ------------------------------------------------------------------ (de)serialisation
+    def to_dict(self) -> dict[str, Any]:
+        d = dataclasses.asdict(self)
+        d.pop("extra")
+        return d
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> GPTConfig:
+        known = {f.name for f in dataclasses.fields(cls)} - {"extra"}
+        for key in d:
+            if key not in known:
+                raise GPT2LabError(f"config: unknown key '{key}'{closest_hint(key, known)}")
+        return cls(**d)
+
+    def save(self, path: str | Path) -> None:
+        Path(path).write_text(json.dumps(self.to_dict(), indent=2) + "\n")
+
+    @classmethod
+    def load(cls, path: str | Path) -> GPTConfig:
+        return cls.from_dict(json.loads(Path(path).read_text()))
+
+    @classmethod
+    def from_preset(cls, name: str, **overrides: Any) -> GPTConfig:
+        if name not in PRESETS:
+            raise GPT2LabError(f"unknown preset '{name}'{closest_hint(name, PRESETS)}; known: {', '.join(PRESETS)}")
+        return cls.from_dict({**PRESETS[name], **overrides})
+
+    def replace(self, **changes: Any) -> GPTConfig:
+        return GPTConfig.from_dict({**self.to_dict(), **changes})
+
+
+# Sizes of the four released GPT-2 models (Radford et al. 2019, table 2; hparams.json of each release).
+PRESETS: dict[str, dict[str, Any]] = {
+    "gpt2": dict(n_layer=12, n_head=12, n_embd=768),
+    "gpt2-medium": dict(n_layer=24, n_head=16, n_embd=1024),
+    "gpt2-large": dict(n_layer=36, n_head=20, n_embd=1280),
+    "gpt2-xl": dict(n_layer=48, n_head=25, n_embd=1600),
+    # Small models for CPU experiments and tests.
+    "tiny": dict(n_layer=2, n_head=4, n_embd=64, block_size=128),
+    "small": dict(n_layer=6, n_head=6, n_embd=384, block_size=256),
+}

@@ -1,0 +1,192 @@
+"""GPT-2, top to bottom: embeddings, pre-norm blocks, final LayerNorm, tied LM head.
+
+Parameter names follow the original checkpoints (``transformer.h.0.attn.c_attn.weight`` …), so the
+loaders in :mod:`gpt2lab.checkpoints` only rename prefixes and transpose Conv1D weights.
+"""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .attention import CausalSelfAttention, KVCache
+from .config import GPT2LabError, GPTConfig
+
+
+class MLP(nn.Module):
+    def __init__(self, config: GPTConfig) -> None:
+        super().__init__()
+        self.c_fc = nn.Linear(config.n_embd, 4 * config.n_embd)
+        self.c_proj = nn.Linear(4 * config.n_embd, config.n_embd)
+        self.dropout = nn.Dropout(config.dropout)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        # GPT-2 uses the tanh approximation of GELU; the exact erf form moves 124M logits by ~1e-3.
+        return self.dropout(self.c_proj(F.gelu(self.c_fc(x), approximate="tanh")))
+
+
+class Block(nn.Module):
+    """Pre-norm residual block: x + attn(ln_1(x)), then x + mlp(ln_2(x))."""
+
+    def __init__(self, config: GPTConfig, layer: int) -> None:
+        super().__init__()
+        self.ln_1 = nn.LayerNorm(config.n_embd, eps=config.layer_norm_epsilon)
+        self.attn = CausalSelfAttention(config, layer)
+        self.ln_2 = nn.LayerNorm(config.n_embd, eps=config.layer_norm_epsilon)
+        self.mlp = MLP(config)
+
+    def forward(self, x, positions, cache=None, valid=None):
+        x = x + self.attn(self.ln_1(x), positions, cache, valid)
+        return x + self.mlp(self.ln_2(x))
+
+
+class GPT(nn.Module):
+    def __init__(self, config: GPTConfig) -> None:
+        super().__init__()
+        self.config = config
+        parts = dict(
+            wte=nn.Embedding(config.vocab_size, config.n_embd),
+            drop=nn.Dropout(config.dropout),
+            h=nn.ModuleList(Block(config, i) for i in range(config.n_layer)),
+            ln_f=nn.LayerNorm(config.n_embd, eps=config.layer_norm_epsilon),
+        )
+        if config.pos_encoding == "learned":
+            parts["wpe"] = nn.Embedding(config.block_size, config.n_embd)
+        self.transformer = nn.ModuleDict(parts)
+        self.lm_head = nn.Linear(config.n_embd, config.vocab_size, bias=False)
+        self.lm_head.weight = self.transformer.wte.weight  # tied, as in GPT-2
+        self.apply(self._init_weights)
+        # GPT-2 scales the init of the projections that write into the residual stream by
+        # 1/sqrt(2·n_layer): each layer adds two such contributions.
+        for name, p in self.named_parameters():
+            if name.endswith("c_proj.weight"):
+                nn.init.normal_(p, mean=0.0, std=0.02 / math.sqrt(2 * config.n_layer))
+
+    @staticmethod
+    def _init_weights(module: nn.Module) -> None:
+        if isinstance(module, nn.Linear):
+            nn.init.normal_(module.weight, mean=0.0, std=0.02)
+            if module.bias is not None:
+                nn.init.zeros_(module.bias)
+        elif isinstance(module, nn.Embedding):
+            nn.init.normal_(module.weight, mean=0.0, std=0.02)
+
+    # ------------------------------------------------------------------ forward
+    def forward(self, idx: torch.Tensor, targets: torch.Tensor | None = None, *,
+                cache: list[KVCache] | None = None, attention_mask: torch.Tensor | None = None,
+                position_ids: torch.Tensor | None = None, last_only: bool = False):
+        """Logits (B, T, vocab) for token ids (B, T); with ``targets``, also the mean cross-entropy.
+
+        ``targets`` equal to -1 are ignored. ``cache`` (from :meth:`new_cache`) makes the call
+        incremental; ``attention_mask`` (B, T) marks real tokens (1) and padding (0);
+        ``position_ids`` default to the sequence index; ``last_only`` computes logits for the last
+        position only (generation).
+        """
+        B, T = idx.shape
+        start = 0 if cache is None else cache[0].length
+        if position_ids is None:
+            position_ids = torch.arange(start, start + T, device=idx.device)
+        self.config.check_length(start + T)
+        valid = None if attention_mask is None else attention_mask.to(torch.bool)
+
+        x = self.transformer.wte(idx)  # (B, T, C)
+        if self.config.pos_encoding == "learned":
+            x = x + self.transformer.wpe(position_ids)
+        x = self.transformer.drop(x)
+        for i, block in enumerate(self.transformer.h):
+            x = block(x, position_ids, None if cache is None else cache[i], valid)
+        x = self.transformer.ln_f(x)
+        if last_only:
+            x = x[:, -1:]
+        logits = self.lm_head(x)  # (B, T, vocab)
+        if targets is None:
+            return logits
+        loss = F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten(), ignore_index=-1)
+        return logits, loss
+
+    def new_cache(self, batch: int, capacity: int, dtype: torch.dtype | None = None,
+                  device: torch.device | str | None = None) -> list[KVCache]:
+        """One KV cache per layer, for up to ``capacity`` tokens (ring of W slots for windowed layers)."""
+        ref = self.lm_head.weight
+        c = self.config
+        return [
+            KVCache(batch, c.n_kv_head, c.head_dim, capacity, c.layer_window(i),
+                    dtype or ref.dtype, device or ref.device)
+            for i in range(c.n_layer)
+        ]
+
+    # ------------------------------------------------------------------ utilities
+    def num_params(self, non_embedding: bool = False) -> int:
+        """Parameters, counting the tied LM head once; ``non_embedding`` leaves out wte/wpe."""
+        n = sum(p.numel() for p in self.parameters())
+        if non_embedding:
+            n -= self.transformer.wte.weight.numel()
+            if "wpe" in self.transformer:
+                n -= self.transformer.wpe.weight.numel()
+        return n
+
+    @property
+    def device(self) -> torch.device:
+        return self.lm_head.weight.device
+
+    @torch.no_grad()
+    def generate(self, idx, max_new_tokens: int, temperature: float = 1.0, top_k: int | None = None,
+                 top_p: float | None = None, stop=None, seed: int | None = None, **kwargs):
+        """Sample continuations; see :func:`gpt2lab.generation.generate`."""
+        from .generation import generate
+
+        return generate(self, idx, max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
+                        stop=stop, seed=seed, **kwargs)
+
+    @torch.no_grad()
+    def convert_to_gqa(self, n_kv_head: int) -> GPT:
+        """A copy with ``n_kv_head`` key/value heads, each the mean of its group's heads (Ainslie et al.
+        2023, the starting point for GQA uptraining). Weights and biases of K and V are pooled; queries,
+        outputs and every other tensor are copied. ``n_kv_head`` equal to the current count is the
+        identity."""
+        c = self.config
+        if n_kv_head < 1 or c.n_kv_head % n_kv_head:
+            raise GPT2LabError(
+                f"cannot convert {c.n_kv_head} key/value heads to {n_kv_head}: "
+                f"the new count must divide the current one"
+            )
+        new = GPT(c.replace(n_kv_head=n_kv_head)).to(device=self.device, dtype=self.lm_head.weight.dtype)
+        state = self.state_dict()
+        group, hs, q_dim = c.n_kv_head // n_kv_head, c.head_dim, c.n_embd
+        for name in list(state):
+            if not name.endswith(("attn.c_attn.weight", "attn.c_attn.bias")):
+                continue
+            packed = state[name]  # (q_dim + 2·kv_dim, ...) rows: q | k | v
+            q, k, v = packed.split([q_dim, c.n_kv_head * hs, c.n_kv_head * hs], dim=0)
+            tail = k.shape[1:]
+
+            def pool(t):
+                return t.reshape(n_kv_head, group, hs, *tail).mean(dim=1).reshape(n_kv_head * hs, *tail)
+
+            state[name] = torch.cat((q, pool(k), pool(v)), dim=0)
+        new.load_state_dict(state)
+        return new
+
+    # ------------------------------------------------------------------ checkpoints
+    @classmethod
+    def from_pretrained(cls, name_or_path: str | Path, **kwargs) -> GPT:
+        """Load a hub id, a hub-layout folder/file, an OpenAI TF checkpoint or a gpt2lab folder."""
+        from .checkpoints import load_pretrained
+
+        return load_pretrained(name_or_path, **kwargs)
+
+    def save_pretrained(self, directory: str | Path) -> None:
+        """Write ``model.safetensors`` + ``config.json`` (gpt2lab's own format)."""
+        from .checkpoints import save_pretrained
+
+        save_pretrained(self, directory)
+
+    def export_hf(self, directory: str | Path) -> None:
+        """Write the Hugging Face hub layout, loadable by ``transformers.GPT2LMHeadModel``."""
+        from .checkpoints import export_hf
+
+        export_hf(self, directory)
