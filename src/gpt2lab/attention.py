@@ -62,8 +62,16 @@ class KVCache:
     ``key_valid`` marks padding (left-padded batches) so that pad tokens are never attended.
     """
 
-    def __init__(self, batch: int, n_kv_head: int, head_dim: int, capacity: int, window: int | None,
-                 dtype: torch.dtype, device: torch.device | str) -> None:
+    def __init__(
+        self,
+        batch: int,
+        n_kv_head: int,
+        head_dim: int,
+        capacity: int,
+        window: int | None,
+        dtype: torch.dtype,
+        device: torch.device | str,
+    ) -> None:
         size = capacity if window is None else min(window, capacity)
         self.window = window
         self.k = torch.zeros(batch, n_kv_head, size, head_dim, dtype=dtype, device=device)
@@ -90,7 +98,7 @@ class KVCache:
             index = torch.arange(start, start + T, device=k.device)
         else:
             keep = min(T, self.capacity)  # only the last W tokens can ever be attended again
-            k, v, valid = k[:, :, T - keep:], v[:, :, T - keep:], valid[:, T - keep:]
+            k, v, valid = k[:, :, T - keep :], v[:, :, T - keep :], valid[:, T - keep :]
             index = torch.arange(start + T - keep, start + T, device=k.device)
             slots = index % self.capacity
         self.k[:, :, slots] = k
@@ -143,8 +151,9 @@ def _band_mask(window: int, device: torch.device) -> torch.Tensor:
     return (j > i) & (j <= i + window)  # (W, 2W)
 
 
-def sliding_window_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, window: int,
-                             dropout_p: float = 0.0) -> torch.Tensor:
+def sliding_window_attention(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, window: int, dropout_p: float = 0.0
+) -> torch.Tensor:
     """Causal attention where query i sees keys i-W+1 .. i, in O(T·W) time and memory.
 
     The sequence is cut into chunks of W queries. Every key a chunk needs lies in the chunk itself or
@@ -174,9 +183,16 @@ def sliding_window_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, 
     return torch.cat((first, rest), dim=2)[:, :, :T]
 
 
-def masked_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, query_index: torch.Tensor,
-                     key_index: torch.Tensor, key_valid: torch.Tensor | None, window: int | None,
-                     dropout_p: float = 0.0) -> torch.Tensor:
+def masked_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    query_index: torch.Tensor,
+    key_index: torch.Tensor,
+    key_valid: torch.Tensor | None,
+    window: int | None,
+    dropout_p: float = 0.0,
+) -> torch.Tensor:
     """General path for padded batches and cached decoding: the mask is built from sequence indices.
 
     query_index: (T,) and key_index: (S,) sequence indices (-1 marks an empty cache slot);
@@ -218,8 +234,9 @@ class CausalSelfAttention(nn.Module):
         self.resid_dropout = nn.Dropout(config.dropout)
         self.rotary = RotaryEmbedding(self.head_dim, config.rope_theta) if config.pos_encoding == "rope" else None
 
-    def forward(self, x: torch.Tensor, positions: torch.Tensor, cache: KVCache | None = None,
-                valid: torch.Tensor | None = None) -> torch.Tensor:
+    def forward(
+        self, x: torch.Tensor, positions: torch.Tensor, cache: KVCache | None = None, valid: torch.Tensor | None = None
+    ) -> torch.Tensor:
         B, T, C = x.shape
         hs, nh, nkv = self.head_dim, self.n_head, self.n_kv_head
         q, k, v = self.c_attn(x).split([nh * hs, nkv * hs, nkv * hs], dim=2)

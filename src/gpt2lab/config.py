@@ -66,9 +66,7 @@ class GPTConfig:
         if self.n_embd % self.n_head:
             raise GPT2LabError(f"config: n_embd ({self.n_embd}) must be divisible by n_head ({self.n_head})")
         if self.n_head % self.n_kv_head:
-            raise GPT2LabError(
-                f"config: n_head ({self.n_head}) must be divisible by n_kv_head ({self.n_kv_head})"
-            )
+            raise GPT2LabError(f"config: n_head ({self.n_head}) must be divisible by n_kv_head ({self.n_kv_head})")
         if self.pos_encoding not in ("learned", "rope"):
             raise GPT2LabError(f"config: pos_encoding must be 'learned' or 'rope', got {self.pos_encoding!r}")
         if self.pos_encoding == "rope":
@@ -89,9 +87,7 @@ class GPTConfig:
             if not isinstance(w, int) or isinstance(w, bool) or w < 1:
                 raise GPT2LabError(f"config: window must be None or an integer >= 1, got {w!r}")
             if w > self.block_size:
-                raise GPT2LabError(
-                    f"config: window ({w}) is larger than the context block_size ({self.block_size})"
-                )
+                raise GPT2LabError(f"config: window ({w}) is larger than the context block_size ({self.block_size})")
 
     # ------------------------------------------------------------------ derived
     @property

@@ -24,8 +24,13 @@ def check_sampling(temperature: float, top_k: int | None, top_p: float | None) -
         raise GPT2LabError(f"top_p must be in (0, 1], got {top_p}")
 
 
-def sample_next(logits: torch.Tensor, temperature: float = 1.0, top_k: int | None = None,
-                top_p: float | None = None, generator: torch.Generator | None = None) -> torch.Tensor:
+def sample_next(
+    logits: torch.Tensor,
+    temperature: float = 1.0,
+    top_k: int | None = None,
+    top_p: float | None = None,
+    generator: torch.Generator | None = None,
+) -> torch.Tensor:
     """Next token ids (B,) from last-position logits (B, vocab). ``temperature == 0`` is greedy."""
     if temperature == 0:
         return logits.argmax(dim=-1)
@@ -52,8 +57,8 @@ def left_pad(prompts: Sequence[Sequence[int]], pad_id: int = EOT) -> tuple[torch
     idx = torch.full((len(prompts), width), pad_id, dtype=torch.long)
     mask = torch.zeros((len(prompts), width), dtype=torch.long)
     for row, p in enumerate(prompts):
-        idx[row, width - len(p):] = torch.as_tensor(list(p), dtype=torch.long)
-        mask[row, width - len(p):] = 1
+        idx[row, width - len(p) :] = torch.as_tensor(list(p), dtype=torch.long)
+        mask[row, width - len(p) :] = 1
     return idx, mask
 
 
@@ -84,10 +89,20 @@ class _StopChecker:
                 done[row] = any(s in tail for s in self.strings)
 
 
-def stream_generate(model, idx: torch.Tensor, max_new_tokens: int, *, temperature: float = 1.0,
-                    top_k: int | None = None, top_p: float | None = None, stop=None,
-                    seed: int | None = None, attention_mask: torch.Tensor | None = None,
-                    use_cache: bool = True, tokenizer=None) -> Iterator[tuple[torch.Tensor, list[bool]]]:
+def stream_generate(
+    model,
+    idx: torch.Tensor,
+    max_new_tokens: int,
+    *,
+    temperature: float = 1.0,
+    top_k: int | None = None,
+    top_p: float | None = None,
+    stop=None,
+    seed: int | None = None,
+    attention_mask: torch.Tensor | None = None,
+    use_cache: bool = True,
+    tokenizer=None,
+) -> Iterator[tuple[torch.Tensor, list[bool]]]:
     """Yield ``(next_tokens (B,), finished)`` after every step; a row stays finished once it stops."""
     check_sampling(temperature, top_k, top_p)
     if max_new_tokens < 0:
@@ -135,9 +150,20 @@ def stream_generate(model, idx: torch.Tensor, max_new_tokens: int, *, temperatur
         model.train(model_was_training)
 
 
-def generate(model, idx, max_new_tokens: int, *, temperature: float = 1.0, top_k: int | None = None,
-             top_p: float | None = None, stop=None, seed: int | None = None,
-             attention_mask: torch.Tensor | None = None, use_cache: bool = True, tokenizer=None):
+def generate(
+    model,
+    idx,
+    max_new_tokens: int,
+    *,
+    temperature: float = 1.0,
+    top_k: int | None = None,
+    top_p: float | None = None,
+    stop=None,
+    seed: int | None = None,
+    attention_mask: torch.Tensor | None = None,
+    use_cache: bool = True,
+    tokenizer=None,
+):
     """Generate up to ``max_new_tokens`` after each prompt.
 
     ``idx`` is a (B, T) tensor (returns a (B, T + n) tensor; rows that stopped early are filled with
@@ -154,9 +180,21 @@ def generate(model, idx, max_new_tokens: int, *, temperature: float = 1.0, top_k
         raise GPT2LabError(f"idx must have shape (batch, time), got {tuple(idx.shape)}")
     steps = []
     finished_at = [None] * idx.shape[0]
-    for i, (tok, done) in enumerate(stream_generate(
-            model, idx, max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p, stop=stop,
-            seed=seed, attention_mask=attention_mask, use_cache=use_cache, tokenizer=tokenizer)):
+    for i, (tok, done) in enumerate(
+        stream_generate(
+            model,
+            idx,
+            max_new_tokens,
+            temperature=temperature,
+            top_k=top_k,
+            top_p=top_p,
+            stop=stop,
+            seed=seed,
+            attention_mask=attention_mask,
+            use_cache=use_cache,
+            tokenizer=tokenizer,
+        )
+    ):
         steps.append(tok)
         for row, d in enumerate(done):
             if d and finished_at[row] is None:

@@ -76,9 +76,16 @@ class GPT(nn.Module):
             nn.init.normal_(module.weight, mean=0.0, std=0.02)
 
     # ------------------------------------------------------------------ forward
-    def forward(self, idx: torch.Tensor, targets: torch.Tensor | None = None, *,
-                cache: list[KVCache] | None = None, attention_mask: torch.Tensor | None = None,
-                position_ids: torch.Tensor | None = None, last_only: bool = False):
+    def forward(
+        self,
+        idx: torch.Tensor,
+        targets: torch.Tensor | None = None,
+        *,
+        cache: list[KVCache] | None = None,
+        attention_mask: torch.Tensor | None = None,
+        position_ids: torch.Tensor | None = None,
+        last_only: bool = False,
+    ):
         """Logits (B, T, vocab) for token ids (B, T); with ``targets``, also the mean cross-entropy.
 
         ``targets`` equal to -1 are ignored. ``cache`` (from :meth:`new_cache`) makes the call
@@ -108,14 +115,16 @@ class GPT(nn.Module):
         loss = F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten(), ignore_index=-1)
         return logits, loss
 
-    def new_cache(self, batch: int, capacity: int, dtype: torch.dtype | None = None,
-                  device: torch.device | str | None = None) -> list[KVCache]:
+    def new_cache(
+        self, batch: int, capacity: int, dtype: torch.dtype | None = None, device: torch.device | str | None = None
+    ) -> list[KVCache]:
         """One KV cache per layer, for up to ``capacity`` tokens (ring of W slots for windowed layers)."""
         ref = self.lm_head.weight
         c = self.config
         return [
-            KVCache(batch, c.n_kv_head, c.head_dim, capacity, c.layer_window(i),
-                    dtype or ref.dtype, device or ref.device)
+            KVCache(
+                batch, c.n_kv_head, c.head_dim, capacity, c.layer_window(i), dtype or ref.dtype, device or ref.device
+            )
             for i in range(c.n_layer)
         ]
 
@@ -134,13 +143,23 @@ class GPT(nn.Module):
         return self.lm_head.weight.device
 
     @torch.no_grad()
-    def generate(self, idx, max_new_tokens: int, temperature: float = 1.0, top_k: int | None = None,
-                 top_p: float | None = None, stop=None, seed: int | None = None, **kwargs):
+    def generate(
+        self,
+        idx,
+        max_new_tokens: int,
+        temperature: float = 1.0,
+        top_k: int | None = None,
+        top_p: float | None = None,
+        stop=None,
+        seed: int | None = None,
+        **kwargs,
+    ):
         """Sample continuations; see :func:`gpt2lab.generation.generate`."""
         from .generation import generate
 
-        return generate(self, idx, max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
-                        stop=stop, seed=seed, **kwargs)
+        return generate(
+            self, idx, max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p, stop=stop, seed=seed, **kwargs
+        )
 
     @torch.no_grad()
     def convert_to_gqa(self, n_kv_head: int) -> GPT:
@@ -162,12 +181,11 @@ class GPT(nn.Module):
                 continue
             packed = state[name]  # (q_dim + 2·kv_dim, ...) rows: q | k | v
             q, k, v = packed.split([q_dim, c.n_kv_head * hs, c.n_kv_head * hs], dim=0)
-            tail = k.shape[1:]
-
-            def pool(t):
-                return t.reshape(n_kv_head, group, hs, *tail).mean(dim=1).reshape(n_kv_head * hs, *tail)
-
-            state[name] = torch.cat((q, pool(k), pool(v)), dim=0)
+            pooled = [
+                t.reshape(n_kv_head, group, hs, *t.shape[1:]).mean(dim=1).reshape(n_kv_head * hs, *t.shape[1:])
+                for t in (k, v)
+            ]
+            state[name] = torch.cat((q, *pooled), dim=0)
         new.load_state_dict(state)
         return new
 

@@ -27,6 +27,4 @@ def load_tokenizer() -> tiktoken.Encoding:
     ranks = data_gym_to_mergeable_bpe_ranks(vocab_bpe_file=vocab_bpe, encoder_json_file=encoder_json)
     with open(encoder_json, encoding="utf-8") as f:
         eot = json.load(f)[EOT_TOKEN]
-    return tiktoken.Encoding(
-        name="gpt2", pat_str=GPT2_PATTERN, mergeable_ranks=ranks, special_tokens={EOT_TOKEN: eot}
-    )
+    return tiktoken.Encoding(name="gpt2", pat_str=GPT2_PATTERN, mergeable_ranks=ranks, special_tokens={EOT_TOKEN: eot})
