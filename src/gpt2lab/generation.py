@@ -203,3 +203,52 @@ def generate(
     if not ragged:
         return torch.cat((idx.to(new.device), new), dim=1)
     return [p + new[row, : finished_at[row] or new.shape[1]].tolist() for row, p in enumerate(prompts)]
+
+
+def _complete_utf8(raw: bytes) -> str:
+    """Decode, leaving out a UTF-8 sequence cut at the end (the next token may complete it)."""
+    for cut in range(4):
+        try:
+            return raw[: len(raw) - cut].decode("utf-8")
+        except UnicodeDecodeError:
+            continue
+    return raw.decode("utf-8", errors="replace")
+
+
+def stream_text(model, tokenizer, prompt: str, max_new_tokens: int, *, stop=None, **sampling) -> Iterator[str]:
+    """Yield the continuation of ``prompt`` piece by piece, ending before the first stop string.
+
+    Text is released only once it is complete UTF-8 and cannot be the start of a stop string, so
+    a stop string is never half printed.
+    """
+    ids = tokenizer.encode(prompt, allowed_special={"<|endoftext|>"})
+    if not ids:
+        raise GPT2LabError("the prompt is empty")
+    model.config.check_length(len(ids) + max_new_tokens)
+    stops = [stop] if isinstance(stop, str) else list(stop or [])
+    text_stops = [s for s in stops if isinstance(s, str)]
+    generated: list[int] = []
+    emitted = 0  # characters of the decoded continuation already yielded
+    stream = stream_generate(
+        model, torch.tensor([ids]), max_new_tokens, stop=[*stops, EOT], tokenizer=tokenizer, **sampling
+    )
+    for tok, done in stream:
+        if tok.item() != EOT:
+            generated.append(tok.item())
+        text = _complete_utf8(tokenizer.decode_bytes(generated))
+        cut = min((text.find(s) for s in text_stops if s in text), default=-1)
+        if cut >= 0:
+            yield text[emitted:cut]
+            return
+        safe = len(text)
+        for s in text_stops:  # hold back a tail that could grow into a stop string
+            for n in range(min(len(s) - 1, len(text)), 0, -1):
+                if text.endswith(s[:n]):
+                    safe = min(safe, len(text) - n)
+                    break
+        if not done[0] and safe > emitted:
+            yield text[emitted:safe]
+            emitted = safe
+        if done[0]:
+            yield text[emitted:]
+            return

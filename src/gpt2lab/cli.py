@@ -1,0 +1,111 @@
+"""The ``gpt2lab`` command line. Each subcommand is an ``add_*`` (arguments) and a ``cmd_*`` (action) pair;
+the work itself lives in the library modules."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+import torch
+
+from .config import GPT2LabError
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
+
+
+# ---------------------------------------------------------------------------------------- generate
+
+
+def add_generate(sub) -> None:
+    p = sub.add_parser("generate", help="generate text from a prompt, streaming tokens as they come")
+    p.add_argument("--model", default="gpt2", help="hub id, local folder/file, TF checkpoint or gpt2lab run")
+    p.add_argument("--prompt", required=True, help="prompt text, or - to read it from stdin")
+    p.add_argument("--max-new-tokens", type=int, default=100)
+    p.add_argument("--temperature", type=float, default=1.0, help="0 is greedy")
+    p.add_argument("--top-k", type=int, default=None)
+    p.add_argument("--top-p", type=float, default=None)
+    p.add_argument("--seed", type=int, default=None)
+    p.add_argument("--stop", action="append", default=None, help="stop string (repeatable)")
+    p.add_argument("--dtype", choices=sorted(DTYPES), default="float32", help="weight dtype for inference")
+    p.add_argument("--device", default="cpu")
+    p.set_defaults(func=cmd_generate)
+
+
+def cmd_generate(args) -> int:
+    from .generation import check_sampling, stream_text
+    from .model import GPT
+    from .tokenizer import load_tokenizer
+
+    check_sampling(args.temperature, args.top_k, args.top_p)
+    prompt = sys.stdin.read() if args.prompt == "-" else args.prompt
+    model = GPT.from_pretrained(args.model).to(device=args.device, dtype=DTYPES[args.dtype])
+    tokenizer = load_tokenizer()
+    sys.stdout.write(prompt)
+    for piece in stream_text(
+        model,
+        tokenizer,
+        prompt,
+        args.max_new_tokens,
+        temperature=args.temperature,
+        top_k=args.top_k,
+        top_p=args.top_p,
+        seed=args.seed,
+        stop=args.stop,
+    ):
+        sys.stdout.write(piece)
+        sys.stdout.flush()
+    sys.stdout.write("\n")
+    return 0
+
+
+# ---------------------------------------------------------------------------------------- convert
+
+
+def add_convert(sub) -> None:
+    p = sub.add_parser("convert", help="turn a multi-head checkpoint into GQA/MQA by mean-pooling K/V heads")
+    p.add_argument("--model", required=True, help="checkpoint to convert (any format from_pretrained reads)")
+    p.add_argument("--n-kv-head", type=int, required=True)
+    p.add_argument("--out", required=True, help="folder for the converted model (gpt2lab format)")
+    p.set_defaults(func=cmd_convert)
+
+
+def cmd_convert(args) -> int:
+    from .model import GPT
+
+    model = GPT.from_pretrained(args.model)
+    converted = model.convert_to_gqa(args.n_kv_head)
+    converted.save_pretrained(args.out)
+    print(
+        f"converted {model.config.n_kv_head} -> {args.n_kv_head} key/value heads; "
+        f"{model.num_params():,} -> {converted.num_params():,} parameters; saved to {args.out}"
+    )
+    return 0
+
+
+# ---------------------------------------------------------------------------------------- main
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="gpt2lab", description=__doc__.splitlines()[0])
+    sub = parser.add_subparsers(dest="command", required=True)
+    for add in COMMANDS:
+        add(sub)
+    return parser
+
+
+COMMANDS = [add_generate, add_convert]
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args) or 0
+    except GPT2LabError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    except FileNotFoundError as e:
+        print(f"error: file not found: {e.filename or e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
