@@ -49,8 +49,11 @@ def sample_next(
     return torch.multinomial(probs, 1, generator=generator).squeeze(1)
 
 
-def left_pad(prompts: Sequence[Sequence[int]], pad_id: int = EOT) -> tuple[torch.Tensor, torch.Tensor]:
-    """Token ids (B, T) and attention mask (B, T) for prompts of different lengths."""
+def left_pad(prompts: Sequence[Sequence[int]], pad_id: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    """Token ids (B, T) and attention mask (B, T) for prompts of different lengths.
+
+    The pad id is arbitrary (the mask hides it); 0 exists in every vocabulary.
+    """
     if not prompts or any(len(p) == 0 for p in prompts):
         raise GPT2LabError("every prompt needs at least one token")
     width = max(len(p) for p in prompts)
@@ -118,6 +121,7 @@ def stream_generate(
         generator = torch.Generator(device=device).manual_seed(seed)
     stopper = _StopChecker(stop, B, tokenizer)
     done = [False] * B
+    fill_id = EOT if EOT < config.vocab_size else 0  # what finished rows keep producing
 
     def positions(m: torch.Tensor) -> torch.Tensor:
         return (m.cumsum(dim=1) - 1).clamp(min=0)  # real tokens count from 0 in every row
@@ -131,7 +135,7 @@ def stream_generate(
         seq, seq_mask = idx, mask
         for _ in range(max_new_tokens):
             next_tok = sample_next(logits[:, -1], temperature, top_k, top_p, generator)
-            next_tok = torch.where(torch.tensor(done, device=device), EOT, next_tok)
+            next_tok = torch.where(torch.tensor(done, device=device), fill_id, next_tok)
             stopper.update(next_tok.tolist(), done)
             yield next_tok, list(done)
             if all(done):
@@ -167,8 +171,9 @@ def generate(
     """Generate up to ``max_new_tokens`` after each prompt.
 
     ``idx`` is a (B, T) tensor (returns a (B, T + n) tensor; rows that stopped early are filled with
-    ``<|endoftext|>``) or a list of token-id lists of any lengths (returns a list of lists: each prompt
-    followed by its own continuation, which ends with the stop token or the text with the stop string).
+    ``<|endoftext|>``, or 0 in vocabularies too small to hold it) or a list of token-id lists of any
+    lengths (returns a list of lists: each prompt followed by its own continuation, which ends with the
+    stop token or the text with the stop string).
     ``stop`` holds token ids and/or strings. ``temperature=0`` is greedy; ``seed`` makes sampling
     reproducible.
     """

@@ -1,0 +1,82 @@
+"""The GPT-2 model itself: sizes, presets, initialisation, loss."""
+
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from gpt2lab import GPT, PRESETS, GPT2LabError, GPTConfig
+
+
+def test_gpt2_preset_has_exactly_124_439_808_parameters():
+    config = GPTConfig.from_preset("gpt2")
+    assert (config.n_layer, config.n_head, config.n_embd, config.block_size, config.vocab_size) == (
+        12,
+        12,
+        768,
+        1024,
+        50257,
+    )
+    model = GPT(config)
+    assert model.num_params() == 124_439_808
+    assert model.lm_head.weight is model.transformer.wte.weight  # tied: counted once
+
+
+@pytest.mark.parametrize(
+    "name,expected", [("gpt2-medium", (24, 16, 1024)), ("gpt2-large", (36, 20, 1280)), ("gpt2-xl", (48, 25, 1600))]
+)
+def test_larger_presets(name, expected):
+    c = GPTConfig.from_preset(name)
+    assert (c.n_layer, c.n_head, c.n_embd) == expected
+    assert set(PRESETS) >= {"gpt2", "gpt2-medium", "gpt2-large", "gpt2-xl"}
+
+
+def test_unknown_preset_and_key_suggest_the_closest():
+    with pytest.raises(GPT2LabError, match="did you mean 'gpt2-xl'"):
+        GPTConfig.from_preset("gpt2-xxl")
+    with pytest.raises(GPT2LabError, match="did you mean 'n_kv_head'"):
+        GPTConfig.from_dict({"n_kv_heads": 2})
+
+
+def test_initialisation_follows_gpt2():
+    torch.manual_seed(0)
+    model = GPT(GPTConfig(n_layer=8, n_head=4, n_embd=256, block_size=64, vocab_size=1000))
+    h = model.transformer.h[0]
+    assert abs(h.mlp.c_fc.weight.std().item() - 0.02) < 1e-3
+    assert abs(h.attn.c_proj.weight.std().item() - 0.02 / math.sqrt(2 * 8)) < 5e-4
+    assert abs(h.mlp.c_proj.weight.std().item() - 0.02 / math.sqrt(2 * 8)) < 5e-4
+    assert torch.count_nonzero(h.attn.c_attn.bias) == 0
+    assert torch.equal(h.ln_1.weight, torch.ones(256))
+
+
+def test_forward_returns_logits_and_mean_cross_entropy():
+    model = GPT(GPTConfig.from_preset("tiny", vocab_size=50))
+    idx = torch.randint(0, 50, (3, 17))
+    targets = torch.randint(0, 50, (3, 17))
+    logits = model(idx)
+    assert logits.shape == (3, 17, 50)
+    logits2, loss = model(idx, targets)
+    torch.testing.assert_close(logits2, logits)
+    # Hand-computed mean negative log-likelihood.
+    logp = logits.log_softmax(-1)
+    nll = -logp.gather(-1, targets[..., None]).mean()
+    torch.testing.assert_close(loss, nll)
+    targets[0, :5] = -1  # ignored positions
+    _, loss_ignored = model(idx, targets)
+    torch.testing.assert_close(loss_ignored, F.cross_entropy(logits[targets >= 0], targets[targets >= 0]))
+
+
+def test_causality_future_tokens_do_not_change_past_logits():
+    model = GPT(GPTConfig.from_preset("tiny", vocab_size=50, pos_encoding="rope", window=5)).eval()
+    idx = torch.randint(0, 50, (1, 20))
+    changed = idx.clone()
+    changed[0, 12:] = (changed[0, 12:] + 1) % 50
+    torch.testing.assert_close(model(idx)[:, :12], model(changed)[:, :12])
+    assert not torch.allclose(model(idx)[:, 12:], model(changed)[:, 12:])
+
+
+def test_config_roundtrip(tmp_path):
+    c = GPTConfig.from_preset("tiny", pos_encoding="rope", n_kv_head=2, window=[8, None])
+    c.save(tmp_path / "c.json")
+    assert GPTConfig.load(tmp_path / "c.json") == c
