@@ -82,6 +82,32 @@ def cmd_convert(args) -> int:
     return 0
 
 
+# ---------------------------------------------------------------------------------------- info
+
+
+def add_info(sub) -> None:
+    p = sub.add_parser("info", help="parameters, FLOPs per token and KV-cache size of a config, vs GPT-2 of its size")
+    p.add_argument("--config", default="gpt2", help="preset name, JSON/TOML config file, or a model folder")
+    p.add_argument(
+        "--set", action="append", default=None, metavar="KEY=VALUE", help="override a config field (repeatable)"
+    )
+    p.add_argument("--seq-len", type=int, default=None, help="sequence length T (default: block_size)")
+    p.add_argument("--dtype", choices=sorted(DTYPES), default="float32", help="bytes of weights and cache entries")
+    p.add_argument("--json", action="store_true", help="print the report as JSON")
+    p.set_defaults(func=cmd_info)
+
+
+def cmd_info(args) -> int:
+    import json
+
+    from .analysis import format_report, load_config, model_report, parse_overrides
+
+    config = load_config(args.config, parse_overrides(args.set))
+    report = model_report(config, args.seq_len, args.dtype)
+    print(json.dumps(report, indent=2) if args.json else format_report(report))
+    return 0
+
+
 # ---------------------------------------------------------------------------------------- main
 
 
@@ -93,7 +119,7 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-COMMANDS = [add_generate, add_convert]
+COMMANDS = [add_generate, add_convert, add_info]
 
 
 def main(argv: list[str] | None = None) -> int:
