@@ -1,0 +1,234 @@
+"""Token datasets: text → GPT-2 token ids in ``train.bin`` / ``val.bin`` (uint16 memmaps) + ``meta.json``.
+
+Each source document (a file, or one topic of the embedded corpus) is tokenized on its own and ends
+with ``<|endoftext|>``, so the model learns where documents stop. The validation split is the *tail
+of the token stream* (the last ``val_fraction`` of the tokens), which works the same way for a single
+file and for many documents.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import urllib.error
+import urllib.request
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from tqdm import tqdm
+
+from .config import GPT2LabError, closest_hint
+from .tokenizer import load_tokenizer
+
+TOKENIZER_NAME = "gpt2"
+DTYPE = np.uint16  # GPT-2's 50257 ids fit in 16 bits: half the disk and memory of int32
+SHAKESPEARE_URL = "https://raw.githubusercontent.com/karpathy/char-rnn/master/data/tinyshakespeare/input.txt"
+DOWNLOAD_TIMEOUT_S = 15
+TEXT_SUFFIXES = (".txt", ".text", ".md", ".rst")
+
+
+# ---------------------------------------------------------------------------------------- sources
+
+
+def _pydoc_documents() -> Iterator[tuple[str, str]]:
+    """The Python documentation topics shipped with CPython (``pydoc_data``): ~465 KB, no network."""
+    from pydoc_data.topics import topics
+
+    for name in sorted(topics):
+        yield f"pydoc:{name}", topics[name]
+
+
+def _shakespeare_documents() -> Iterator[tuple[str, str]]:
+    """Tiny Shakespeare (the char-rnn corpus), fetched from GitHub."""
+    try:
+        with urllib.request.urlopen(SHAKESPEARE_URL, timeout=DOWNLOAD_TIMEOUT_S) as response:
+            text = response.read().decode("utf-8")
+    except (urllib.error.URLError, OSError) as e:
+        reason = getattr(e, "reason", e)
+        raise GPT2LabError(
+            f"cannot download tinyshakespeare ({reason}); offline, fetch {SHAKESPEARE_URL} elsewhere "
+            "and run: gpt2lab prepare path/to/input.txt --out DIR"
+        ) from None
+    yield "shakespeare", text
+
+
+NAMED_DATASETS = {"pydoc": _pydoc_documents, "shakespeare": _shakespeare_documents}
+
+
+def iter_documents(sources: list[str | Path]) -> Iterator[tuple[str, str]]:
+    """(name, text) for each document: named datasets, text files, or every text file in a folder."""
+    for source in sources:
+        path = Path(source)
+        if not path.exists() and str(source) in NAMED_DATASETS:
+            yield from NAMED_DATASETS[str(source)]()
+        elif path.is_dir():
+            files = sorted(p for p in path.rglob("*") if p.is_file() and p.suffix.lower() in TEXT_SUFFIXES)
+            if not files:
+                raise GPT2LabError(f"no text files ({', '.join(TEXT_SUFFIXES)}) in folder {path}")
+            for f in files:
+                yield str(f), f.read_text(encoding="utf-8", errors="replace")
+        elif path.is_file():
+            yield str(path), path.read_text(encoding="utf-8", errors="replace")
+        else:
+            hint = closest_hint(str(source), NAMED_DATASETS)
+            raise GPT2LabError(
+                f"no such file, folder or dataset: {source}{hint}; named datasets: {', '.join(NAMED_DATASETS)}"
+            )
+
+
+# ---------------------------------------------------------------------------------------- prepare
+
+
+def token_byte_lengths() -> np.ndarray:
+    """UTF-8 byte length of every token id (``<|endoftext|>`` counts 0: it is not text).
+
+    Summing this over evaluated targets gives the bytes they cover, the denominator of bits per byte.
+    """
+    enc = load_tokenizer()
+    lengths = np.array([len(enc.decode_single_token_bytes(i)) for i in range(enc.n_vocab)], dtype=np.int64)
+    lengths[enc.eot_token] = 0
+    return lengths
+
+
+def prepare(
+    sources: list[str | Path] | str | Path,
+    out_dir: str | Path,
+    val_fraction: float = 0.1,
+    num_threads: int | None = None,
+    chunk_docs: int = 64,
+) -> dict:
+    """Tokenize ``sources`` into ``out_dir``; returns the metadata written to ``meta.json``.
+
+    Documents are encoded in chunks with tiktoken's multithreaded ``encode_ordinary_batch`` (the
+    BPE runs in Rust, so threads use every core) and streamed to disk, so memory stays bounded by one chunk.
+    """
+    if isinstance(sources, str | Path):
+        sources = [sources]
+    if not 0.0 < val_fraction < 1.0:
+        raise GPT2LabError(f"val fraction must be in (0, 1), got {val_fraction}")
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    enc = load_tokenizer()
+    threads = num_threads or os.cpu_count() or 1
+    stream_path = out / "tokens.tmp"
+    n_docs = n_tokens = 0
+    with open(stream_path, "wb") as stream, tqdm(desc="tokenizing", unit="doc") as bar:
+
+        def flush(batch: list[str]) -> None:
+            nonlocal n_tokens
+            for ids in enc.encode_ordinary_batch(batch, num_threads=threads):
+                ids.append(enc.eot_token)
+                stream.write(np.asarray(ids, dtype=DTYPE).tobytes())
+                n_tokens += len(ids)
+            bar.update(len(batch))
+            bar.set_postfix(tokens=f"{n_tokens:,}")
+
+        batch: list[str] = []
+        for _, text in iter_documents(sources):
+            if text.strip():
+                batch.append(text)
+                n_docs += 1
+            if len(batch) >= chunk_docs:
+                flush(batch)
+                batch = []
+        if batch:
+            flush(batch)
+    if n_docs == 0:
+        stream_path.unlink()
+        raise GPT2LabError(f"no text found in {', '.join(map(str, sources))}: every document is empty")
+
+    tokens = np.memmap(stream_path, dtype=DTYPE, mode="r")
+    n_val = max(1, int(round(n_tokens * val_fraction)))
+    n_train = n_tokens - n_val
+    byte_len = token_byte_lengths()
+    for name, part in (("train", tokens[:n_train]), ("val", tokens[n_train:])):
+        part.tofile(out / f"{name}.bin")
+    meta = {
+        "tokenizer": TOKENIZER_NAME,
+        "vocab_size": enc.n_vocab,
+        "dtype": np.dtype(DTYPE).name,
+        "documents": n_docs,
+        "tokens": n_tokens,
+        "train_tokens": n_train,
+        "val_tokens": n_val,
+        "train_bytes": int(byte_len[tokens[:n_train]].sum()),
+        "val_bytes": int(byte_len[tokens[n_train:]].sum()),
+        "val_fraction": val_fraction,
+        "split": "tail of the token stream: val.bin holds the last val_fraction of the tokens",
+        "sources": [str(s) for s in sources],
+    }
+    del tokens
+    stream_path.unlink()
+    (out / "meta.json").write_text(json.dumps(meta, indent=2) + "\n")
+    return meta
+
+
+# ---------------------------------------------------------------------------------------- loading
+
+
+@dataclass
+class TokenData:
+    """A prepared folder: the two splits as read-only memmaps and the metadata."""
+
+    path: Path
+    meta: dict
+    train: np.ndarray
+    val: np.ndarray
+
+    @classmethod
+    def open(cls, path: str | Path, vocab_size: int | None = None) -> TokenData:
+        """Open and check a prepared folder; ``vocab_size`` is the model's, to catch foreign token ids."""
+        path = Path(path)
+        meta_path = path / "meta.json"
+        if not meta_path.is_file():
+            raise GPT2LabError(
+                f"no prepared data in {path} (missing meta.json); run: gpt2lab prepare SOURCE --out {path}"
+            )
+        meta = json.loads(meta_path.read_text())
+        if meta.get("tokenizer") != TOKENIZER_NAME:
+            raise GPT2LabError(
+                f"{path} was made with tokenizer {meta.get('tokenizer')!r}, not {TOKENIZER_NAME!r}; prepare it again"
+            )
+        if vocab_size is not None and meta.get("vocab_size", 0) > vocab_size:
+            raise GPT2LabError(
+                f"{path} has a vocabulary of {meta['vocab_size']} tokens but the model has {vocab_size}; "
+                "it was made with another tokenizer"
+            )
+        splits = {}
+        for name in ("train", "val"):
+            f = path / f"{name}.bin"
+            if not f.is_file() or f.stat().st_size == 0:
+                raise GPT2LabError(f"{f} is missing or empty; run: gpt2lab prepare SOURCE --out {path}")
+            splits[name] = np.memmap(f, dtype=meta.get("dtype", "uint16"), mode="r")
+        limit = vocab_size or meta["vocab_size"]
+        for name, tokens in splits.items():
+            # A full scan of a multi-GB split costs seconds; the head is enough to catch a foreign file.
+            top = int(tokens[: 1 << 22].max())
+            if top >= limit:
+                raise GPT2LabError(f"{path}/{name}.bin has token id {top} >= vocab size {limit}: another tokenizer?")
+        return cls(path, meta, splits["train"], splits["val"])
+
+    def check_fits(self, block_size: int) -> None:
+        """Each split must hold at least one sequence of ``block_size`` inputs + 1 target."""
+        for name in ("train", "val"):
+            n = len(getattr(self, name))
+            if n < block_size + 1:
+                raise GPT2LabError(
+                    f"the {name} split of {self.path} has {n} tokens, fewer than one sequence of "
+                    f"block_size {block_size} + 1; use a smaller block_size or more data"
+                )
+
+
+def sample_offsets(n_tokens: int, block_size: int, count: int, generator: torch.Generator) -> torch.Tensor:
+    """``count`` random start positions of (block_size + 1)-token windows, drawn from ``generator``."""
+    return torch.randint(n_tokens - block_size, (count,), generator=generator)
+
+
+def gather_batch(tokens: np.ndarray, offsets: torch.Tensor, block_size: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Inputs and next-token targets (B, block_size) at ``offsets``."""
+    rows = np.stack([tokens[o : o + block_size + 1] for o in offsets.tolist()]).astype(np.int64)
+    batch = torch.from_numpy(rows)
+    return batch[:, :-1], batch[:, 1:]
