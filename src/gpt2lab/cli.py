@@ -4,6 +4,7 @@ the work itself lives in the library modules."""
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 
 import torch
@@ -108,6 +109,117 @@ def cmd_info(args) -> int:
     return 0
 
 
+# ---------------------------------------------------------------------------------------- prepare
+
+
+def add_prepare(sub) -> None:
+    p = sub.add_parser("prepare", help="tokenize text into train.bin/val.bin for training")
+    p.add_argument("source", nargs="+", help="text file(s), a folder of text files, or a dataset: pydoc, shakespeare")
+    p.add_argument("--out", required=True, help="folder for train.bin, val.bin and meta.json")
+    p.add_argument("--val-fraction", type=float, default=0.1, help="tail of the token stream held out for validation")
+    p.add_argument("--threads", type=int, default=None, help="tokenizer threads (default: all cores)")
+    p.set_defaults(func=cmd_prepare)
+
+
+def cmd_prepare(args) -> int:
+    from .data import prepare
+
+    meta = prepare(args.source, args.out, val_fraction=args.val_fraction, num_threads=args.threads)
+    print(
+        f"{meta['documents']:,} documents, {meta['tokens']:,} tokens: "
+        f"train {meta['train_tokens']:,}, val {meta['val_tokens']:,} -> {args.out}"
+    )
+    return 0
+
+
+# ---------------------------------------------------------------------------------------- train
+
+
+def add_train(sub) -> None:
+    p = sub.add_parser("train", help="train or fine-tune (one process, or DDP/FSDP under torchrun)")
+    p.add_argument("--config", default=None, help="TOML file (configs/*.toml); defaults are the demo")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a key (repeatable)")
+    p.add_argument("--resume", action="store_true", help="continue the run in the output folder exactly")
+    p.add_argument("--out", default=None, help="run folder (overrides run.out_dir)")
+    p.set_defaults(func=cmd_train)
+
+
+def _report_run(summary: dict) -> int:
+    """Print the outcome once (rank 0); a run stopped by a signal exits 128 + signal number."""
+    if int(os.environ.get("RANK", "0")) == 0:
+        if summary["stopped"]:
+            print(
+                f"stopped at step {summary['step']}; checkpoint saved in {summary['out_dir']}: continue with --resume"
+            )
+        elif "val_loss" in summary:
+            print(
+                f"step {summary['step']}: val loss {summary['val_loss']:.4f} (perplexity {summary['val_ppl']:.1f}); "
+                f"model saved in {summary['out_dir']}"
+            )
+    return 128 + summary["signal"] if summary["stopped"] else 0
+
+
+def cmd_train(args) -> int:
+    from .training import load_config, train
+
+    cfg = load_config(args.config, args.set)
+    if args.out:
+        cfg.out_dir = args.out
+    return _report_run(train(cfg, resume=args.resume))
+
+
+# ---------------------------------------------------------------------------------------- eval
+
+
+def add_eval(sub) -> None:
+    p = sub.add_parser("eval", help="loss, perplexity and bits per byte of a model on held-out text")
+    p.add_argument("--model", required=True, help="run folder, training checkpoint, or any model generate reads")
+    p.add_argument("--data", required=True, help="a text file, or a prepared folder (its val split)")
+    p.add_argument("--context", type=int, default=None, help="window length (default: the model's block_size)")
+    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--max-tokens", type=int, default=None, help="evaluate at most this many tokens")
+    p.add_argument("--by-position", action="store_true", help="write loss_by_position.csv/.png")
+    p.add_argument("--out", default=None, help="folder for the by-position files (default: the model folder or .)")
+    p.add_argument("--device", default="cpu")
+    p.set_defaults(func=cmd_eval)
+
+
+def cmd_eval(args) -> int:
+    from pathlib import Path
+
+    from .evaluation import evaluate, load_model, load_tokens, write_by_position
+
+    model = load_model(args.model).to(args.device)
+    tokens, n_bytes, source = load_tokens(args.data)
+    result = evaluate(model, tokens, args.context, args.batch_size, args.max_tokens)
+    print(f"data: {source} ({len(tokens):,} tokens, {n_bytes:,} bytes); evaluated {result.tokens:,} tokens")
+    print(f"loss {result.loss:.4f}  perplexity {result.perplexity:.2f}  bits/byte {result.bits_per_byte:.4f}")
+    if args.by_position:
+        out = args.out or (args.model if Path(args.model).is_dir() else ".")
+        csv_path, png_path = write_by_position(result, out, trained_context=model.config.block_size)
+        print(f"loss by position: {csv_path}, {png_path}")
+    return 0
+
+
+# ---------------------------------------------------------------------------------------- demo
+
+
+def add_demo(sub) -> None:
+    p = sub.add_parser("demo", help="train a small model on the bundled Python docs (offline, minutes), then sample")
+    p.add_argument("--pretrained", default=None, help="fine-tune this checkpoint (hub id or path) instead")
+    p.add_argument("--out", default="runs/demo", help="run folder")
+    p.add_argument("--data", default="data/pydoc", help="prepared data folder (made on first use)")
+    p.add_argument("--max-iters", type=int, default=None)
+    p.add_argument("--prompt", default="The for statement")
+    p.set_defaults(func=cmd_demo)
+
+
+def cmd_demo(args) -> int:
+    from .demo import run_demo
+
+    return run_demo(args.out, args.data, pretrained=args.pretrained, max_iters=args.max_iters, prompt=args.prompt)
+
+
 # ---------------------------------------------------------------------------------------- main
 
 
@@ -119,7 +231,7 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-COMMANDS = [add_generate, add_convert, add_info]
+COMMANDS = [add_generate, add_convert, add_info, add_prepare, add_train, add_eval, add_demo]
 
 
 def main(argv: list[str] | None = None) -> int:
