@@ -17,12 +17,12 @@ import os
 import random
 import signal
 import time
+import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import numpy as np
-import tomllib
 import torch
 from tqdm import tqdm
 
@@ -126,7 +126,10 @@ def _set(cfg: TrainConfig, section: str | None, key: str, value: Any) -> None:
     if "model" in candidates and key in GPT_FIELDS:  # a bare block_size is the batch's, set above
         cfg.model[key] = value
         return
-    known = [k for sec in candidates for k in sections[sec]] + (GPT_FIELDS if "model" in candidates else [])
+    home = [sec for sec in sections if key in sections[sec] or (sec == "model" and key in GPT_FIELDS)]
+    if home:
+        raise GPT2LabError(f"config: '{key}' belongs in [{home[0]}], not [{section}]")
+    known = [k for keys in sections.values() for k in keys] + GPT_FIELDS
     where = f" in [{section}]" if section else ""
     raise GPT2LabError(f"config: unknown key '{key}'{where}{closest_hint(key, known)}")
 
