@@ -5,12 +5,17 @@ Equality with transformers lives in test_parity_hf.py; here every format is exer
 
 from __future__ import annotations
 
+import hashlib
+import http.server
 import json
 import os
 import shlex
+import shutil
 import struct
 import subprocess
 import sys
+import threading
+import urllib.parse
 from pathlib import Path
 
 import numpy as np
@@ -34,6 +39,16 @@ VARIANTS = {
     "dropout-eps": dict(dropout=0.1, layer_norm_epsilon=1e-6),
 }
 TF_REAL = "gpt2-124M-tf"
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    """These models are small or decode one token at a time: a second thread buys little, and on a
+    shared machine OpenMP threads waiting for a busy core slow them down tens of times."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
 
 
 def random_model(seed: int = 0, **overrides) -> GPT:
@@ -327,26 +342,33 @@ def test_a_folder_without_a_checkpoint(tmp_path):
 
 HUB_SCRIPT = """
 import sys, time
+import huggingface_hub  # imported up front: the time measured is the loader's, not the import's
 from gpt2lab.checkpoints import load_pretrained
 from gpt2lab.config import GPT2LabError
 for name in sys.argv[1:]:
     start = time.perf_counter()
     try:
-        result = f"LOADED {load_pretrained(name).config.n_embd}"
+        model = load_pretrained(name)
+        result = f"LOADED {sum(t.double().sum().item() for t in model.state_dict().values())!r}"
     except GPT2LabError as err:
         result = f"ERROR {err}"
     print(f"{time.perf_counter() - start:.3f} {result}")
 """
 
 
-def run_hub_scripts(cases: dict[str, tuple[dict, list[str]]], hf_home: Path) -> dict[str, list[tuple[float, str]]]:
+def checksum(model: GPT) -> str:
+    """What HUB_SCRIPT prints for a model that loaded."""
+    return f"LOADED {sum(t.double().sum().item() for t in model.state_dict().values())!r}"
+
+
+def run_hub_scripts(cases: dict[str, tuple[dict, list[str]]]) -> dict[str, list[tuple[float, str]]]:
     """Run the loader in fresh interpreters (huggingface_hub reads its environment at import), in
     parallel; return, per case, the seconds each load_pretrained call took and its outcome."""
     base = {k: v for k, v in os.environ.items() if not k.startswith(("HF_", "HUGGINGFACE_", "TRANSFORMERS_"))}
     procs = {
         case: subprocess.Popen(
             [sys.executable, "-c", HUB_SCRIPT, *names],
-            env={**base, "HF_HOME": str(hf_home), **env},
+            env={**base, **env},
             stdout=subprocess.PIPE,
             stderr=subprocess.PIPE,
         )
@@ -361,30 +383,104 @@ def run_hub_scripts(cases: dict[str, tuple[dict, list[str]]], hf_home: Path) -> 
     return results
 
 
-def test_hub_ids_fail_fast_offline_and_load_from_the_cache(tmp_path):
-    """Offline (HF_HUB_OFFLINE, or a hub that refuses connections) a download fails in well under a
-    second with one line; a repo already in the cache loads either way."""
-    hf_home = tmp_path / "hf_home"
-    snapshot = hf_home / "hub" / "models--gpt2lab-tests--tiny" / "snapshots" / ("a" * 40)
-    export_hf(random_model(), snapshot)
+class FakeHub(http.server.BaseHTTPRequestHandler):
+    """Enough of the hub's /{org}/{name}/resolve/{revision}/{file} protocol for hf_hub_download: the
+    commit and ETag headers on HEAD and GET, and the X-Error-Code that tells a missing repo from a
+    missing file."""
+
+    repos: dict[str, dict[str, bytes]] = {}
+    downloads: list[str] = []
+
+    def do_HEAD(self):
+        self.answer(send_body=False)
+
+    def do_GET(self):
+        self.answer(send_body=True)
+
+    def answer(self, send_body: bool) -> None:
+        parts = [urllib.parse.unquote(p) for p in self.path.split("?")[0].split("/")]
+        repo, filename = "/".join(parts[1:3]), "/".join(parts[5:])  # /org/name/resolve/<revision>/<file>
+        files = self.repos.get(repo)
+        body = None if files is None else files.get(filename)
+        if files is None:
+            status, headers = 404, {"X-Error-Code": "RepoNotFound"}
+        elif body is None:
+            status, headers = 404, {"X-Error-Code": "EntryNotFound", "X-Repo-Commit": "b" * 40}
+        else:
+            status, headers = 200, {"X-Repo-Commit": "b" * 40, "ETag": f'"{hashlib.sha256(body).hexdigest()}"'}
+            if send_body:
+                self.downloads.append(f"{repo}/{filename}")
+        body = body or b""
+        self.send_response(status)
+        for key, value in {**headers, "Content-Length": str(len(body))}.items():
+            self.send_header(key, value)
+        self.end_headers()
+        if send_body:
+            self.wfile.write(body)
+
+    def log_message(self, *args) -> None:
+        pass
+
+
+@pytest.fixture
+def fake_hub():
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), FakeHub)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    FakeHub.repos, FakeHub.downloads = {}, []
+    yield f"http://127.0.0.1:{server.server_address[1]}"
+    server.shutdown()
+    server.server_close()
+
+
+@pytest.mark.slow  # three fresh interpreters importing torch: about 4 s alone, over 10 s on a busy machine
+def test_hub_ids_download_fail_fast_offline_and_load_from_the_cache(tmp_path, fake_hub):
+    """Online (a local stand-in for the hub) a repo downloads, safetensors or .bin; offline
+    (HF_HUB_OFFLINE, or a hub that refuses connections) a download fails in well under a second with
+    one line; a repo already in the cache loads either way."""
+    model = random_model()
+    folder, _ = hf_folder(tmp_path, model)
+    config, weights = (folder / "config.json").read_bytes(), (folder / "model.safetensors").read_bytes()
+    torch.save(load_file(folder / "model.safetensors"), folder / "pytorch_model.bin")
+    FakeHub.repos = {
+        "gpt2lab-tests/safe": {"config.json": config, "model.safetensors": weights, "pytorch_model.bin": b"unused"},
+        "gpt2lab-tests/bin": {"config.json": config, "pytorch_model.bin": (folder / "pytorch_model.bin").read_bytes()},
+    }
+    cached = tmp_path / "hf_home_cached"
+    snapshot = cached / "hub" / "models--gpt2lab-tests--tiny" / "snapshots" / ("a" * 40)
+    shutil.copytree(folder, snapshot)
     (snapshot.parents[1] / "refs").mkdir()
     (snapshot.parents[1] / "refs" / "main").write_text("a" * 40)
+    offline = {"HF_HOME": str(cached), "HF_HUB_OFFLINE": "1"}
+    unreachable = {"HF_HOME": str(cached), "HF_ENDPOINT": "http://127.0.0.1:9"}
+    online = {"HF_HOME": str(tmp_path / "hf_home_online"), "HF_ENDPOINT": fake_hub}
     results = run_hub_scripts(
         {
-            "offline": ({"HF_HUB_OFFLINE": "1"}, ["gpt2", "gpt2lab-tests/tiny"]),
-            "unreachable": ({"HF_ENDPOINT": "http://127.0.0.1:9"}, ["openai-community/gpt2", "gpt2lab-tests/tiny"]),
-        },
-        hf_home,
+            "offline": (offline, ["gpt2", "gpt2lab-tests/tiny"]),
+            "unreachable": (unreachable, ["openai-community/gpt2", "gpt2lab-tests/tiny"]),
+            "online": (online, ["gpt2lab-tests/safe", "gpt2lab-tests/bin", "gpt2lab-tests/nope", "gpt2lab-tests/safe"]),
+        }
     )
     advice = "pass a local folder with config.json + model.safetensors, or an OpenAI TF checkpoint folder"
     for case, name in (("offline", "gpt2"), ("unreachable", "openai-community/gpt2")):
-        (seconds, outcome), (_, cached) = results[case]
+        (seconds, outcome), (_, from_cache) = results[case]
         assert outcome.startswith(f"ERROR could not download '{name}' from the Hugging Face hub (offline?"), outcome
         assert outcome.endswith(advice)
         assert seconds < 3.0, (case, seconds)
-        assert cached == "LOADED 32", (case, cached)
+        assert from_cache == checksum(model), case
     assert "HF_HUB_OFFLINE is set" in results["offline"][0][1]
     assert "ConnectError" in results["unreachable"][0][1]
+
+    safe, bin_, nope, safe_again = (outcome for _, outcome in results["online"])
+    assert safe == bin_ == safe_again == checksum(model)
+    assert nope.startswith("ERROR no model 'gpt2lab-tests/nope' on the Hugging Face hub")
+    # Only what is needed is fetched, once: the second load of gpt2lab-tests/safe comes from the cache.
+    assert sorted(FakeHub.downloads) == [
+        "gpt2lab-tests/bin/config.json",
+        "gpt2lab-tests/bin/pytorch_model.bin",
+        "gpt2lab-tests/safe/config.json",
+        "gpt2lab-tests/safe/model.safetensors",
+    ]
 
 
 # ======================================================================================== OpenAI TF: the real index

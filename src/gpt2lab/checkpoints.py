@@ -42,6 +42,7 @@ __all__ = [
     "TFCheckpointReader",
     "TFTensorEntry",
     "export_hf",
+    "gpt_config_to_hf",
     "gpt_state_shapes",
     "hf_config_to_gpt",
     "load_pretrained",
@@ -266,7 +267,7 @@ def _hub_file(repo_id: str, filename: str, offline_reason: str | None) -> Path |
     """The local path of one file of ``repo_id`` (downloaded if the hub is reachable), or None when
     the repo does not have it (online) or the cache does not (offline)."""
     from huggingface_hub import hf_hub_download
-    from huggingface_hub.errors import HfHubHTTPError, LocalEntryNotFoundError, RemoteEntryNotFoundError
+    from huggingface_hub.errors import LocalEntryNotFoundError, RemoteEntryNotFoundError
 
     offline = offline_reason is not None
     try:
@@ -277,10 +278,10 @@ def _hub_file(repo_id: str, filename: str, offline_reason: str | None) -> Path |
         if offline:
             return None
         raise _offline_error(repo_id, "the connection failed during the download") from err
-    except HfHubHTTPError as err:
-        raise GPT2LabError(f"could not download {filename} of '{repo_id}': {_one_line(str(err))}") from err
-    except OSError as err:
-        raise _offline_error(repo_id, _one_line(f"{type(err).__name__}: {err}")) from err
+    except Exception as err:  # HTTP statuses, dropped connections, a full disk: one line, cause chained
+        raise GPT2LabError(
+            f"could not download {filename} of '{repo_id}': {_one_line(f'{type(err).__name__}: {err}')}"
+        ) from err
 
 
 def _offline_error(repo_id: str, reason: str) -> GPT2LabError:
@@ -381,7 +382,7 @@ class _TFLayout(_Layout):
         return tensor[0].t() if _is_projection_weight(gpt_name) else tensor
 
 
-_GPT, _HF, _TF = _Layout(), _HFLayout(), _TFLayout()
+_GPT2LAB, _HF, _TF = _Layout(), _HFLayout(), _TFLayout()
 
 
 def _collect_state(
@@ -492,13 +493,14 @@ def _resolve_dtype(dtype: torch.dtype | str | None) -> torch.dtype | None:
 def _read_gpt2lab(source: _Source) -> tuple[GPTConfig, dict[str, torch.Tensor]]:
     raw = _read_json(source.config)
     fields = {k: v for k, v in raw.items() if k not in ("format", "format_version")}
-    if raw.get("format_version", GPT2LAB_FORMAT_VERSION) > GPT2LAB_FORMAT_VERSION:
-        raise GPT2LabError(f"{source.config}: format_version {raw['format_version']} is newer than this gpt2lab")
+    version = raw.get("format_version", GPT2LAB_FORMAT_VERSION)
+    if not isinstance(version, int) or version > GPT2LAB_FORMAT_VERSION:
+        raise GPT2LabError(f"{source.config}: format_version {version!r} is not one this gpt2lab reads")
     config = GPTConfig.from_dict(fields)
     tensors = _read_weight_files(source.weights)
     tensors.pop("lm_head.weight", None)  # tied: wte is the one copy that counts
     found = {name: tuple(t.shape) for name, t in tensors.items()}
-    return config, _collect_state(config, found, tensors.__getitem__, _GPT, f"{source.weights[0]}")
+    return config, _collect_state(config, found, tensors.__getitem__, _GPT2LAB, f"{source.weights[0]}")
 
 
 def _state_to_save(model: GPT) -> dict[str, torch.Tensor]:
@@ -939,14 +941,16 @@ class TFCheckpointReader:
         expected = int(np.prod(entry.shape, dtype=np.int64)) * dtype.itemsize
         if entry.size != expected:
             raise GPT2LabError(f"{name}: the index records {entry.size} bytes, but {entry.shape} {dtype} is {expected}")
-        raw = self._read_bytes(entry)
+        array = np.empty(entry.shape, dtype=dtype)
+        raw = array.reshape(-1).view(np.uint8)  # the array's own bytes: read in place, no copy
+        self._read_into(entry, raw)
         if masked_crc32c(raw) != entry.crc32c:
             raise GPT2LabError(
                 f"CRC32C mismatch for {name} in {self.data_path(entry.shard_id)}: the data file is corrupt"
             )
-        return np.frombuffer(bytearray(raw), dtype=dtype).reshape(entry.shape)
+        return array
 
-    def _read_bytes(self, entry: TFTensorEntry) -> bytes:
+    def _read_into(self, entry: TFTensorEntry, out: np.ndarray) -> None:
         path = self.data_path(entry.shard_id)
         if not path.is_file():
             raise GPT2LabError(f"missing data file {path} (holds {entry.name})")
@@ -958,7 +962,8 @@ class TFCheckpointReader:
                     f"but the file has {available}"
                 )
             f.seek(entry.offset)
-            return f.read(entry.size)
+            if f.readinto(out) != entry.size:
+                raise GPT2LabError(f"short read of {entry.name} from {path}")
 
 
 def _is_model_tensor(name: str) -> bool:

@@ -1,0 +1,158 @@
+"""Proof of equality with transformers' GPT-2, the reference implementation.
+
+A random ``transformers.GPT2LMHeadModel`` saved in each hub layout loads into gpt2lab with the same
+logits (<= 1e-4), the same loss (<= 1e-5) and the same greedy continuation, token for token, with
+and without either side's KV cache; and a gpt2lab model exported with ``export_hf`` loads into
+transformers with no missing or unexpected keys and the same logits.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from gpt2lab import GPT, GPTConfig
+from gpt2lab.checkpoints import export_hf, load_pretrained
+
+transformers = pytest.importorskip("transformers")
+
+# initializer_range 0.2 gives the tiny model logits with a std of about 1.5: large enough that every
+# tensor's mapping shows in them and that greedy decoding does not collapse to one token.
+TINY = dict(n_layer=2, n_head=4, n_embd=64, n_positions=64, vocab_size=512, initializer_range=0.2)
+NEW_TOKENS = 32
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    """These models are small or decode one token at a time: a second thread buys little, and on a
+    shared machine OpenMP threads waiting for a busy core slow them down tens of times."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+def random_hf(seed: int = 0, **config) -> transformers.GPT2LMHeadModel:
+    """A random transformers GPT-2 in eval mode.
+
+    transformers initialises biases to 0 and LayerNorms to 1/0, which would hide a loader that drops
+    or swaps them, so those are perturbed too. bos/eos are unset: transformers' generate stops at eos
+    and gpt2lab's does not, so a greedy run that reached token 50256 would compare different things.
+    """
+    torch.manual_seed(seed)
+    hf_config = transformers.GPT2Config(**config, bos_token_id=None, eos_token_id=None)
+    model = transformers.GPT2LMHeadModel(hf_config).eval()
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.dim() == 1:
+                p.add_(0.1 * torch.randn_like(p))
+    return model
+
+
+def batch(vocab_size: int, length: int) -> torch.Tensor:
+    return torch.randint(vocab_size, (2, length), generator=torch.Generator().manual_seed(1))
+
+
+def assert_same_logits_and_loss(hf, model: GPT, idx: torch.Tensor) -> None:
+    with torch.no_grad():
+        ref = hf(idx, labels=idx)  # transformers shifts the labels inside: position t predicts idx[t + 1]
+        # The same targets, shifted here; the last position has no next token and is ignored (-1).
+        targets = torch.cat((idx[:, 1:], torch.full_like(idx[:, :1], -1)), dim=1)
+        logits, loss = model(idx, targets)
+    assert ref.logits.std() > 0.5  # not a degenerate random model
+    assert (logits - ref.logits).abs().max().item() <= 1e-4
+    assert abs(loss.item() - ref.loss.item()) <= 1e-5
+
+
+def assert_same_greedy_generation(hf, model: GPT, prompt: torch.Tensor) -> None:
+    """transformers with and without its cache, gpt2lab with and without its cache: one sequence."""
+    runs = {}
+    for use_cache in (True, False):
+        runs[f"hf cache={use_cache}"] = hf.generate(
+            prompt,
+            attention_mask=torch.ones_like(prompt),
+            max_new_tokens=NEW_TOKENS,
+            do_sample=False,
+            use_cache=use_cache,
+            pad_token_id=0,
+        )
+    for use_cache in (True, False):
+        runs[f"gpt2lab cache={use_cache}"] = model.generate(prompt, NEW_TOKENS, temperature=0, use_cache=use_cache)
+    reference = runs["hf cache=True"]
+    assert reference.shape == (prompt.shape[0], prompt.shape[1] + NEW_TOKENS)
+    assert len(set(reference[0, prompt.shape[1] :].tolist())) > 3  # a real continuation, not one repeated token
+    for name, tokens in runs.items():
+        assert torch.equal(tokens, reference), name
+
+
+def save_bin_lm_head(hf, folder) -> None:
+    """pytorch_model.bin as GPT2LMHeadModel's state dict: "transformer." prefix, tied lm_head included
+    (transformers 5 always writes safetensors, so the .bin is written by hand)."""
+    hf.config.save_pretrained(folder)
+    torch.save(hf.state_dict(), folder / "pytorch_model.bin")
+
+
+def save_bin_gpt2model_legacy(hf, folder) -> None:
+    """pytorch_model.bin as older GPT2Model checkpoints: no prefix, no lm_head, with the causal-mask
+    buffers (attn.bias, attn.masked_bias) that transformers used to save."""
+    hf.config.save_pretrained(folder)
+    state = dict(hf.transformer.state_dict())
+    n = hf.config.n_positions
+    for i in range(hf.config.n_layer):
+        state[f"h.{i}.attn.bias"] = torch.tril(torch.ones(n, n, dtype=torch.uint8)).view(1, 1, n, n)
+        state[f"h.{i}.attn.masked_bias"] = torch.tensor(-1e4)
+    torch.save(state, folder / "pytorch_model.bin")
+
+
+LAYOUTS = {
+    "safetensors": lambda hf, folder: hf.save_pretrained(folder),
+    "bin-lm-head": save_bin_lm_head,
+    "bin-gpt2model-legacy": save_bin_gpt2model_legacy,
+}
+
+
+@pytest.mark.parametrize("layout", LAYOUTS)
+def test_tiny_transformers_gpt2_loads_with_the_same_logits_and_loss(tmp_path, layout):
+    hf = random_hf(**TINY)
+    LAYOUTS[layout](hf, tmp_path)
+    model = load_pretrained(tmp_path).eval()
+    assert model.config.block_size == 64 and model.config.vocab_size == 512
+    assert_same_logits_and_loss(hf, model, batch(512, 48))
+
+
+def test_tiny_transformers_gpt2_greedy_generation_is_identical(tmp_path):
+    hf = random_hf(**TINY)
+    hf.save_pretrained(tmp_path)
+    model = load_pretrained(tmp_path).eval()
+    assert_same_greedy_generation(hf, model, batch(512, 8)[:1])
+
+
+def test_export_hf_loads_in_transformers_with_the_same_logits(tmp_path):
+    torch.manual_seed(0)
+    model = GPT(GPTConfig(n_layer=2, n_head=4, n_embd=64, block_size=64, vocab_size=512)).eval()
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            p.normal_(1.0 if ".ln_" in name and name.endswith("weight") else 0.0, 0.2 if p.dim() > 1 else 0.1)
+    export_hf(model, tmp_path)
+    hf, info = transformers.GPT2LMHeadModel.from_pretrained(tmp_path, output_loading_info=True)
+    hf.eval()
+    assert info["missing_keys"] == set() and info["unexpected_keys"] == set()
+    assert info["mismatched_keys"] == set() and not info["error_msgs"]
+    assert hf.lm_head.weight.data_ptr() == hf.transformer.wte.weight.data_ptr()  # tied on their side too
+    assert_same_logits_and_loss(hf, model, batch(512, 48))
+    assert_same_greedy_generation(hf, model, batch(512, 8)[:1])
+
+
+@pytest.mark.slow
+def test_gpt2_124m_random_matches_transformers(tmp_path):
+    """The full GPT-2 small shape (transformers' default config) once: 12 layers, 768 wide, 50257 tokens.
+
+    initializer_range 0.05 instead of 0.02: with 0.02 the logits' std is about 0.5 and greedy decoding
+    repeats one token, which would prove little.
+    """
+    hf = random_hf(initializer_range=0.05)
+    hf.save_pretrained(tmp_path)
+    model = load_pretrained(tmp_path).eval()
+    assert model.config == GPTConfig.from_preset("gpt2")
+    assert_same_logits_and_loss(hf, model, batch(50257, 64))
+    assert_same_greedy_generation(hf, model, batch(50257, 8)[:1])
