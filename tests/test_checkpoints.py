@@ -433,7 +433,6 @@ def fake_hub():
     server.server_close()
 
 
-@pytest.mark.slow  # three fresh interpreters importing torch: about 4 s alone, over 10 s on a busy machine
 def test_hub_ids_download_fail_fast_offline_and_load_from_the_cache(tmp_path, fake_hub):
     """Online (a local stand-in for the hub) a repo downloads, safetensors or .bin; offline
     (HF_HUB_OFFLINE, or a hub that refuses connections) a download fails in well under a second with

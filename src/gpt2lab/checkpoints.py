@@ -359,7 +359,7 @@ class _HFLayout(_Layout):
         return tensor.t() if _is_projection_weight(gpt_name) else tensor
 
     def from_gpt(self, gpt_name: str, tensor: torch.Tensor) -> torch.Tensor:
-        return tensor.t() if _is_projection_weight(gpt_name) else tensor
+        return self.to_gpt(gpt_name, tensor)  # a transpose is its own inverse
 
 
 class _TFLayout(_Layout):
@@ -500,11 +500,12 @@ def _read_gpt2lab(source: _Source) -> tuple[GPTConfig, dict[str, torch.Tensor]]:
     tensors = _read_weight_files(source.weights)
     tensors.pop("lm_head.weight", None)  # tied: wte is the one copy that counts
     found = {name: tuple(t.shape) for name, t in tensors.items()}
-    return config, _collect_state(config, found, tensors.__getitem__, _GPT2LAB, f"{source.weights[0]}")
+    return config, _collect_state(config, found, tensors.__getitem__, _GPT2LAB, str(source.weights[0]))
 
 
 def _state_to_save(model: GPT) -> dict[str, torch.Tensor]:
     """The model's tensors on the CPU, contiguous, with the tied LM head left out (it is wte)."""
+    model = getattr(model, "_orig_mod", model)  # torch.compile's wrapper prefixes every name
     if model.lm_head.weight is not model.transformer.wte.weight:
         raise GPT2LabError("lm_head is no longer tied to transformer.wte: GPT-2 checkpoints store one shared matrix")
     state = model.state_dict()
