@@ -119,6 +119,12 @@ def test_saved_files_hold_the_tied_weight_once_and_a_format_marker(tmp_path):
     assert_same_model(GPT.from_pretrained(tmp_path), model)
 
 
+def test_a_compiled_model_saves_under_its_own_names(tmp_path):
+    model = random_model()
+    save_pretrained(torch.compile(model), tmp_path)  # the wrapper would prefix every name with _orig_mod.
+    assert_same_model(load_pretrained(tmp_path), model)
+
+
 def test_a_failed_save_leaves_the_previous_checkpoint_intact(tmp_path, monkeypatch):
     old = random_model(seed=1)
     save_pretrained(old, tmp_path)
