@@ -8,6 +8,7 @@ file and for many documents.
 
 from __future__ import annotations
 
+import itertools
 import json
 import os
 import urllib.error
@@ -113,6 +114,8 @@ def prepare(
     out.mkdir(parents=True, exist_ok=True)
     enc = load_tokenizer()
     threads = num_threads or os.cpu_count() or 1
+    documents = iter_documents(sources)
+    first = next(documents, None)  # fail on a bad source (or a download) before drawing a progress bar
     stream_path = out / "tokens.tmp"
     n_docs = n_tokens = 0
     with open(stream_path, "wb") as stream, tqdm(desc="tokenizing", unit="doc") as bar:
@@ -127,7 +130,7 @@ def prepare(
             bar.set_postfix(tokens=f"{n_tokens:,}")
 
         batch: list[str] = []
-        for _, text in iter_documents(sources):
+        for _, text in itertools.chain([first] if first else [], documents):
             if text.strip():
                 batch.append(text)
                 n_docs += 1

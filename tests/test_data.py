@@ -1,0 +1,133 @@
+"""prepare: documents → token files with <|endoftext|> separators, the tail split, byte counts, the
+named datasets (embedded pydoc; shakespeare via a mocked download), and the data errors."""
+
+from __future__ import annotations
+
+import io
+import json
+import urllib.error
+from pathlib import Path
+
+import numpy as np
+import pytest
+from training_helpers import corpus  # noqa: F401
+
+from gpt2lab import data
+from gpt2lab.cli import main
+from gpt2lab.config import GPT2LabError
+from gpt2lab.data import TokenData, prepare
+from gpt2lab.tokenizer import load_tokenizer
+
+TEXTS = {"a.txt": "Hello world.\nSecond line.\n", "b.txt": "Ünïcode — and more text " * 20, "c.md": "# Title\n"}
+
+
+def _write(folder: Path) -> Path:
+    folder.mkdir()
+    for name, text in TEXTS.items():
+        (folder / name).write_text(text, encoding="utf-8")
+    (folder / "ignored.bin").write_bytes(b"\x00\x01")
+    return folder
+
+
+def test_folder_of_documents(tmp_path):
+    meta = prepare(_write(tmp_path / "src"), tmp_path / "out", val_fraction=0.25)
+    enc = load_tokenizer()
+    tokens = np.concatenate([np.fromfile(tmp_path / "out" / f"{s}.bin", dtype=np.uint16) for s in ("train", "val")])
+    expected = "".join(text + "<|endoftext|>" for _, text in sorted(TEXTS.items()))
+    assert enc.decode(tokens.tolist()) == expected  # each file is a document ending with <|endoftext|>
+    assert meta["documents"] == 3 and int((tokens == enc.eot_token).sum()) == 3
+    assert meta["train_tokens"] + meta["val_tokens"] == meta["tokens"] == len(tokens)
+    assert meta["val_tokens"] == round(0.25 * len(tokens))  # the tail of the stream
+    assert meta["train_bytes"] + meta["val_bytes"] == sum(len(t.encode()) for t in TEXTS.values())
+    assert (meta["tokenizer"], meta["vocab_size"], meta["val_fraction"]) == ("gpt2", 50257, 0.25)
+    assert json.loads((tmp_path / "out" / "meta.json").read_text()) == meta
+    assert not (tmp_path / "out" / "tokens.tmp").exists()
+
+
+def test_embedded_pydoc_corpus(corpus):  # noqa: F811
+    from pydoc_data.topics import topics
+
+    d = TokenData.open(corpus)
+    assert d.meta["documents"] == len(topics) and d.meta["tokens"] > 100_000
+    assert len(d.train) == d.meta["train_tokens"] and len(d.val) == d.meta["val_tokens"]
+
+
+def test_shakespeare_download(tmp_path, monkeypatch):
+    class Response(io.BytesIO):
+        def __enter__(self):
+            return self
+
+        def __exit__(self, *exc):
+            return False
+
+    seen = {}
+
+    def fake_urlopen(url, timeout):
+        seen.update(url=url, timeout=timeout)
+        return Response(b"First Citizen:\nBefore we proceed any further, hear me speak.\n")
+
+    monkeypatch.setattr(data.urllib.request, "urlopen", fake_urlopen)
+    meta = prepare("shakespeare", tmp_path)
+    assert seen["url"].startswith("https://raw.githubusercontent.com/karpathy/char-rnn/") and seen["timeout"] <= 30
+    assert meta["documents"] == 1
+
+
+def test_shakespeare_offline_is_one_line(tmp_path, monkeypatch, capsys):
+    def offline(url, timeout):
+        raise urllib.error.URLError("Name or service not known")
+
+    monkeypatch.setattr(data.urllib.request, "urlopen", offline)
+    assert main(["prepare", "shakespeare", "--out", str(tmp_path)]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "gpt2lab prepare path/to/input.txt" in err
+
+
+def test_cli_prepare(tmp_path, capsys):
+    assert main(["prepare", str(_write(tmp_path / "src") / "a.txt"), "--out", str(tmp_path / "out")]) == 0
+    assert "1 documents" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize(
+    ("make", "message"),
+    [
+        (lambda p: str(p / "missing.txt"), "no such file, folder or dataset"),
+        (lambda p: "pydco", "did you mean 'pydoc'"),
+        (lambda p: (p / "e.txt").write_text(" \n") and str(p / "e.txt"), "every document is empty"),
+        (lambda p: (p / "empty").mkdir() or str(p / "empty"), "no text files"),
+    ],
+)
+def test_prepare_errors(tmp_path, make, message):
+    with pytest.raises(GPT2LabError, match=message):
+        prepare(make(tmp_path), tmp_path / "out")
+
+
+def _copy(corpus, tmp_path) -> Path:  # noqa: F811
+    out = tmp_path / "copy"
+    out.mkdir()
+    for name in ("train.bin", "val.bin", "meta.json"):
+        (out / name).write_bytes((corpus / name).read_bytes())
+    return out
+
+
+def test_foreign_tokenizer_is_rejected(corpus, tmp_path):  # noqa: F811
+    d = _copy(corpus, tmp_path)
+    meta = json.loads((d / "meta.json").read_text())
+    (d / "meta.json").write_text(json.dumps({**meta, "tokenizer": "cl100k_base"}))
+    with pytest.raises(GPT2LabError, match="made with tokenizer 'cl100k_base', not 'gpt2'"):
+        TokenData.open(d)
+    (d / "meta.json").write_text(json.dumps({**meta, "vocab_size": 100277}))
+    with pytest.raises(GPT2LabError, match="vocabulary of 100277 tokens but the model has 50257"):
+        TokenData.open(d, vocab_size=50257)
+    (d / "meta.json").write_text(json.dumps(meta))
+    np.array([1, 2, 60000, 3], dtype=np.uint16).tofile(d / "val.bin")
+    with pytest.raises(GPT2LabError, match="token id 60000 >= vocab size 50257"):
+        TokenData.open(d)
+
+
+def test_missing_or_empty_splits(corpus, tmp_path):  # noqa: F811
+    with pytest.raises(GPT2LabError, match="no prepared data"):
+        TokenData.open(tmp_path)
+    d = _copy(corpus, tmp_path)
+    (d / "train.bin").write_bytes(b"")
+    with pytest.raises(GPT2LabError, match="train.bin is missing or empty"):
+        TokenData.open(d)
