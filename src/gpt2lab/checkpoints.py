@@ -95,6 +95,7 @@ def save_pretrained(model: GPT, directory: str | os.PathLike) -> None:
     name and moved into place, so a crash or a full disk never leaves a half-written checkpoint; the
     config goes last, so a folder whose config.json is readable has its weights.
     """
+    model = _unwrap(model)
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     state = _state_to_save(model)
@@ -111,6 +112,7 @@ def export_hf(model: GPT, directory: str | os.PathLike) -> None:
     key/value heads as query heads, full attention. Anything else is refused rather than exported as
     a model that would silently compute something different.
     """
+    model = _unwrap(model)
     c = model.config
     unsupported = []
     if c.pos_encoding != "learned":
@@ -503,9 +505,13 @@ def _read_gpt2lab(source: _Source) -> tuple[GPTConfig, dict[str, torch.Tensor]]:
     return config, _collect_state(config, found, tensors.__getitem__, _GPT2LAB, str(source.weights[0]))
 
 
+def _unwrap(model: GPT) -> GPT:
+    """The model inside torch.compile's wrapper, whose state dict prefixes every name with _orig_mod."""
+    return getattr(model, "_orig_mod", model)
+
+
 def _state_to_save(model: GPT) -> dict[str, torch.Tensor]:
     """The model's tensors on the CPU, contiguous, with the tied LM head left out (it is wte)."""
-    model = getattr(model, "_orig_mod", model)  # torch.compile's wrapper prefixes every name
     if model.lm_head.weight is not model.transformer.wte.weight:
         raise GPT2LabError("lm_head is no longer tied to transformer.wte: GPT-2 checkpoints store one shared matrix")
     state = model.state_dict()
