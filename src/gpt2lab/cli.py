@@ -220,6 +220,25 @@ def cmd_demo(args) -> int:
     return run_demo(args.out, args.data, pretrained=args.pretrained, max_iters=args.max_iters, prompt=args.prompt)
 
 
+# ---------------------------------------------------------------------------------------- study
+
+
+def add_study(sub) -> None:
+    p = sub.add_parser("study", help="train every variant of a suite, measure them, write a report with plots")
+    p.add_argument("--suite", required=True, help="suite TOML (see configs/study/)")
+    p.add_argument("--out", required=True, help="folder for runs, CSVs, plots and report.md (re-run to resume)")
+    p.add_argument("--data", default=None, help="text file, folder or named dataset; overrides the suite's")
+    p.set_defaults(func=cmd_study)
+
+
+def cmd_study(args) -> int:
+    from .study import load_suite, run_study
+
+    report = run_study(load_suite(args.suite, data=args.data), args.out)
+    print(f"report: {report}")
+    return 0
+
+
 # ---------------------------------------------------------------------------------------- main
 
 
@@ -231,7 +250,7 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-COMMANDS = [add_generate, add_convert, add_info, add_prepare, add_train, add_eval, add_demo]
+COMMANDS = [add_generate, add_convert, add_info, add_prepare, add_train, add_eval, add_demo, add_study]
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -1,0 +1,465 @@
+"""The variant study: train every variant of a suite under one budget, measure, plot, report.
+
+A suite (TOML) names the data, the model shape shared by all variants, the training budget, the
+seeds and the variants. ``run_study`` then
+
+1. prepares the data once;
+2. trains each variant with each seed, each run in a fresh process (so its peak memory is its own),
+   evaluates it on the whole validation split (loss, loss by position, past the trained context for
+   RoPE models), measures decode speed and KV-cache memory, and samples a fixed prompt;
+3. uptrains GQA from the baseline (K/V heads mean-pooled, then a short continuation);
+4. times attention forward+backward, full vs window, over sequence lengths;
+5. writes ``results.csv`` (one row per variant), ``runs.csv`` (one row per run), ``cost.csv``,
+   the PNG plots and ``report.md``, whose every number is read from those CSVs.
+
+A run folder with ``result.json`` is finished and is not run again, and a run interrupted in
+training resumes from its checkpoint: an interrupted study picks up where it stopped.
+"""
+
+from __future__ import annotations
+
+import csv
+import dataclasses
+import json
+import math
+import multiprocessing
+import os
+import statistics
+import time
+import tomllib
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from .config import GPT2LabError, GPTConfig, closest_hint
+
+SUITE_SECTIONS = {"name", "data", "seeds", "model", "train", "eval", "uptrain", "cost", "variants"}
+
+
+@dataclasses.dataclass
+class Suite:
+    name: str
+    data: str
+    seeds: list[int]
+    model: dict[str, Any]
+    train: dict[str, Any]
+    variants: list[dict[str, Any]]
+    eval: dict[str, Any]
+    uptrain: dict[str, Any] | None
+    cost: dict[str, Any]
+
+    def variant_config(self, variant: dict[str, Any]) -> GPTConfig:
+        fields = {k: v for k, v in variant.items() if k != "name"}
+        return GPTConfig.from_dict({"vocab_size": 50257, **self.model, **fields})
+
+
+def load_suite(path: str | Path, data: str | None = None) -> Suite:
+    path = Path(path)
+    if not path.is_file():
+        raise GPT2LabError(f"no such suite file: {path}")
+    try:
+        doc = tomllib.loads(path.read_text())
+    except tomllib.TOMLDecodeError as e:
+        raise GPT2LabError(f"{path}: invalid TOML ({e})") from None
+    for key in doc:
+        if key not in SUITE_SECTIONS:
+            raise GPT2LabError(f"{path}: unknown key '{key}'{closest_hint(key, SUITE_SECTIONS)}")
+    variants = doc.get("variants", [])
+    names = [v.get("name") for v in variants]
+    if not variants or None in names or len(set(names)) != len(names):
+        raise GPT2LabError(f"{path}: needs [[variants]] with unique names")
+    if names[0] != "baseline":
+        raise GPT2LabError(f"{path}: the first variant must be the 'baseline' the others are compared with")
+    suite = Suite(
+        name=doc.get("name", path.stem),
+        data=data or doc.get("data", "shakespeare"),
+        seeds=list(doc.get("seeds", [1])),
+        model=doc.get("model", {}),
+        train=doc.get("train", {}),
+        variants=variants,
+        eval={
+            "long_context": 0,
+            "decode_tokens": 32,
+            "sample_prompt": "\n",
+            "sample_tokens": 60,
+            **doc.get("eval", {}),
+        },
+        uptrain=doc.get("uptrain"),
+        cost={"lengths": [], "window": 256, "n_head": 12, "head_dim": 64, "repeats": 2, **doc.get("cost", {})},
+    )
+    for v in variants:
+        suite.variant_config(v)  # fail now, with the config's own one-line error, not after an hour
+    return suite
+
+
+# ---------------------------------------------------------------------------------------- isolation
+
+
+def _peak_rss_mb() -> float:
+    """Peak resident memory of this process (VmHWM), in MiB."""
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) / 1024
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def _reset_peak_rss() -> None:
+    """Start a new peak-memory measurement (Linux: writing 5 to clear_refs resets VmHWM)."""
+    try:
+        Path("/proc/self/clear_refs").write_text("5")
+    except OSError:
+        pass
+
+
+def _child(queue, fn, args) -> None:
+    torch.set_num_threads(int(os.environ.get("GPT2LAB_THREADS", torch.get_num_threads())))
+    try:
+        queue.put(("ok", fn(*args)))
+    except BaseException as e:  # report any failure to the parent as one line
+        queue.put(("error", f"{type(e).__name__}: {e}"))
+
+
+def run_isolated(fn, *args):
+    """``fn(*args)`` in a fresh process: its memory peak is its own, and a crash cannot take the study."""
+    ctx = multiprocessing.get_context("spawn")
+    queue = ctx.Queue()
+    process = ctx.Process(target=_child, args=(queue, fn, args))
+    process.start()
+    status, value = queue.get()
+    process.join()
+    if status != "ok":
+        raise GPT2LabError(f"{getattr(fn, '__name__', fn)} failed: {value}")
+    return value
+
+
+# ---------------------------------------------------------------------------------------- one run
+
+
+def _tokens_per_second(metrics_path: Path, tokens_per_step: int) -> float:
+    """Median training throughput over logged steps (the first few include warm-up and are skipped)."""
+    rows = [json.loads(line) for line in metrics_path.read_text().splitlines() if line.strip()]
+    dts = [r["dt"] for r in rows if "dt" in r]
+    dts = dts[min(3, len(dts) - 1) :]
+    return tokens_per_step / statistics.median(dts)
+
+
+@torch.no_grad()
+def _decode_speed(model, context: int, new_tokens: int) -> tuple[float, int]:
+    """Greedy decode tokens/s after a ``context``-token prompt, and the KV-cache bytes that needs."""
+    from .generation import sample_next
+
+    model.eval()
+    prompt = torch.randint(0, model.config.vocab_size, (1, context), generator=torch.Generator().manual_seed(0))
+    cache = model.new_cache(1, context + new_tokens)
+    logits = model(prompt, cache=cache, last_only=True)
+    start = time.perf_counter()
+    for _ in range(new_tokens):
+        logits = model(sample_next(logits[:, -1], temperature=0)[:, None], cache=cache, last_only=True)
+    elapsed = time.perf_counter() - start
+    return new_tokens / elapsed, sum(c.nbytes() for c in cache)
+
+
+def train_and_measure(train_fields: dict[str, Any], eval_settings: dict[str, Any], run_dir: str) -> dict:
+    """Train (resuming if a checkpoint exists), then evaluate and measure. Runs in its own process."""
+    from .evaluation import evaluate
+    from .generation import stream_text
+    from .model import GPT
+    from .tokenizer import load_tokenizer
+    from .training import CKPT_NAME, TrainConfig, train
+
+    _reset_peak_rss()
+    cfg = TrainConfig(**train_fields)
+    cfg.validate()
+    summary = train(cfg, resume=(Path(run_dir) / CKPT_NAME).is_file())
+    peak_train = _peak_rss_mb()
+    model = GPT.from_pretrained(run_dir).eval()
+    config = model.config
+    from .data import TokenData
+
+    val = np.asarray(TokenData.open(cfg.data_dir).val)
+    result = evaluate(model, val, context=cfg.block_size)
+    long_context = eval_settings["long_context"]
+    by_position = result.by_position.tolist()
+    if config.pos_encoding == "rope" and long_context > cfg.block_size and len(val) > long_context:
+        by_position = evaluate(model, val, context=long_context).by_position.tolist()
+    # Decode at the trained context (all variants can) and, for RoPE models, at the long context.
+    n_new = eval_settings["decode_tokens"]
+    decode_tok_s, _ = _decode_speed(model, cfg.block_size - n_new, n_new)
+    decode_long = kv_long = None
+    if config.pos_encoding == "rope" and long_context:
+        decode_long, kv_long = _decode_speed(model, long_context, n_new)
+    sample = "".join(
+        stream_text(
+            model,
+            load_tokenizer(),
+            eval_settings["sample_prompt"],
+            eval_settings["sample_tokens"],
+            seed=0,
+            temperature=0.8,
+            top_k=40,
+        )
+    )
+    metrics_path = Path(run_dir) / "metrics.jsonl"
+    rows = [json.loads(line) for line in metrics_path.read_text().splitlines() if line.strip()]
+    out = {
+        "val_loss": result.loss,
+        "val_ppl": result.perplexity,
+        "val_bpb": result.bits_per_byte,
+        "train_tok_s": _tokens_per_second(metrics_path, cfg.grad_accum * cfg.batch_size * cfg.block_size),
+        "peak_rss_mb": peak_train,
+        "decode_tok_s": decode_tok_s,
+        "decode_tok_s_long": decode_long,
+        "kv_bytes_long": kv_long,
+        "by_position": by_position,
+        "val_curve": [(r["step"], r["val_loss"]) for r in rows if "val_loss" in r],
+        "sample": sample,
+        "steps": summary["step"],
+    }
+    (Path(run_dir) / "result.json").write_text(json.dumps(out) + "\n")
+    return out
+
+
+@torch.no_grad()
+def converted_loss(base_dir: str, n_kv_head: int, data_dir: str, context: int) -> float:
+    """Validation loss of the base model right after mean-pooling its K/V heads, before any training."""
+    from .data import TokenData
+    from .evaluation import evaluate
+    from .model import GPT
+
+    model = GPT.from_pretrained(base_dir).convert_to_gqa(n_kv_head)
+    return evaluate(model, np.asarray(TokenData.open(data_dir).val), context=context).loss
+
+
+def attention_cost(seq_len: int, window: int | None, n_head: int, head_dim: int, repeats: int) -> dict:
+    """Seconds and peak extra memory (MiB) of one attention forward+backward, B=1. Own process."""
+    from .attention import causal_attention, sliding_window_attention
+
+    gen = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(1, n_head, seq_len, head_dim, generator=gen, requires_grad=True) for _ in range(3))
+
+    def step():
+        y = causal_attention(q, k, v) if window is None else sliding_window_attention(q, k, v, window)
+        y.sum().backward()
+
+    step()  # warm-up
+    times = []
+    for _ in range(repeats):
+        q.grad = k.grad = v.grad = None
+        _reset_peak_rss()
+        before = _peak_rss_mb()
+        start = time.perf_counter()
+        step()
+        times.append(time.perf_counter() - start)
+        extra = _peak_rss_mb() - before
+    return {"seconds": min(times), "peak_mb": extra}
+
+
+# ---------------------------------------------------------------------------------------- the study
+
+
+def _mean_sd(values: list[float]) -> tuple[float, float]:
+    return statistics.fmean(values), (statistics.stdev(values) if len(values) > 1 else 0.0)
+
+
+def run_study(suite: Suite, out_dir: str | Path, log=print) -> Path:
+    from .data import prepare
+
+    out = Path(out_dir)
+    runs_dir = out / "runs"
+    runs_dir.mkdir(parents=True, exist_ok=True)
+    data_dir = out / "data"
+    if not (data_dir / "meta.json").is_file():
+        prepare(suite.data, data_dir)
+    block_size = suite.train.get("block_size", suite.model.get("block_size", 256))
+    base_train = {**suite.train, "data_dir": str(data_dir), "block_size": block_size}
+
+    def run(name: str, seed: int, fields: dict[str, Any]) -> dict:
+        run_dir = runs_dir / f"{name}-s{seed}"
+        done = run_dir / "result.json"
+        if done.is_file():
+            log(f"[study] {run_dir.name}: done earlier, kept")
+            return json.loads(done.read_text())
+        log(f"[study] {run_dir.name}: training")
+        train_fields = {**base_train, **fields, "seed": seed, "out_dir": str(run_dir)}
+        return run_isolated(train_and_measure, train_fields, suite.eval, str(run_dir))
+
+    runs: list[dict] = []
+    variant_rows: list[dict] = []
+    for variant in suite.variants:
+        config = suite.variant_config(variant)
+        model_fields = {k: v for k, v in config.to_dict().items() if k != "vocab_size"}
+        results = [run(variant["name"], s, {"preset": None, "model": model_fields}) for s in suite.seeds]
+        runs += [{"variant": variant["name"], "seed": s, **r} for s, r in zip(suite.seeds, results, strict=True)]
+        variant_rows.append(_variant_row(variant["name"], "from scratch", config, results, suite, block_size))
+    if suite.uptrain:
+        variant_rows += _uptrain(suite, base_train, runs_dir, block_size, run, runs)
+    base = variant_rows[0]
+    for row in variant_rows:
+        row["delta_loss"] = row["val_loss"] - base["val_loss"]
+        # standard error of the difference of two seed means
+        row["delta_loss_se"] = math.sqrt(
+            row["val_loss_sd"] ** 2 / row["seeds"] + base["val_loss_sd"] ** 2 / base["seeds"]
+        )
+        row["kv_ratio_at_ctx"] = row["kv_kib_at_ctx"] / base["kv_kib_at_ctx"]
+        row["steps_to_baseline"] = _steps_to(runs, row["variant"], base["val_loss"])
+
+    cost_rows = []
+    for seq_len in suite.cost["lengths"]:
+        for window in (None, suite.cost["window"]):
+            log(f"[study] attention cost T={seq_len} window={window}")
+            c = run_isolated(
+                attention_cost, seq_len, window, suite.cost["n_head"], suite.cost["head_dim"], suite.cost["repeats"]
+            )
+            cost_rows.append({"seq_len": seq_len, "window": window or "full", **c})
+
+    _write_csv(out / "results.csv", variant_rows)
+    _write_csv(
+        out / "runs.csv",
+        [{k: v for k, v in r.items() if k not in ("by_position", "val_curve", "sample")} for r in runs],
+    )
+    _write_csv(out / "bands.csv", _position_bands(suite, runs, block_size))
+    _write_csv(
+        out / "samples.csv",
+        [{"variant": r["variant"], "sample": r["sample"]} for r in runs if r["seed"] == suite.seeds[0]],
+    )
+    if cost_rows:
+        _write_csv(out / "cost.csv", cost_rows)
+    from .study_report import write_plots, write_report
+
+    write_plots(out, runs, cost_rows, block_size, suite)
+    return write_report(out, suite, block_size)
+
+
+def _variant_row(name, kind, config: GPTConfig, results: list[dict], suite: Suite, block_size: int) -> dict:
+    from .analysis import model_report
+
+    report = model_report(config, block_size)
+    loss, loss_sd = _mean_sd([r["val_loss"] for r in results])
+    first = results[0]
+    return {
+        "variant": name,
+        "kind": kind,
+        "pos_encoding": config.pos_encoding,
+        "n_kv_head": config.n_kv_head,
+        "window": config.window if config.window is not None else "full",
+        "params": report["params"]["total"],
+        "flops_per_token": report["flops_per_token"]["total"],
+        "kv_bytes_per_token": report["kv_cache"]["bytes_per_token"],
+        "kv_kib_at_ctx": report["kv_cache"]["bytes_at_seq_len"] / 1024,
+        "train_tok_s": statistics.fmean(r["train_tok_s"] for r in results),
+        "peak_rss_mb": max(r["peak_rss_mb"] for r in results),
+        "val_loss": loss,
+        "val_loss_sd": loss_sd,
+        "val_ppl": math.exp(loss),
+        "seeds": len(results),
+        "decode_tok_s": statistics.fmean(r["decode_tok_s"] for r in results),
+        "decode_tok_s_long": first["decode_tok_s_long"] if first["decode_tok_s_long"] is not None else "",
+        "kv_kib_measured_long": first["kv_bytes_long"] / 1024 if first["kv_bytes_long"] is not None else "",
+    }
+
+
+def _steps_to(runs: list[dict], variant: str, target: float) -> int | str:
+    """First evaluated step at which the seed-mean validation curve reaches ``target`` ('' if never)."""
+    curves = [dict(r["val_curve"]) for r in runs if r["variant"] == variant]
+    if not curves:
+        return ""
+    for step in sorted(curves[0]):
+        if all(step in c for c in curves) and statistics.fmean(c[step] for c in curves) <= target:
+            return step
+    return ""
+
+
+def _uptrain(suite, base_train, runs_dir, block_size, run, runs) -> list[dict]:
+    """GQA uptraining (Ainslie et al. 2023): pool the trained baseline's K/V heads, continue briefly."""
+    up = suite.uptrain
+    n_kv = up["n_kv_head"]
+    steps = max(1, round(up.get("fraction", 0.1) * base_train["max_iters"]))
+    config = suite.variant_config(suite.variants[0]).replace(n_kv_head=n_kv)
+    converted, uptrained = [], []
+    for seed in suite.seeds:
+        base_dir = str(runs_dir / f"baseline-s{seed}")
+        converted.append({"val_loss": run_isolated(converted_loss, base_dir, n_kv, base_train["data_dir"], block_size)})
+        fields = {
+            "preset": None,
+            "model": {},
+            "init_from": base_dir,
+            "convert_n_kv_head": n_kv,
+            "max_iters": steps,
+            "warmup_iters": max(1, steps // 10),
+            "eval_interval": max(1, steps // 2),
+            "ckpt_interval": steps,
+        }
+        uptrained.append(run(f"uptrain-gqa{n_kv}", seed, fields))
+        runs.append({"variant": f"uptrain-gqa{n_kv}", "seed": seed, **uptrained[-1]})
+    loss, sd = _mean_sd([c["val_loss"] for c in converted])
+    pooled_row = _variant_row(f"pooled-gqa{n_kv}", "baseline K/V pooled, 0 steps", config, uptrained, suite, block_size)
+    pooled_row.update(
+        val_loss=loss,
+        val_loss_sd=sd,
+        val_ppl=math.exp(loss),
+        train_tok_s="",
+        peak_rss_mb="",
+        decode_tok_s="",
+        decode_tok_s_long="",
+        kv_kib_measured_long="",
+    )
+    up_row = _variant_row(f"uptrain-gqa{n_kv}", f"pooled + {steps} steps", config, uptrained, suite, block_size)
+    return [pooled_row, up_row]
+
+
+def _position_bands(suite: Suite, runs: list[dict], block_size: int) -> list[dict]:
+    """Mean validation loss over bands of context positions, per variant (mean over seeds).
+
+    near: [0, W) - every variant sees all earlier tokens; far: [2W, block_size) - a windowed layer does not,
+    so only stacking can carry that context; inside: the whole trained context; beyond: past it (RoPE).
+    """
+    windows = [w for v in suite.variants if isinstance(w := suite.variant_config(v).window, int)]
+    W = min(windows) if windows else block_size // 4
+    long_ctx = suite.eval["long_context"]
+    spans = {"near": (0, W), "far": (2 * W, block_size), "inside": (0, block_size), "beyond": (block_size, long_ctx)}
+    configs = {v["name"]: suite.variant_config(v) for v in suite.variants}
+    rows = []
+    for name, curves in _group(runs, "by_position").items():
+        config = configs.get(name)
+        receptive = "full"
+        if config is not None and config.max_window is not None:
+            receptive = sum(config.layer_window(i) - 1 for i in range(config.n_layer)) + 1
+        for band, (start, end) in spans.items():
+            if end <= start or any(len(c) < end for c in curves):
+                continue
+            loss = statistics.fmean(statistics.fmean(c[start:end]) for c in curves)
+            rows.append(
+                {
+                    "variant": name,
+                    "band": band,
+                    "start": start,
+                    "end": end - 1,
+                    "loss": loss,
+                    "receptive_field": receptive,
+                }
+            )
+    return rows
+
+
+def _group(runs: list[dict], key: str) -> dict[str, list]:
+    grouped: dict[str, list] = {}
+    for r in runs:
+        grouped.setdefault(r["variant"], []).append(r[key])
+    return grouped
+
+
+def _write_csv(path: Path, rows: list[dict]) -> None:
+    with open(path, "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=list(rows[0]))
+        writer.writeheader()
+        for row in rows:
+            writer.writerow({k: (f"{v:.6g}" if isinstance(v, float) else v) for k, v in row.items()})
+
+
+def read_csv(path: Path) -> list[dict[str, str]]:
+    with open(path, newline="") as f:
+        return list(csv.DictReader(f))
