@@ -61,21 +61,21 @@ class TrainConfig:
     # [optim]
     lr: float = _opt("optim", 1e-3)
     min_lr: float = _opt("optim", 1e-4)
-    warmup_iters: int = _opt("optim", 30)
-    max_iters: int = _opt("optim", 300)
+    warmup_iters: int = _opt("optim", 25)
+    max_iters: int = _opt("optim", 250)
     lr_decay_iters: int | None = _opt("optim", None)  # None: max_iters
     weight_decay: float = _opt("optim", 0.1)
     betas: list = field(default_factory=lambda: [0.9, 0.95], metadata={"section": "optim", "key": None})
     grad_clip: float = _opt("optim", 1.0)  # 0 disables
     # [batch]
     batch_size: int = _opt("batch", 8)  # sequences per micro-batch per process
-    block_size: int = _opt("batch", 128)
+    block_size: int = _opt("batch", 64)
     grad_accum: int = _opt("batch", 1)  # micro-batches per step, in total over all processes
     # [run]
     out_dir: str = _opt("run", "runs/demo")
-    eval_interval: int = _opt("run", 100)
-    eval_iters: int = _opt("run", 10)
-    ckpt_interval: int = _opt("run", 100)
+    eval_interval: int = _opt("run", 125)
+    eval_iters: int = _opt("run", 5)
+    ckpt_interval: int = _opt("run", 125)
     log_interval: int = _opt("run", 1)
     seed: int = _opt("run", 1337)
     dtype: str = _opt("run", "auto")  # auto | float32 | bfloat16 (autocast)
