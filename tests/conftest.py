@@ -8,8 +8,10 @@ SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
 
 
 @pytest.fixture(autouse=True)
-def _deterministic_threads():
-    torch.set_num_threads(2)
+def _one_thread_and_seed():
+    """Test models are small or decode one token at a time: a second thread buys little, and on a shared
+    machine OpenMP threads waiting for a busy core slow them down tens of times."""
+    torch.set_num_threads(1)
     torch.manual_seed(0)
 
 

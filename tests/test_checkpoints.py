@@ -41,16 +41,6 @@ VARIANTS = {
 TF_REAL = "gpt2-124M-tf"
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """These models are small or decode one token at a time: a second thread buys little, and on a
-    shared machine OpenMP threads waiting for a busy core slow them down tens of times."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 def random_model(seed: int = 0, **overrides) -> GPT:
     """A model whose every tensor is random. Default init leaves LayerNorm gains at 1 and biases at 0,
     which would hide a loader that swaps or drops them; here each one moves the logits."""

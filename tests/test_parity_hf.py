@@ -22,16 +22,6 @@ TINY = dict(n_layer=2, n_head=4, n_embd=64, n_positions=64, vocab_size=512, init
 NEW_TOKENS = 32
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """These models are small or decode one token at a time: a second thread buys little, and on a
-    shared machine OpenMP threads waiting for a busy core slow them down tens of times."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 def random_hf(seed: int = 0, **config) -> transformers.GPT2LMHeadModel:
     """A random transformers GPT-2 in eval mode.
 
