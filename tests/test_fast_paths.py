@@ -28,3 +28,52 @@ def test_fp32_linear_is_nn_linear():
     layer = Linear(16, 8)
     x = torch.randn(3, 16)
     assert torch.equal(layer(x), F.linear(x, layer.weight, layer.bias))
+
+
+def _naive_window(q, k, v, window):
+    T, group = q.shape[2], q.shape[1] // k.shape[1]
+    k, v = k.repeat_interleave(group, 1), v.repeat_interleave(group, 1)
+    i, j = torch.arange(T)[:, None], torch.arange(T)[None]
+    scores = (q @ k.transpose(-1, -2)) / q.shape[-1] ** 0.5
+    return torch.softmax(scores.masked_fill((j > i) | (j <= i - window), float("-inf")), -1) @ v
+
+
+def _sdpa_path(q, k, v, window):
+    """The banded kernel through SDPA (the path taken with dropout or off CPU), padded like the caller does."""
+    T = q.shape[2]
+    padded = (F.pad(t, (0, 0, 0, -T % window)) for t in (q, k, v))
+    return attention._banded_sdpa(*padded, window, 0.0)[:, :, :T]
+
+
+@pytest.mark.parametrize("kernel", [attention.sliding_window_attention, _sdpa_path], ids=["cpu flash", "sdpa"])
+@pytest.mark.parametrize(
+    "batch, nh, nkv, T, window",
+    [(2, 4, 4, 200, 64), (1, 4, 2, 300, 128), (3, 6, 1, 129, 32), (1, 2, 2, 96, 32)],
+)
+def test_banded_window_kernels_match_the_dense_reference(kernel, batch, nh, nkv, T, window):
+    """Outputs and gradients on strided inputs (views of one packed projection, as in
+    CausalSelfAttention), with GQA, MQA and T not a multiple of the window."""
+    hs = 16
+    packed = torch.randn(batch, T, (nh + 2 * nkv) * hs, requires_grad=True)
+    q, k, v = packed.split([nh * hs, nkv * hs, nkv * hs], dim=2)
+    q, k, v = (t.unflatten(2, (-1, hs)).transpose(1, 2) for t in (q, k, v))
+    y = kernel(q, k, v, window)
+    expected = _naive_window(q.double(), k.double(), v.double(), window)
+    torch.testing.assert_close(y.double(), expected, atol=1e-5, rtol=1e-5)
+    grad = torch.randn_like(y)
+    (got,) = torch.autograd.grad(y, packed, grad)
+    (want,) = torch.autograd.grad(expected, packed, grad.double())
+    torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+
+
+def test_banded_cpu_kernel_in_bf16_matches_the_sdpa_path():
+    """bf16 inputs (autocast training): the operator returns an fp32 log-sum-exp that backward needs."""
+    q, k, v = (torch.randn(2, 4, 100, 16, dtype=torch.bfloat16, requires_grad=True) for _ in range(3))
+    grad = torch.randn(2, 4, 100, 16, dtype=torch.bfloat16)
+    y = attention.sliding_window_attention(q, k, v, 32)
+    ref = _sdpa_path(q, k, v, 32)
+    torch.testing.assert_close(y, ref, atol=2e-2, rtol=2e-2)
+    for got, want in zip(
+        torch.autograd.grad(y, (q, k, v), grad), torch.autograd.grad(ref, (q, k, v), grad), strict=True
+    ):
+        torch.testing.assert_close(got, want, atol=5e-2, rtol=5e-2)
