@@ -10,6 +10,7 @@ from gpt2lab.study_report import TABLE_COLUMNS, fmt
 SUITE = """
 name = "tiny"
 seeds = [1, 2]
+parallel = 2
 
 [model]
 n_layer = 2

@@ -23,10 +23,10 @@ import dataclasses
 import json
 import math
 import multiprocessing
-import os
 import statistics
 import time
 import tomllib
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -35,7 +35,7 @@ import torch
 
 from .config import GPT2LabError, GPTConfig, closest_hint
 
-SUITE_SECTIONS = {"name", "data", "seeds", "model", "train", "eval", "uptrain", "cost", "variants"}
+SUITE_SECTIONS = {"name", "data", "seeds", "parallel", "model", "train", "eval", "uptrain", "cost", "variants"}
 
 
 @dataclasses.dataclass
@@ -43,6 +43,7 @@ class Suite:
     name: str
     data: str
     seeds: list[int]
+    parallel: int  # runs trained at once, each on an equal share of the CPU threads
     model: dict[str, Any]
     train: dict[str, Any]
     variants: list[dict[str, Any]]
@@ -76,6 +77,7 @@ def load_suite(path: str | Path, data: str | None = None) -> Suite:
         name=doc.get("name", path.stem),
         data=data or doc.get("data", "shakespeare"),
         seeds=list(doc.get("seeds", [1])),
+        parallel=int(doc.get("parallel", 1)),
         model=doc.get("model", {}),
         train=doc.get("train", {}),
         variants=variants,
@@ -115,19 +117,20 @@ def _reset_peak_rss() -> None:
         pass
 
 
-def _child(queue, fn, args) -> None:
-    torch.set_num_threads(int(os.environ.get("GPT2LAB_THREADS", torch.get_num_threads())))
+def _child(queue, threads, fn, args) -> None:
+    torch.set_num_threads(threads)
     try:
         queue.put(("ok", fn(*args)))
     except BaseException as e:  # report any failure to the parent as one line
         queue.put(("error", f"{type(e).__name__}: {e}"))
 
 
-def run_isolated(fn, *args):
-    """``fn(*args)`` in a fresh process: its memory peak is its own, and a crash cannot take the study."""
+def run_isolated(fn, *args, threads: int | None = None):
+    """``fn(*args)`` in a fresh process on ``threads`` threads (default: this process's count): its memory
+    peak is its own, and a crash cannot take the study."""
     ctx = multiprocessing.get_context("spawn")
     queue = ctx.Queue()
-    process = ctx.Process(target=_child, args=(queue, fn, args))
+    process = ctx.Process(target=_child, args=(queue, threads or torch.get_num_threads(), fn, args))
     process.start()
     status, value = queue.get()
     process.join()
@@ -276,6 +279,9 @@ def run_study(suite: Suite, out_dir: str | Path, log=print) -> Path:
         prepare(suite.data, data_dir)
     block_size = suite.train.get("block_size", suite.model.get("block_size", 256))
     base_train = {**suite.train, "data_dir": str(data_dir), "block_size": block_size}
+    # Several single-thread runs at once use 2 cores better than one 2-thread run of these small models.
+    pool = ThreadPoolExecutor(max_workers=suite.parallel)
+    run_threads = max(1, torch.get_num_threads() // suite.parallel)
 
     def run(name: str, seed: int, fields: dict[str, Any]) -> dict:
         run_dir = runs_dir / f"{name}-s{seed}"
@@ -285,18 +291,22 @@ def run_study(suite: Suite, out_dir: str | Path, log=print) -> Path:
             return json.loads(done.read_text())
         log(f"[study] {run_dir.name}: training")
         train_fields = {**base_train, **fields, "seed": seed, "out_dir": str(run_dir)}
-        return run_isolated(train_and_measure, train_fields, suite.eval, str(run_dir))
+        return run_isolated(train_and_measure, train_fields, suite.eval, str(run_dir), threads=run_threads)
+
+    def run_seeds(name: str, fields_of) -> list[dict]:
+        return list(pool.map(lambda seed: run(name, seed, fields_of(seed)), suite.seeds))
 
     runs: list[dict] = []
     variant_rows: list[dict] = []
     for variant in suite.variants:
         config = suite.variant_config(variant)
         model_fields = {k: v for k, v in config.to_dict().items() if k != "vocab_size"}
-        results = [run(variant["name"], s, {"preset": None, "model": model_fields}) for s in suite.seeds]
+        results = run_seeds(variant["name"], lambda _seed, f=model_fields: {"preset": None, "model": f})
         runs += [{"variant": variant["name"], "seed": s, **r} for s, r in zip(suite.seeds, results, strict=True)]
         variant_rows.append(_variant_row(variant["name"], "from scratch", config, results, suite, block_size))
     if suite.uptrain:
-        variant_rows += _uptrain(suite, base_train, runs_dir, block_size, run, runs)
+        variant_rows += _uptrain(suite, base_train, runs_dir, block_size, run_seeds, runs)
+    pool.shutdown()
     base = variant_rows[0]
     for row in variant_rows:
         row["delta_loss"] = row["val_loss"] - base["val_loss"]
@@ -373,29 +383,32 @@ def _steps_to(runs: list[dict], variant: str, target: float) -> int | str:
     return ""
 
 
-def _uptrain(suite, base_train, runs_dir, block_size, run, runs) -> list[dict]:
+def _uptrain(suite, base_train, runs_dir, block_size, run_seeds, runs) -> list[dict]:
     """GQA uptraining (Ainslie et al. 2023): pool the trained baseline's K/V heads, continue briefly."""
     up = suite.uptrain
     n_kv = up["n_kv_head"]
     steps = max(1, round(up.get("fraction", 0.1) * base_train["max_iters"]))
     config = suite.variant_config(suite.variants[0]).replace(n_kv_head=n_kv)
-    converted, uptrained = [], []
-    for seed in suite.seeds:
-        base_dir = str(runs_dir / f"baseline-s{seed}")
-        converted.append({"val_loss": run_isolated(converted_loss, base_dir, n_kv, base_train["data_dir"], block_size)})
-        fields = {
+    base_dirs = {seed: str(runs_dir / f"baseline-s{seed}") for seed in suite.seeds}
+    converted = [
+        run_isolated(converted_loss, base_dirs[seed], n_kv, base_train["data_dir"], block_size) for seed in suite.seeds
+    ]
+
+    def fields(seed: int) -> dict[str, Any]:
+        return {
             "preset": None,
             "model": {},
-            "init_from": base_dir,
+            "init_from": base_dirs[seed],
             "convert_n_kv_head": n_kv,
             "max_iters": steps,
             "warmup_iters": max(1, steps // 10),
             "eval_interval": max(1, steps // 2),
             "ckpt_interval": steps,
         }
-        uptrained.append(run(f"uptrain-gqa{n_kv}", seed, fields))
-        runs.append({"variant": f"uptrain-gqa{n_kv}", "seed": seed, **uptrained[-1]})
-    loss, sd = _mean_sd([c["val_loss"] for c in converted])
+
+    uptrained = run_seeds(f"uptrain-gqa{n_kv}", fields)
+    runs += [{"variant": f"uptrain-gqa{n_kv}", "seed": s, **r} for s, r in zip(suite.seeds, uptrained, strict=True)]
+    loss, sd = _mean_sd(converted)
     pooled_row = _variant_row(f"pooled-gqa{n_kv}", "baseline K/V pooled, 0 steps", config, uptrained, suite, block_size)
     pooled_row.update(
         val_loss=loss,
