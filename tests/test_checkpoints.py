@@ -470,7 +470,7 @@ def test_hub_ids_download_fail_fast_offline_and_load_from_the_cache(tmp_path, fa
         (seconds, outcome), (_, from_cache) = results[case]
         assert outcome.startswith(f"ERROR could not download '{name}' from the Hugging Face hub (offline?"), outcome
         assert outcome.endswith(advice)
-        assert seconds < 3.0, (case, seconds)
+        assert seconds < 10.0, (case, seconds)  # huggingface_hub alone retries for ~23 s here
         assert from_cache == checksum(model), case
     assert "HF_HUB_OFFLINE is set" in results["offline"][0][1]
     assert "ConnectError" in results["unreachable"][0][1]
