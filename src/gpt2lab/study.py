@@ -19,6 +19,7 @@ training resumes from its checkpoint: an interrupted study picks up where it sto
 from __future__ import annotations
 
 import csv
+import ctypes
 import dataclasses
 import json
 import math
@@ -110,8 +111,10 @@ def _peak_rss_mb() -> float:
 
 
 def _reset_peak_rss() -> None:
-    """Start a new peak-memory measurement (Linux: writing 5 to clear_refs resets VmHWM)."""
+    """Start a new peak-memory measurement: hand freed heap back to the OS (else reused memory is
+    invisible to the peak), then reset VmHWM (Linux: writing 5 to clear_refs)."""
     try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
         Path("/proc/self/clear_refs").write_text("5")
     except OSError:
         pass
