@@ -3,7 +3,7 @@
 Part 1, the kernel: forward + backward of one attention call, B=1, 12 heads of 64, fp32, for
 full causal SDPA (PyTorch's flash CPU kernel) and gpt2lab's banded sliding window (W=256, 512).
 Time (median of interleaved rounds) and peak resident memory (fresh process per cell, see
-common.py) for T = 1k, 2k, 4k, 8k (16k with ``--long``).
+common.py) for T = 1k, 2k, 4k, 8k, 16k.
 
 Part 2, decoding: tokens/s of one decoding step and KV-cache bytes vs context length, for the
 GPT-2 124M shape (12 layers, 12 heads of 64, RoPE so that contexts may exceed 1024) with MHA,
@@ -11,11 +11,11 @@ GQA (groups of 4: 3 K/V heads), MQA (1 K/V head) and a 256-token window. The cac
 through ``KVCache.update`` with random keys and values: the cost of a step does not depend on
 their values, and a real prefill of 4k tokens per variant would dominate the run.
 
-Writes PNG plots into ``--plots`` and prints Markdown tables. Default run: about 10 minutes on an
-idle machine.
+Writes PNG plots into ``--plots`` and prints Markdown tables. Default run: about 5 minutes on an
+idle machine, 10-15 when the cores are shared; ``--lengths 1024,2048,4096,8192`` saves most of it.
 
-    python benchmarks/attention.py [--long] [--lengths 1024,2048] [--repeats 3]
-        [--contexts 256,1024,2048,4096] [--steps 8] [--skip kernels|decode] [--plots docs/img]
+    python benchmarks/attention.py [--lengths 1024,2048,4096,8192,16384] [--repeats 3]
+        [--contexts 256,1024,2048,4096,8192] [--steps 8] [--skip kernels|decode] [--plots docs/img]
 """
 
 from __future__ import annotations
@@ -201,8 +201,9 @@ def plot(kernels: dict, decode: dict, directory: Path) -> list[Path]:
             if "peak_increase" in kernels[lengths[0]][name]:
                 ax_m.plot(lengths, [kernels[t][name]["peak_increase"] / 2**20 for t in lengths], "o-", label=name)
         ax_t.set(xscale="log", yscale="log", xlabel="T (tokens)", ylabel="seconds", title="attention forward+backward")
-        ax_m.set(xscale="log", yscale="log", xlabel="T (tokens)", ylabel="MiB", title="peak memory increase")
+        ax_m.set(xscale="log", yscale="log", xlabel="T (tokens)", ylabel="MiB", title="peak RSS increase, fwd+bwd")
         for ax in (ax_t, ax_m):
+            ax.minorticks_off()
             ax.set_xticks(lengths, [f"{t // 1024}k" for t in lengths])
             ax.legend()
             ax.grid(alpha=0.3)
@@ -219,6 +220,7 @@ def plot(kernels: dict, decode: dict, directory: Path) -> list[Path]:
         ax_s.set(xscale="log", xlabel="context (tokens)", ylabel="tokens/s", title="decoding speed, B=1")
         ax_m.set(xscale="log", yscale="log", xlabel="context (tokens)", ylabel="MiB", title="KV cache, fp32")
         for ax in (ax_s, ax_m):
+            ax.minorticks_off()
             ax.set_xticks(contexts, [str(c) for c in contexts])
             ax.legend()
             ax.grid(alpha=0.3)
@@ -231,10 +233,9 @@ def plot(kernels: dict, decode: dict, directory: Path) -> list[Path]:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--lengths", default="1024,2048,4096,8192", help="kernel sequence lengths, comma-separated")
-    parser.add_argument("--long", action="store_true", help="add T=16384 to the kernel lengths (slow)")
+    parser.add_argument("--lengths", default="1024,2048,4096,8192,16384", help="kernel sequence lengths")
     parser.add_argument("--repeats", type=int, default=3, help="timed rounds per size")
-    parser.add_argument("--contexts", default="256,1024,2048,4096", help="decoding contexts, comma-separated")
+    parser.add_argument("--contexts", default="256,1024,2048,4096,8192", help="decoding context lengths")
     parser.add_argument("--steps", type=int, default=8, help="decoding steps per timed call")
     parser.add_argument("--skip", choices=["kernels", "decode"], help="leave one part out")
     parser.add_argument("--no-memory", action="store_true", help="skip the kernel peak-memory subprocesses")
@@ -248,7 +249,7 @@ def main() -> None:
     start = time.perf_counter()
     kernels, decode = {}, {}
     if args.skip != "kernels":
-        lengths = [int(t) for t in args.lengths.split(",")] + ([16384] if args.long else [])
+        lengths = [int(t) for t in args.lengths.split(",")]
         print("attention forward+backward, B=1, 12 heads of 64, fp32:")
         kernels = bench_kernels(lengths, args.repeats, memory=not args.no_memory)
     if args.skip != "decode":

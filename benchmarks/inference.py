@@ -70,9 +70,9 @@ def load(directory: Path, impl: str, dtype: str):
 # ---------------------------------------------------------------------------------------- main
 
 
-def memory_child(spec: str, directory: Path, new_tokens: int) -> None:
+def memory_child(spec: str, directory: Path, new_tokens: int, threads: int) -> None:
     """``impl:dtype:forward:B:T`` or ``impl:dtype:generate:B``: one workload under a fresh peak-RSS mark."""
-    setup()
+    setup(threads)
     impl, dtype, kind, *shape = spec.split(":")
     model = load(directory, impl, dtype)
     if kind == "forward":
@@ -100,17 +100,18 @@ def main() -> None:
     parser.add_argument(
         "--dtype", action="append", choices=sorted(DTYPES), help="gpt2lab weight dtype (repeatable; default both)"
     )
+    parser.add_argument("--threads", type=int, default=2, help="torch threads (the machine has 2 cores)")
     parser.add_argument("--no-memory", action="store_true", help="skip the peak-memory subprocesses")
     parser.add_argument("--quick", action="store_true", help="smoke run: 1 round, 16 new tokens")
     parser.add_argument("--memory-child", help=argparse.SUPPRESS)
     parser.add_argument("--dir", type=Path, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.memory_child:
-        return memory_child(args.memory_child, args.dir, args.new_tokens)
+        return memory_child(args.memory_child, args.dir, args.new_tokens, args.threads)
     if args.quick:
         args.repeats, args.gen_repeats, args.new_tokens = 1, 1, 16
     dtypes = args.dtype or ["float32", "bfloat16"]
-    setup()
+    setup(args.threads)
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, load average at start: {load_average()}")
 
     with tempfile.TemporaryDirectory() as tmp:
@@ -135,8 +136,10 @@ def main() -> None:
                 rows.append(dict(name=f"forward B={batch} T={length}", shape=f"forward:{batch}:{length}", times=times))
                 print_row(rows[-1])
             for batch in GEN_BATCHES:
+                # A full-length warm-up round would double the cost of this, the slowest part: 8 tokens do.
+                alternate({label(*p): generate_fn(p[0], models[p], batch, 8) for p in pairs}, repeats=0)
                 fns = {label(*p): generate_fn(p[0], models[p], batch, args.new_tokens) for p in pairs}
-                times = alternate(fns, args.gen_repeats)
+                times = alternate(fns, args.gen_repeats, warmup=0)
                 rows.append(
                     dict(
                         name=f"generate B={batch}",
@@ -159,7 +162,10 @@ def main() -> None:
                     spec = f"{impl}:{dtype}:{row['shape']}"
                     m = measure_in_subprocess(
                         __file__,
-                        ["--memory-child", spec, "--dir", str(directory), "--new-tokens", str(args.new_tokens)],
+                        [
+                            *("--memory-child", spec, "--dir", str(directory)),
+                            *("--new-tokens", str(args.new_tokens), "--threads", str(args.threads)),
+                        ],
                     )
                     cells.append(f"{label(impl, dtype)} {m['peak'] / 2**20:,.0f} [+{m['increase'] / 2**20:,.0f}]")
                 print(f"  {row['name']:<22} " + " | ".join(cells))
