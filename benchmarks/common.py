@@ -15,7 +15,6 @@ temporaries). Freed memory that glibc keeps for reuse counts as resident, for bo
 
 from __future__ import annotations
 
-import ctypes
 import json
 import statistics
 import subprocess
@@ -25,6 +24,8 @@ from collections.abc import Callable
 from pathlib import Path
 
 import torch
+
+from gpt2lab.memory import peak_memory, reset_peak_memory
 
 THREADS = 2
 
@@ -65,25 +66,6 @@ def load_average() -> str:
 # ---------------------------------------------------------------------------------------- memory
 
 
-def _status_kib(field: str) -> int:
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith(field + ":"):
-            return int(line.split()[1])
-    raise RuntimeError(f"{field} not in /proc/self/status")
-
-
-def reset_peak_rss() -> int:
-    """Give freed heap back to the OS, reset the peak-RSS mark; return the resident bytes now."""
-    ctypes.CDLL("libc.so.6").malloc_trim(0)
-    Path("/proc/self/clear_refs").write_text("5")
-    return _status_kib("VmRSS") * 1024
-
-
-def peak_rss() -> int:
-    """Peak resident bytes since the last :func:`reset_peak_rss`."""
-    return _status_kib("VmHWM") * 1024
-
-
 def measure_in_subprocess(script: str, args: list[str]) -> dict:
     """Run ``script args`` in a fresh interpreter; it prints one JSON line (its last line of output)."""
     out = subprocess.run([sys.executable, script, *args], check=True, capture_output=True, text=True).stdout
@@ -94,9 +76,9 @@ def report_memory(workload: Callable[[], object]) -> None:
     """Child side of :func:`measure_in_subprocess`: run ``workload`` once to warm up (lazy initialisation,
     first-call caches), then once more under a fresh peak mark."""
     workload()
-    before = reset_peak_rss()
+    before = reset_peak_memory()
     workload()
-    peak = peak_rss()
+    peak = peak_memory()
     print(json.dumps({"before": before, "peak": peak, "increase": peak - before}))
 
 

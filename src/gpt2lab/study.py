@@ -19,7 +19,6 @@ training resumes from its checkpoint: an interrupted study picks up where it sto
 from __future__ import annotations
 
 import csv
-import ctypes
 import dataclasses
 import json
 import math
@@ -35,6 +34,7 @@ import numpy as np
 import torch
 
 from .config import GPT2LabError, GPTConfig, closest_hint
+from .memory import peak_memory, reset_peak_memory
 
 SUITE_SECTIONS = {"name", "data", "seeds", "parallel", "model", "train", "eval", "uptrain", "cost", "variants"}
 
@@ -100,26 +100,6 @@ def load_suite(path: str | Path, data: str | None = None) -> Suite:
 # ---------------------------------------------------------------------------------------- isolation
 
 
-def _peak_rss_mb() -> float:
-    """Peak resident memory of this process (VmHWM), in MiB."""
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith("VmHWM:"):
-            return int(line.split()[1]) / 1024
-    import resource
-
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-
-
-def _reset_peak_rss() -> None:
-    """Start a new peak-memory measurement: hand freed heap back to the OS (else reused memory is
-    invisible to the peak), then reset VmHWM (Linux: writing 5 to clear_refs)."""
-    try:
-        ctypes.CDLL("libc.so.6").malloc_trim(0)
-        Path("/proc/self/clear_refs").write_text("5")
-    except OSError:
-        pass
-
-
 def _child(queue, threads, fn, args) -> None:
     torch.set_num_threads(threads)
     try:
@@ -177,11 +157,11 @@ def train_and_measure(train_fields: dict[str, Any], eval_settings: dict[str, Any
     from .tokenizer import load_tokenizer
     from .training import CKPT_NAME, TrainConfig, train
 
-    _reset_peak_rss()
+    reset_peak_memory()
     cfg = TrainConfig(**train_fields)
     cfg.validate()
     summary = train(cfg, resume=(Path(run_dir) / CKPT_NAME).is_file())
-    peak_train = _peak_rss_mb()
+    peak_train = peak_memory() / 2**20
     model = GPT.from_pretrained(run_dir).eval()
     config = model.config
     from .data import TokenData
@@ -255,12 +235,11 @@ def attention_cost(seq_len: int, window: int | None, n_head: int, head_dim: int,
     times = []
     for _ in range(repeats):
         q.grad = k.grad = v.grad = None
-        _reset_peak_rss()
-        before = _peak_rss_mb()
+        before = reset_peak_memory()
         start = time.perf_counter()
         step()
         times.append(time.perf_counter() - start)
-        extra = _peak_rss_mb() - before
+        extra = (peak_memory() - before) / 2**20
     return {"seconds": min(times), "peak_mb": extra}
 
 
