@@ -1,9 +1,11 @@
 """Training throughput and memory: gpt2lab vs transformers' GPT2LMHeadModel, same weights and optimizer.
 
-For each model size and setting (fp32 / bf16 autocast, eager / torch.compile) both models run the same
-training step (forward with targets, backward, AdamW with weight decay on matrices, zero_grad) in
-alternating rounds; the table gives tokens/s, the ratio gpt2lab / reference, MFU against the matmul
-peak measured in the same run, and the peak resident memory of a training step, measured in a fresh
+For each model size and setting (fp32 / bf16 autocast, eager / torch.compile) both models run a
+training step (forward with targets, backward, fused AdamW with weight decay on matrices, zero_grad)
+in alternating rounds, each the way its library trains: gpt2lab as ``gpt2lab train`` does (loss
+without logits, row-major tied weight), the reference through ``labels=``; no dropout on either
+side. The table gives tokens/s, the ratio gpt2lab / reference, MFU against the matmul peak measured
+in the same run, and the peak resident memory of a training step, measured in a fresh
 process per contender (see benchmarks/common.py).
 
     python benchmarks/training.py                    # small (6L 6H 384, ctx 256, B 8) and 124M (ctx 1024, B 1)
@@ -37,7 +39,11 @@ def save_reference(size: str, directory: Path) -> None:
 
     s = SIZES[size]
     torch.manual_seed(0)
-    config = GPT2Config(n_layer=s["n_layer"], n_head=s["n_head"], n_embd=s["n_embd"], n_positions=s["block_size"])
+    # No dropout on either side: gpt2lab's default, and the usual setting for fine-tuning GPT-2.
+    no_dropout = dict(attn_pdrop=0.0, embd_pdrop=0.0, resid_pdrop=0.0)
+    config = GPT2Config(
+        n_layer=s["n_layer"], n_head=s["n_head"], n_embd=s["n_embd"], n_positions=s["block_size"], **no_dropout
+    )
     GPT2LMHeadModel(config).save_pretrained(directory)
 
 
@@ -47,9 +53,10 @@ def build(kind: str, directory: Path):
         from gpt2lab import GPT
 
         model = GPT.from_pretrained(directory)
+        model.make_tied_weight_contiguous()  # as the trainer does
 
         def loss_of(m, x):
-            return m(x, x)[1]
+            return m(x, x, return_logits=False)[1]  # what `gpt2lab train` runs
     else:
         from transformers import GPT2LMHeadModel
 
@@ -64,7 +71,8 @@ def build(kind: str, directory: Path):
         {"params": [p for p in params if p.dim() >= 2], "weight_decay": 0.1},
         {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0},
     ]
-    optimizer = torch.optim.AdamW(groups, lr=1e-4, betas=(0.9, 0.95), foreach=True)
+    # The fused kernel: what gpt2lab's trainer and (torch >= 2.8) the Hugging Face Trainer use by default.
+    optimizer = torch.optim.AdamW(groups, lr=1e-4, betas=(0.9, 0.95), fused=True)
     return model, optimizer, loss_of
 
 

@@ -7,6 +7,7 @@ import torch
 import torch.nn.functional as F
 
 from gpt2lab import GPT, PRESETS, GPT2LabError, GPTConfig
+from gpt2lab.model import LMHeadLoss
 
 
 def test_gpt2_preset_has_exactly_124_439_808_parameters():
@@ -65,6 +66,45 @@ def test_forward_returns_logits_and_mean_cross_entropy():
     targets[0, :5] = -1  # ignored positions
     _, loss_ignored = model(idx, targets)
     torch.testing.assert_close(loss_ignored, F.cross_entropy(logits[targets >= 0], targets[targets >= 0]))
+
+
+@pytest.mark.parametrize("chunk_rows", [1, 7, 1000])
+def test_loss_without_logits_equals_the_dense_loss_and_its_gradients(chunk_rows, monkeypatch):
+    """The chunked head + cross-entropy (training's path) against logits + F.cross_entropy, including
+    ignored targets, a scaled loss (gradient accumulation) and the tied embedding's two gradients."""
+    monkeypatch.setattr(LMHeadLoss, "CHUNK_BYTES", 4 * 50 * chunk_rows)
+    torch.manual_seed(0)
+    model = GPT(GPTConfig.from_preset("tiny", vocab_size=50))
+    idx, targets = torch.randint(0, 50, (3, 17)), torch.randint(0, 50, (3, 17))
+    targets[1, 3:9] = -1
+    grads = []
+    for return_logits in (True, False):
+        model.zero_grad()
+        logits, loss = model(idx, targets, return_logits=return_logits)
+        (loss / 3).backward()
+        grads.append({n: p.grad.clone() for n, p in model.named_parameters()})
+        if return_logits:
+            dense_loss = F.cross_entropy(logits.flatten(0, 1), targets.flatten(), ignore_index=-1)
+        else:
+            assert logits is None
+            torch.testing.assert_close(loss, dense_loss, rtol=0, atol=1e-6)
+    for name in grads[0]:
+        torch.testing.assert_close(grads[1][name], grads[0][name], rtol=1e-5, atol=1e-7, msg=name)
+    with torch.no_grad():
+        torch.testing.assert_close(model(idx, targets, return_logits=False)[1], dense_loss, rtol=0, atol=1e-6)
+    assert model(idx, torch.full_like(targets, -1), return_logits=False)[1].isnan()
+
+
+def test_tied_weight_is_column_major_for_decoding_and_row_major_on_request():
+    model = GPT(GPTConfig.from_preset("tiny", vocab_size=50)).eval()
+    assert model.lm_head.weight is model.transformer.wte.weight
+    assert model.lm_head.weight.shape == (50, 64) and model.lm_head.weight.stride() == (1, 50)
+    idx = torch.randint(0, 50, (2, 9))
+    before = model(idx)
+    model.make_tied_weight_contiguous()
+    assert model.lm_head.weight is model.transformer.wte.weight and model.lm_head.weight.is_contiguous()
+    torch.testing.assert_close(model(idx), before, rtol=1e-6, atol=1e-6)
+    assert sum(p.numel() for p in model.parameters()) == model.num_params()
 
 
 def test_causality_future_tokens_do_not_change_past_logits():
