@@ -105,6 +105,8 @@ def test_tied_weight_is_column_major_for_decoding_and_row_major_on_request():
     assert model.lm_head.weight is model.transformer.wte.weight and model.lm_head.weight.is_contiguous()
     torch.testing.assert_close(model(idx), before, rtol=1e-6, atol=1e-6)
     assert sum(p.numel() for p in model.parameters()) == model.num_params()
+    half = GPT(GPTConfig.from_preset("tiny", vocab_size=50)).to(torch.bfloat16)  # bf16 decodes faster on rows
+    assert half.lm_head.weight is half.transformer.wte.weight and half.lm_head.weight.is_contiguous()
 
 
 def test_causality_future_tokens_do_not_change_past_logits():
