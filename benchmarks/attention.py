@@ -185,6 +185,19 @@ def decode_table(results: dict) -> str:
     return markdown(["context", *DECODE_VARIANTS], rows)
 
 
+def finish(fig, axes, ticks: list[int], tick_labels: list[str], title: str, path: Path) -> Path:
+    """Shared styling of both figures (ticks at the measured sizes, legend, grid), then save."""
+    for ax in axes:
+        ax.minorticks_off()
+        ax.set_xticks(ticks, tick_labels)
+        ax.legend()
+        ax.grid(alpha=0.3)
+    fig.suptitle(title)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    return path
+
+
 def plot(kernels: dict, decode: dict, directory: Path) -> list[Path]:
     import matplotlib
 
@@ -202,15 +215,9 @@ def plot(kernels: dict, decode: dict, directory: Path) -> list[Path]:
                 ax_m.plot(lengths, [kernels[t][name]["peak_increase"] / 2**20 for t in lengths], "o-", label=name)
         ax_t.set(xscale="log", yscale="log", xlabel="T (tokens)", ylabel="seconds", title="attention forward+backward")
         ax_m.set(xscale="log", yscale="log", xlabel="T (tokens)", ylabel="MiB", title="peak RSS increase, fwd+bwd")
-        for ax in (ax_t, ax_m):
-            ax.minorticks_off()
-            ax.set_xticks(lengths, [f"{t // 1024}k" for t in lengths])
-            ax.legend()
-            ax.grid(alpha=0.3)
-        fig.suptitle("B=1, 12 heads of 64, fp32, CPU 2 threads")
-        paths.append(directory / "attention_kernels.png")
-        fig.tight_layout()
-        fig.savefig(paths[-1], dpi=110)
+        ticks = [f"{t // 1024}k" for t in lengths]
+        title = "B=1, 12 heads of 64, fp32, CPU 2 threads"
+        paths.append(finish(fig, (ax_t, ax_m), lengths, ticks, title, directory / "attention_kernels.png"))
     if decode:
         fig, (ax_s, ax_m) = plt.subplots(1, 2, figsize=(11, 4))
         contexts = list(decode)
@@ -219,15 +226,10 @@ def plot(kernels: dict, decode: dict, directory: Path) -> list[Path]:
             ax_m.plot(contexts, [decode[c][name]["kv_bytes"] / 2**20 for c in contexts], "o-", label=name)
         ax_s.set(xscale="log", xlabel="context (tokens)", ylabel="tokens/s", title="decoding speed, B=1")
         ax_m.set(xscale="log", yscale="log", xlabel="context (tokens)", ylabel="MiB", title="KV cache, fp32")
-        for ax in (ax_s, ax_m):
-            ax.minorticks_off()
-            ax.set_xticks(contexts, [str(c) for c in contexts])
-            ax.legend()
-            ax.grid(alpha=0.3)
-        fig.suptitle("GPT-2 124M shape with RoPE (12 layers, 12 heads of 64), CPU 2 threads")
-        paths.append(directory / "attention_decode.png")
-        fig.tight_layout()
-        fig.savefig(paths[-1], dpi=110)
+        title = "GPT-2 124M shape with RoPE (12 layers, 12 heads of 64), CPU 2 threads"
+        paths.append(
+            finish(fig, (ax_s, ax_m), contexts, [str(c) for c in contexts], title, directory / "attention_decode.png")
+        )
     return paths
 
 

@@ -48,7 +48,7 @@ def save_reference(size: str, directory: Path) -> None:
 
 
 def build(kind: str, directory: Path):
-    """(model, step function) for one contender; the step does a whole optimizer step."""
+    """(model, optimizer, loss function) for one contender."""
     if kind == "gpt2lab":
         from gpt2lab import GPT
 
@@ -66,13 +66,10 @@ def build(kind: str, directory: Path):
             return m(input_ids=x, labels=x).loss
 
     model.train()
-    params = [p for p in model.parameters() if p.requires_grad]
-    groups = [
-        {"params": [p for p in params if p.dim() >= 2], "weight_decay": 0.1},
-        {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0},
-    ]
-    # The fused kernel: what gpt2lab's trainer and (torch >= 2.8) the Hugging Face Trainer use by default.
-    optimizer = torch.optim.AdamW(groups, lr=1e-4, betas=(0.9, 0.95), fused=True)
+    # gpt2lab's optimizer for both: fused AdamW on CPU, as (torch >= 2.8) the Hugging Face Trainer also uses.
+    from gpt2lab.training import TrainConfig, make_optimizer
+
+    optimizer = make_optimizer(model, TrainConfig(lr=1e-4), torch.device("cpu"))
     return model, optimizer, loss_of
 
 

@@ -210,19 +210,17 @@ class GPT(nn.Module):
         # .to(bfloat16) and friends: the column-major layout helps only fp32's matrix-vector kernel;
         # bf16's fast one-row kernel wants rows (52 vs 10 tokens/s for GPT-2 on 2 CPU threads).
         super()._apply(fn, recurse)
-        tied = self.lm_head.weight
-        if tied.dtype != torch.float32 and not tied.is_contiguous():
-            tied.data = tied.data.contiguous()
+        if self.lm_head.weight.dtype != torch.float32:
+            self.make_tied_weight_contiguous()
         return self
 
     # ------------------------------------------------------------------ utilities
     def make_tied_weight_contiguous(self) -> None:
         """Store the tied embedding/head row-major, as training does: FSDP2 shards along dim 0 and needs
-        contiguous parameters. Values are unchanged; only one-row decoding gets slower. Call before
-        building an optimizer (the parameter object is replaced)."""
-        tied = nn.Parameter(self.transformer.wte.weight.detach().contiguous())
-        self.transformer.wte.weight = tied
-        self.lm_head.weight = tied
+        contiguous parameters. Values are unchanged; only fp32 one-row decoding gets slower. Call before
+        building an optimizer: states it already holds would keep the old layout."""
+        tied = self.lm_head.weight  # the same Parameter as wte's, so both see the new storage
+        tied.data = tied.data.contiguous()
 
     def num_params(self, non_embedding: bool = False) -> int:
         """Parameters, counting the tied LM head once; ``non_embedding`` leaves out wte/wpe."""
