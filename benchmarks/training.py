@@ -53,7 +53,6 @@ def build(kind: str, directory: Path):
         from gpt2lab import GPT
 
         model = GPT.from_pretrained(directory)
-        model.make_tied_weight_contiguous()  # as the trainer does
 
         def loss_of(m, x):
             return m(x, x, return_logits=False)[1]  # what `gpt2lab train` runs

@@ -8,26 +8,51 @@ import gpt2lab.attention as attention
 from gpt2lab.attention import Linear
 
 
-@pytest.mark.parametrize("rows", [1, 5])
+@pytest.mark.parametrize("rows", [1, 5, 300])
 @pytest.mark.parametrize("bias", [True, False])
 def test_bf16_linear_matches_the_plain_bf16_product(rows, bias, monkeypatch):
-    """On a CPU without bf16 matrix instructions, several-row products go through fp32; the result must
-    be the bf16 product that nn.Linear would give (both accumulate in fp32 and round once)."""
+    """On a CPU without bf16 matrix instructions, several-row products go through fp32 (without autograd,
+    a block of upcast weights at a time: 7 blocks here); the result must be the bf16 product that nn.Linear
+    would give (both accumulate in fp32 and round once)."""
     monkeypatch.setattr(attention, "_cpu_has_bf16_matmul", lambda: False)
+    monkeypatch.setattr(attention, "UPCAST_BLOCK_BYTES", 7 * 64 * 4)  # 7 output features per block
     layer = Linear(64, 48, bias=bias).to(torch.bfloat16)
     x = torch.randn(2, rows, 64).to(torch.bfloat16)
-    y = layer(x)
-    assert y.dtype == torch.bfloat16
     expected = F.linear(x.float(), layer.weight.float(), None if layer.bias is None else layer.bias.float())
-    torch.testing.assert_close(y.float(), expected, atol=0, rtol=2**-8)  # at most one bf16 rounding
     plain = F.linear(x, layer.weight, layer.bias)
-    torch.testing.assert_close(y, plain, atol=1e-2, rtol=2**-7)
+    with torch.no_grad():
+        fast = layer(x)
+    for y in (layer(x), fast):  # with autograd (training a bf16 model), and without
+        assert y.dtype == torch.bfloat16 and y.shape == plain.shape
+        torch.testing.assert_close(y.float(), expected, atol=1e-5, rtol=2**-8)  # one bf16 rounding
+        torch.testing.assert_close(y, plain, atol=1e-2, rtol=2**-7)
 
 
 def test_fp32_linear_is_nn_linear():
     layer = Linear(16, 8)
     x = torch.randn(3, 16)
     assert torch.equal(layer(x), F.linear(x, layer.weight, layer.bias))
+
+
+@pytest.mark.parametrize("rows", [1, 8, attention.FEW_ROWS + 1, 300])
+@pytest.mark.parametrize("n_in, n_out", [(32, 96), (16, 1000)], ids=["layer", "vocabulary"])
+@pytest.mark.parametrize("bias", [True, False])
+def test_fp32_inference_linear_matches_nn_linear(rows, n_in, n_out, bias):
+    """Without autograd, fp32 products take oneDNN (few rows) or the transposed MKL product (a vocabulary
+    projection): same values as F.linear, same shape, on a strided input as decoding passes (last position)."""
+    layer = Linear(n_in, n_out, bias=bias)
+    x = torch.randn(rows, 3, n_in)[:, -1:]
+    with torch.no_grad():
+        y = layer(x)
+    assert y.shape == (rows, 1, n_out) and y.dtype == torch.float32
+    torch.testing.assert_close(y, F.linear(x, layer.weight, layer.bias), atol=1e-5, rtol=1e-5)
+
+
+def test_linear_under_autocast_runs_in_the_autocast_dtype():
+    layer = Linear(16, 8)
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        y = layer(torch.randn(3, 16))
+    assert y.dtype == torch.bfloat16
 
 
 def _naive_window(q, k, v, window):

@@ -95,18 +95,12 @@ def test_loss_without_logits_equals_the_dense_loss_and_its_gradients(chunk_rows,
     assert model(idx, torch.full_like(targets, -1), return_logits=False)[1].isnan()
 
 
-def test_tied_weight_is_column_major_for_decoding_and_row_major_on_request():
-    model = GPT(GPTConfig.from_preset("tiny", vocab_size=50)).eval()
-    assert model.lm_head.weight is model.transformer.wte.weight
-    assert model.lm_head.weight.shape == (50, 64) and model.lm_head.weight.stride() == (1, 50)
-    idx = torch.randint(0, 50, (2, 9))
-    before = model(idx)
-    model.make_tied_weight_contiguous()
+def test_lm_head_is_tied_to_the_token_embedding():
+    model = GPT(GPTConfig.from_preset("tiny", vocab_size=50))
     assert model.lm_head.weight is model.transformer.wte.weight and model.lm_head.weight.is_contiguous()
-    torch.testing.assert_close(model(idx), before, rtol=1e-6, atol=1e-6)
     assert sum(p.numel() for p in model.parameters()) == model.num_params()
-    half = GPT(GPTConfig.from_preset("tiny", vocab_size=50)).to(torch.bfloat16)  # bf16 decodes faster on rows
-    assert half.lm_head.weight is half.transformer.wte.weight and half.lm_head.weight.is_contiguous()
+    half = model.to(torch.bfloat16)
+    assert half.lm_head.weight is half.transformer.wte.weight
 
 
 def test_causality_future_tokens_do_not_change_past_logits():

@@ -124,15 +124,8 @@ class GPT(nn.Module):
         if config.pos_encoding == "learned":
             parts["wpe"] = nn.Embedding(config.block_size, config.n_embd)
         self.transformer = nn.ModuleDict(parts)
-        # Tied, as in GPT-2, and stored column-major: a (vocab, C) matrix laid out as its transpose.
-        # Decoding multiplies one row by it, and PyTorch's CPU matrix-vector product is ~1.6x faster
-        # on this layout (5.9 vs 9.0 ms for GPT-2's head on 2 threads, 35% of a decoding step's matrix
-        # time); larger products are as fast either way, and embedding lookups stay negligible.
-        # Loading copies into the parameter, .to() preserves strides and saving makes tensors contiguous.
-        tied = nn.Parameter(torch.empty(config.n_embd, config.vocab_size).t())  # (vocab, C), strides (1, vocab)
-        self.transformer.wte.weight = tied
         self.lm_head = Linear(config.n_embd, config.vocab_size, bias=False)
-        self.lm_head.weight = tied
+        self.lm_head.weight = self.transformer.wte.weight  # tied, as in GPT-2
         self.apply(self._init_weights)
         # GPT-2 scales the init of the projections that write into the residual stream by
         # 1/sqrt(2·n_layer): each layer adds two such contributions.
@@ -206,22 +199,7 @@ class GPT(nn.Module):
             for i in range(c.n_layer)
         ]
 
-    def _apply(self, fn, recurse=True):
-        # .to(bfloat16) and friends: the column-major layout helps only fp32's matrix-vector kernel;
-        # bf16's fast one-row kernel wants rows (52 vs 10 tokens/s for GPT-2 on 2 CPU threads).
-        super()._apply(fn, recurse)
-        if self.lm_head.weight.dtype != torch.float32:
-            self.make_tied_weight_contiguous()
-        return self
-
     # ------------------------------------------------------------------ utilities
-    def make_tied_weight_contiguous(self) -> None:
-        """Store the tied embedding/head row-major, as training does: FSDP2 shards along dim 0 and needs
-        contiguous parameters. Values are unchanged; only fp32 one-row decoding gets slower. Call before
-        building an optimizer: states it already holds would keep the old layout."""
-        tied = self.lm_head.weight  # the same Parameter as wte's, so both see the new storage
-        tied.data = tied.data.contiguous()
-
     def num_params(self, non_embedding: bool = False) -> int:
         """Parameters, counting the tied LM head once; ``non_embedding`` leaves out wte/wpe."""
         n = sum(p.numel() for p in self.parameters())

@@ -344,9 +344,6 @@ class Trainer:
 
         self.data = TokenData.open(cfg.data_dir)
         model = build_model(cfg, vocab_size=self.data.meta["vocab_size"])
-        # Row-major, as FSDP2 requires, in every run: optimizer states then share one layout whichever
-        # strategy wrote a checkpoint and whichever resumes it.
-        model.make_tied_weight_contiguous()
         self.model_config = model.config
         if self.data.meta["vocab_size"] > model.config.vocab_size:
             raise GPT2LabError(
