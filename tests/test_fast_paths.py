@@ -5,27 +5,58 @@ import torch
 import torch.nn.functional as F
 
 import gpt2lab.attention as attention
+from gpt2lab import GPT, GPTConfig
 from gpt2lab.attention import Linear
 
 
+@pytest.mark.parametrize("fbgemm", [True, False], ids=["fbgemm", "no fbgemm"])
 @pytest.mark.parametrize("rows", [1, 5, 300])
 @pytest.mark.parametrize("bias", [True, False])
-def test_bf16_linear_matches_the_plain_bf16_product(rows, bias, monkeypatch):
-    """On a CPU without bf16 matrix instructions, several-row products go through fp32 (without autograd,
-    a block of upcast weights at a time: 7 blocks here); the result must be the bf16 product that nn.Linear
-    would give (both accumulate in fp32 and round once)."""
+def test_bf16_linear_matches_the_plain_bf16_product(rows, bias, fbgemm, monkeypatch):
+    """On a CPU without bf16 matrix instructions, bf16 products are computed in fp32 (FBGEMM's 16-bit-weight
+    kernel without autograd, 7 rows at a time here; upcast weights with autograd or without FBGEMM); the
+    result must be the bf16 product that nn.Linear would give (both accumulate in fp32 and round once)."""
     monkeypatch.setattr(attention, "_cpu_has_bf16_matmul", lambda: False)
-    monkeypatch.setattr(attention, "UPCAST_BLOCK_BYTES", 7 * 64 * 4)  # 7 output features per block
+    monkeypatch.setattr(attention, "PACKED_RESULT_BYTES", 7 * 48 * 4)
+    if not fbgemm:
+        monkeypatch.setattr(attention, "_has_fbgemm_fp16", lambda: False)
+    elif not attention._has_fbgemm_fp16():
+        pytest.skip("this PyTorch build has no FBGEMM")
     layer = Linear(64, 48, bias=bias).to(torch.bfloat16)
+    with torch.no_grad():  # magnitudes fp16 stores as subnormals, and fp16's largest: bf16 values fp16 holds
+        layer.weight[0, :4] = torch.tensor([3e-6, -1e-8, 2e-38, 6e4])
     x = torch.randn(2, rows, 64).to(torch.bfloat16)
     expected = F.linear(x.float(), layer.weight.float(), None if layer.bias is None else layer.bias.float())
     plain = F.linear(x, layer.weight, layer.bias)
     with torch.no_grad():
         fast = layer(x)
+    assert (layer._fp16_pack is not None and layer._fp16_pack[1] is not None) == fbgemm
     for y in (layer(x), fast):  # with autograd (training a bf16 model), and without
         assert y.dtype == torch.bfloat16 and y.shape == plain.shape
         torch.testing.assert_close(y.float(), expected, atol=1e-5, rtol=2**-8)  # one bf16 rounding
         torch.testing.assert_close(y, plain, atol=1e-2, rtol=2**-7)
+
+
+def test_bf16_packed_weights_follow_the_parameters(monkeypatch):
+    """The FBGEMM copy is rebuilt when the weights change in place (loading) and dropped by .to(); a weight
+    beyond fp16's range is not saturated: that layer computes from upcast weights instead."""
+    monkeypatch.setattr(attention, "_cpu_has_bf16_matmul", lambda: False)
+    layer = Linear(32, 16).to(torch.bfloat16)
+    x = torch.randn(4, 32).to(torch.bfloat16)
+
+    def reference():
+        return F.linear(x.float(), layer.weight.float(), layer.bias.float())
+
+    with torch.no_grad():
+        before = layer(x)
+        layer.load_state_dict({"weight": torch.randn(16, 32), "bias": torch.randn(16)})
+        after = layer(x)
+        torch.testing.assert_close(after.float(), reference(), atol=1e-5, rtol=2**-8)
+        assert not torch.allclose(before, after)
+        layer.weight[3, 5] = 1e5
+        torch.testing.assert_close(layer(x).float(), reference(), atol=1e-5, rtol=2**-8)
+        assert layer._fp16_pack[1] is None
+    assert layer.float()._fp16_pack is None
 
 
 def test_fp32_linear_is_nn_linear():
@@ -102,3 +133,23 @@ def test_banded_cpu_kernel_in_bf16_matches_the_sdpa_path():
         torch.autograd.grad(y, (q, k, v), grad), torch.autograd.grad(ref, (q, k, v), grad), strict=True
     ):
         torch.testing.assert_close(got, want, atol=5e-2, rtol=5e-2)
+
+
+def test_bf16_model_with_packed_weights_gives_the_plain_bf16_logits(monkeypatch):
+    """A whole bf16 GPT, all positions at once and step by step with the KV cache, against the same model
+    through plain nn.Linear (PyTorch's bf16 kernel, as on CPUs with bf16 instructions)."""
+    torch.manual_seed(0)
+    model = GPT(GPTConfig.from_preset("tiny", vocab_size=300)).to(torch.bfloat16).eval()
+    idx = torch.randint(0, 300, (2, 12))
+    monkeypatch.setattr(attention, "_cpu_has_bf16_matmul", lambda: True)
+    with torch.no_grad():
+        plain = model(idx).float()
+    monkeypatch.setattr(attention, "_cpu_has_bf16_matmul", lambda: False)
+    with torch.no_grad():
+        full = model(idx).float()
+        cache = model.new_cache(2, 12)
+        steps = [model(idx[:, :8], cache=cache)] + [model(idx[:, t : t + 1], cache=cache) for t in range(8, 12)]
+    if attention._has_fbgemm_fp16():
+        assert all(m._fp16_pack[1] is not None for m in model.modules() if isinstance(m, Linear))
+    torch.testing.assert_close(full, plain, atol=1e-2, rtol=1e-2)  # about one bf16 rounding (seen: 1e-4)
+    torch.testing.assert_close(torch.cat(steps, dim=1).float(), plain, atol=1e-2, rtol=1e-2)
