@@ -11,6 +11,7 @@ import signal
 import subprocess
 import sys
 import time
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -21,7 +22,7 @@ from training_helpers import corpus, logged_losses, tiny_args, tiny_config  # no
 from gpt2lab.cli import main
 from gpt2lab.config import GPT2LabError, GPTConfig
 from gpt2lab.model import GPT
-from gpt2lab.training import TrainConfig, load_checkpoint, load_config, lr_at, make_optimizer, train
+from gpt2lab.training import TrainConfig, load_checkpoint, load_config, lr_at, make_optimizer, resolve_dtype, train
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 
@@ -127,8 +128,23 @@ def test_variants_from_scratch(corpus, tmp_path):  # noqa: F811
 
 
 def test_bfloat16_autocast_runs(corpus, tmp_path):  # noqa: F811
-    summary = train(tiny_config(corpus, tmp_path, "max_iters=1", "dtype='bfloat16'"))
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", "bfloat16 autocast on this cpu")  # an AVX2 CI machine
+        summary = train(tiny_config(corpus, tmp_path, "max_iters=1", "dtype='bfloat16'"))
     assert math.isfinite(summary["losses"][0][1])
+
+
+@pytest.mark.parametrize("native", [True, False])
+def test_dtype_auto_follows_the_hardware_and_slow_bfloat16_warns(native, monkeypatch):
+    monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda: native)
+    monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: False)
+    cpu = torch.device("cpu")
+    assert resolve_dtype("auto", cpu) == (torch.bfloat16 if native else torch.float32)
+    assert resolve_dtype("float32", cpu) == torch.float32
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        assert resolve_dtype("bfloat16", cpu) == torch.bfloat16
+    assert [str(w.message).split(" has ")[0] for w in caught] == ([] if native else ["bfloat16 autocast on this cpu"])
 
 
 def test_finetune_and_gqa_uptraining(corpus, tmp_path):  # noqa: F811
