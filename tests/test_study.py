@@ -90,6 +90,7 @@ def test_tiny_suite_end_to_end(tmp_path, shared_data):
     with open(out / "bands.csv") as f:
         bands = {(b["variant"], b["band"]) for b in csv.DictReader(f)}
     assert ("rope", "beyond") in bands and ("baseline", "beyond") not in bands
+    assert ("rope", "far") in bands and "  Receptive field of rope: positions" in report.read_text()
 
     # A second call finds every run finished and only rewrites the report.
     mtime = (out / "runs" / "baseline-s1" / "result.json").stat().st_mtime

@@ -287,18 +287,17 @@ def _window_section(rows, base, bands, cost) -> list[str]:
             f"({float(full['seconds']) / float(win['seconds']):.1f}× faster), peak extra memory "
             f"{float(full['peak_mb']):.0f} vs {float(win['peak_mb']):.0f} MiB (see cost.csv for every length)."
         )
+    far_base = _band(bands, "baseline", "far")
     for r in windowed:
         text.append(
             f"- **{r['variant']}** (W={r['window']}): Δ loss {fmt(r, 'delta_loss')} ± {fmt(r, 'delta_loss_se')}, "
             f"KV cache at the trained context {fmt(r, 'kv_kib_at_ctx')} KiB vs {fmt(base, 'kv_kib_at_ctx')}; "
             f"measured at the long context: {fmt(r, 'kv_kib_measured_long')} KiB."
         )
-    far_base = _band(bands, "baseline", "far")
-    for r in windowed:
         far = _band(bands, r["variant"], "far")
         if far and far_base:
             text.append(
-                f"  Receptive field: positions {far['start']}–{far['end']} (beyond 2W) have loss "
+                f"  Receptive field of {r['variant']}: positions {far['start']}–{far['end']} (beyond 2W) have loss "
                 f"{float(far['loss']):.3f} vs {float(far_base['loss']):.3f} for the baseline; stacked layers see "
                 f"up to {far['receptive_field']} tokens back."
             )
