@@ -3,7 +3,7 @@
 For each model size and setting (fp32 / bf16 autocast, eager / torch.compile) both models run a
 training step (forward with targets, backward, fused AdamW with weight decay on matrices, zero_grad)
 in alternating rounds, each the way its library trains: gpt2lab as ``gpt2lab train`` does (loss
-without logits, row-major tied weight), the reference through ``labels=``; no dropout on either
+without logits), the reference through ``labels=``; no dropout on either
 side. The table gives tokens/s, the ratio gpt2lab / reference, MFU against the matmul peak measured
 in the same run, and the peak resident memory of a training step, measured in a fresh
 process per contender (see benchmarks/common.py).
