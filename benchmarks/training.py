@@ -141,7 +141,9 @@ def main() -> None:
         return child(args)
 
     setup()
-    native_bf16 = torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported()
+    from gpt2lab.training import resolve_dtype
+
+    native_bf16 = resolve_dtype("auto", torch.device("cpu")) == torch.bfloat16  # the trainer's own test
     settings = [("fp32", False, False)]
     if not args.no_compile:
         settings.append(("fp32 + compile", False, True))
