@@ -1,5 +1,6 @@
 """The GPT-2 model itself: sizes, presets, initialisation, loss."""
 
+import json
 import math
 
 import pytest
@@ -112,7 +113,12 @@ def test_causality_future_tokens_do_not_change_past_logits():
     assert not torch.allclose(model(idx)[:, 12:], model(changed)[:, 12:])
 
 
-def test_config_roundtrip(tmp_path):
+def test_config_roundtrip_through_json():
     c = GPTConfig.from_preset("tiny", pos_encoding="rope", n_kv_head=2, window=[8, None])
-    c.save(tmp_path / "c.json")
-    assert GPTConfig.load(tmp_path / "c.json") == c
+    assert GPTConfig.from_dict(json.loads(json.dumps(c.to_dict()))) == c
+
+
+def test_full_spells_a_global_layer():
+    """TOML has no null: "full" stands for a layer (or a model) without a window."""
+    assert GPTConfig.from_preset("tiny", window=[8, "full"]).window == [8, None]
+    assert GPTConfig.from_preset("tiny", window="full").window is None

@@ -4,10 +4,14 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
-import json
-from dataclasses import dataclass, field
-from pathlib import Path
+from dataclasses import dataclass
 from typing import Any
+
+# GPT-2's byte-level BPE: 50,257 tokens, the last of them <|endoftext|>, its only special token.
+GPT2_VOCAB_SIZE = 50257
+GPT2_EOT_ID = 50256
+# How a training TOML (which has no null) spells a global layer in a per-layer window list.
+FULL_WINDOW = "full"
 
 
 class GPT2LabError(ValueError):
@@ -34,7 +38,8 @@ class GPTConfig:
     * ``window``: ``None`` for full causal attention, or W = the number of keys each query sees,
       *itself included* (query i attends to keys i-W+1 .. i). Mistral's ``sliding_window`` uses the
       same count; Longformer's one-sided window w corresponds to W = w + 1. A list gives one value per
-      layer, ``None`` entries being global layers.
+      layer, ``None`` entries being global layers. ``"full"`` is accepted for ``None`` anywhere (TOML
+      has no null): ``window = [256, "full", 256, "full"]``.
     """
 
     block_size: int = 1024
@@ -48,13 +53,14 @@ class GPTConfig:
     window: int | list[int | None] | None = None
     dropout: float = 0.0
     layer_norm_epsilon: float = 1e-5
-    extra: dict[str, Any] = field(default_factory=dict, repr=False, compare=False)
 
     def __post_init__(self) -> None:
         if self.n_kv_head is None:
             self.n_kv_head = self.n_head
-        if isinstance(self.window, tuple):
-            self.window = list(self.window)
+        if isinstance(self.window, tuple | list):
+            self.window = [None if w == FULL_WINDOW else w for w in self.window]
+        elif self.window == FULL_WINDOW:
+            self.window = None
         self.validate()
 
     # ------------------------------------------------------------------ validation
@@ -113,24 +119,14 @@ class GPTConfig:
 
     # ------------------------------------------------------------------ (de)serialisation
     def to_dict(self) -> dict[str, Any]:
-        d = dataclasses.asdict(self)
-        d.pop("extra")
-        return d
+        return dataclasses.asdict(self)
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> GPTConfig:
-        known = {f.name for f in dataclasses.fields(cls)} - {"extra"}
         for key in d:
-            if key not in known:
-                raise GPT2LabError(f"config: unknown key '{key}'{closest_hint(key, known)}")
+            if key not in FIELDS:
+                raise GPT2LabError(f"config: unknown key '{key}'{closest_hint(key, FIELDS)}")
         return cls(**d)
-
-    def save(self, path: str | Path) -> None:
-        Path(path).write_text(json.dumps(self.to_dict(), indent=2) + "\n")
-
-    @classmethod
-    def load(cls, path: str | Path) -> GPTConfig:
-        return cls.from_dict(json.loads(Path(path).read_text()))
 
     @classmethod
     def from_preset(cls, name: str, **overrides: Any) -> GPTConfig:
@@ -141,6 +137,8 @@ class GPTConfig:
     def replace(self, **changes: Any) -> GPTConfig:
         return GPTConfig.from_dict({**self.to_dict(), **changes})
 
+
+FIELDS = tuple(f.name for f in dataclasses.fields(GPTConfig))
 
 # Sizes of the four released GPT-2 models (Radford et al. 2019, table 2; hparams.json of each release).
 PRESETS: dict[str, dict[str, Any]] = {

@@ -1,0 +1,81 @@
+"""Every file gpt2lab writes goes through :func:`atomic_file`: it appears whole, or not at all.
+
+The content is written to a unique temporary file beside the target (``.NAME.XXXX.tmp``), flushed to
+disk, given ordinary permissions and renamed over the target, which is atomic on POSIX within one
+filesystem. If anything fails on the way (an exception, a full disk), the temporary file is removed
+and the previous version of the target is untouched; an ``OSError`` becomes one error line.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+from .config import GPT2LabError
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+@contextmanager
+def atomic_file(path: str | os.PathLike) -> Iterator[Path]:
+    """Yield a temporary path to write ``path``'s new content to; on success it replaces ``path``."""
+    path = Path(path)
+    try:
+        fd, tmp_name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    except OSError as err:
+        raise GPT2LabError(f"cannot write {path}: {err.strerror or err}") from err
+    os.close(fd)
+    tmp = Path(tmp_name)
+    try:
+        yield tmp
+        with open(tmp, "rb+") as f:
+            os.fsync(f.fileno())
+        os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes 0600; the user's files are made with their umask
+        os.replace(tmp, path)
+    except OSError as err:
+        raise GPT2LabError(f"cannot write {path}: {err.strerror or err}; the previous version is unchanged") from err
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def write_bytes(path: str | os.PathLike, data: bytes) -> None:
+    with atomic_file(path) as tmp:
+        tmp.write_bytes(data)
+
+
+def write_text(path: str | os.PathLike, text: str) -> None:
+    with atomic_file(path) as tmp:
+        tmp.write_text(text, encoding="utf-8")
+
+
+def write_json(path: str | os.PathLike, value: Any) -> None:
+    write_text(path, json.dumps(value, indent=2) + "\n")
+
+
+def read_json(path: str | os.PathLike) -> dict[str, Any]:
+    """A JSON object from ``path``; anything else (missing, unreadable, not an object) is one error line."""
+    path = Path(path)
+    try:
+        value = json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise GPT2LabError(f"{path} does not exist") from None
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise GPT2LabError(f"cannot read {path}: {one_line(str(err))}") from err
+    if not isinstance(value, dict):
+        raise GPT2LabError(f"{path} does not hold a JSON object")
+    return value
+
+
+def one_line(text: str, limit: int = 160) -> str:
+    """``text`` with its whitespace collapsed, cut to ``limit`` characters: for quoting causes in errors."""
+    text = " ".join(text.split())
+    return text if len(text) <= limit else text[: limit - 1] + "…"
