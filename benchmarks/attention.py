@@ -32,7 +32,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import alternate, load_average, measure_in_subprocess, median, report_memory, setup  # noqa: E402
 
 from gpt2lab import GPT, GPTConfig  # noqa: E402
-from gpt2lab.attention import sliding_window_attention  # noqa: E402
+from gpt2lab.sliding_window import sliding_window_attention  # noqa: E402
 
 HEADS, HEAD_DIM = 12, 64
 KERNELS = ["full causal", "window 256", "window 512"]

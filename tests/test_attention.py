@@ -9,7 +9,8 @@ import pytest
 import torch
 
 from gpt2lab import GPT, GPT2LabError, GPTConfig
-from gpt2lab.attention import CausalSelfAttention, sliding_window_attention
+from gpt2lab.attention import CausalSelfAttention
+from gpt2lab.sliding_window import sliding_window_attention
 
 POS = ["learned", "rope"]
 KV = {"mha": 4, "gqa": 2, "mqa": 1}

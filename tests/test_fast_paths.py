@@ -4,9 +4,10 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-import gpt2lab.attention as attention
+import gpt2lab.cpu_linear as cpu_linear
+import gpt2lab.sliding_window as sliding_window
 from gpt2lab import GPT, GPTConfig
-from gpt2lab.attention import Linear
+from gpt2lab.cpu_linear import Linear
 
 
 @pytest.mark.parametrize("fbgemm", [True, False], ids=["fbgemm", "no fbgemm"])
@@ -16,11 +17,11 @@ def test_bf16_linear_matches_the_plain_bf16_product(rows, bias, fbgemm, monkeypa
     """On a CPU without bf16 matrix instructions, bf16 products are computed in fp32 (FBGEMM's 16-bit-weight
     kernel without autograd, 7 rows at a time here; upcast weights with autograd or without FBGEMM); the
     result must be the bf16 product that nn.Linear would give (both accumulate in fp32 and round once)."""
-    monkeypatch.setattr(attention, "_cpu_has_bf16_matmul", lambda: False)
-    monkeypatch.setattr(attention, "PACKED_RESULT_BYTES", 7 * 48 * 4)
+    monkeypatch.setattr(cpu_linear, "_cpu_has_bf16_matmul", lambda: False)
+    monkeypatch.setattr(cpu_linear, "PACKED_RESULT_BYTES", 7 * 48 * 4)
     if not fbgemm:
-        monkeypatch.setattr(attention, "_has_fbgemm_fp16", lambda: False)
-    elif not attention._has_fbgemm_fp16():
+        monkeypatch.setattr(cpu_linear, "_has_fbgemm_fp16", lambda: False)
+    elif not cpu_linear._has_fbgemm_fp16():
         pytest.skip("this PyTorch build has no FBGEMM")
     layer = Linear(64, 48, bias=bias).to(torch.bfloat16)
     with torch.no_grad():  # magnitudes fp16 stores as subnormals, and fp16's largest: bf16 values fp16 holds
@@ -40,7 +41,7 @@ def test_bf16_linear_matches_the_plain_bf16_product(rows, bias, fbgemm, monkeypa
 def test_bf16_packed_weights_follow_the_parameters(monkeypatch):
     """The FBGEMM copy is rebuilt when the weights change in place (loading) and dropped by .to(); a weight
     beyond fp16's range is not saturated: that layer computes from upcast weights instead."""
-    monkeypatch.setattr(attention, "_cpu_has_bf16_matmul", lambda: False)
+    monkeypatch.setattr(cpu_linear, "_cpu_has_bf16_matmul", lambda: False)
     layer = Linear(32, 16).to(torch.bfloat16)
     x = torch.randn(4, 32).to(torch.bfloat16)
 
@@ -65,7 +66,7 @@ def test_fp32_linear_is_nn_linear():
     assert torch.equal(layer(x), F.linear(x, layer.weight, layer.bias))
 
 
-@pytest.mark.parametrize("rows", [1, 8, attention.FEW_ROWS + 1, 300])
+@pytest.mark.parametrize("rows", [1, 8, cpu_linear.FEW_ROWS + 1, 300])
 @pytest.mark.parametrize("n_in, n_out", [(32, 96), (16, 1000)], ids=["layer", "vocabulary"])
 @pytest.mark.parametrize("bias", [True, False])
 def test_fp32_inference_linear_matches_nn_linear(rows, n_in, n_out, bias):
@@ -98,10 +99,10 @@ def _sdpa_path(q, k, v, window):
     """The banded kernel through SDPA (the path taken with dropout or off CPU), padded like the caller does."""
     T = q.shape[2]
     padded = (F.pad(t, (0, 0, 0, -T % window)) for t in (q, k, v))
-    return attention._banded_sdpa(*padded, window, 0.0)[:, :, :T]
+    return sliding_window._banded_sdpa(*padded, window, 0.0)[:, :, :T]
 
 
-@pytest.mark.parametrize("kernel", [attention.sliding_window_attention, _sdpa_path], ids=["cpu flash", "sdpa"])
+@pytest.mark.parametrize("kernel", [sliding_window.sliding_window_attention, _sdpa_path], ids=["cpu flash", "sdpa"])
 @pytest.mark.parametrize(
     "batch, nh, nkv, T, window",
     [(2, 4, 4, 200, 64), (1, 4, 2, 300, 128), (3, 6, 1, 129, 32), (1, 2, 2, 96, 32)],
@@ -126,7 +127,7 @@ def test_banded_cpu_kernel_in_bf16_matches_the_sdpa_path():
     """bf16 inputs (autocast training): the operator returns an fp32 log-sum-exp that backward needs."""
     q, k, v = (torch.randn(2, 4, 100, 16, dtype=torch.bfloat16, requires_grad=True) for _ in range(3))
     grad = torch.randn(2, 4, 100, 16, dtype=torch.bfloat16)
-    y = attention.sliding_window_attention(q, k, v, 32)
+    y = sliding_window.sliding_window_attention(q, k, v, 32)
     ref = _sdpa_path(q, k, v, 32)
     torch.testing.assert_close(y, ref, atol=2e-2, rtol=2e-2)
     for got, want in zip(
@@ -141,15 +142,15 @@ def test_bf16_model_with_packed_weights_gives_the_plain_bf16_logits(monkeypatch)
     torch.manual_seed(0)
     model = GPT(GPTConfig.from_preset("tiny", vocab_size=300)).to(torch.bfloat16).eval()
     idx = torch.randint(0, 300, (2, 12))
-    monkeypatch.setattr(attention, "_cpu_has_bf16_matmul", lambda: True)
+    monkeypatch.setattr(cpu_linear, "_cpu_has_bf16_matmul", lambda: True)
     with torch.no_grad():
         plain = model(idx).float()
-    monkeypatch.setattr(attention, "_cpu_has_bf16_matmul", lambda: False)
+    monkeypatch.setattr(cpu_linear, "_cpu_has_bf16_matmul", lambda: False)
     with torch.no_grad():
         full = model(idx).float()
         cache = model.new_cache(2, 12)
         steps = [model(idx[:, :8], cache=cache)] + [model(idx[:, t : t + 1], cache=cache) for t in range(8, 12)]
-    if attention._has_fbgemm_fp16():
+    if cpu_linear._has_fbgemm_fp16():
         assert all(m._fp16_pack[1] is not None for m in model.modules() if isinstance(m, Linear))
     torch.testing.assert_close(full, plain, atol=1e-2, rtol=1e-2)  # about one bf16 rounding (seen: 1e-4)
     torch.testing.assert_close(torch.cat(steps, dim=1).float(), plain, atol=1e-2, rtol=1e-2)

@@ -8,7 +8,7 @@ import torch
 import torch.nn.functional as F
 
 from gpt2lab import GPT, PRESETS, GPT2LabError, GPTConfig
-from gpt2lab.model import LMHeadLoss
+from gpt2lab.lm_head_loss import LMHeadLoss
 
 
 def test_gpt2_preset_has_exactly_124_439_808_parameters():

@@ -33,26 +33,17 @@ def add_generate(sub) -> None:
 
 
 def cmd_generate(args) -> int:
-    from .generation import check_sampling, stream_text
+    from .generation import Sampler, stream_text
     from .model import GPT
     from .tokenizer import load_tokenizer
 
-    check_sampling(args.temperature, args.top_k, args.top_p)
+    sampling = dict(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, seed=args.seed)
+    Sampler(**sampling)  # refuse bad sampling settings before loading a model
     prompt = sys.stdin.read() if args.prompt == "-" else args.prompt
     model = GPT.from_pretrained(args.model).to(device=args.device, dtype=DTYPES[args.dtype])
-    tokenizer = load_tokenizer()
+    pieces = stream_text(model, load_tokenizer(), prompt, args.max_new_tokens, stop=args.stop, **sampling)
     sys.stdout.write(prompt)
-    for piece in stream_text(
-        model,
-        tokenizer,
-        prompt,
-        args.max_new_tokens,
-        temperature=args.temperature,
-        top_k=args.top_k,
-        top_p=args.top_p,
-        seed=args.seed,
-        stop=args.stop,
-    ):
+    for piece in pieces:
         sys.stdout.write(piece)
         sys.stdout.flush()
     sys.stdout.write("\n")

@@ -1,27 +1,49 @@
-"""Sampling with a KV cache: prefill the prompt once, then one token per step.
+"""Text generation in one straight line: check the request once, prefill the prompts, then per step
+sample, check the stop conditions, and feed the new tokens back through the KV cache.
 
-Ragged batches are left-padded; the attention mask hides the padding and position ids count real
-tokens only, so each row decodes exactly as it would alone.
+Ragged batches are left-padded: the attention mask hides the padding at prefill, the cache remembers
+it, and position ids count real tokens only, so each row decodes exactly as it would alone.
 """
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass
 
 import torch
 
-from .config import GPT2LabError
-
-EOT = 50256  # <|endoftext|>: GPT-2's only special token, also used as padding
+from .config import GPT2_EOT_ID, GPT2LabError
 
 
-def check_sampling(temperature: float, top_k: int | None, top_p: float | None) -> None:
-    if temperature < 0:
-        raise GPT2LabError(f"temperature must be >= 0 (0 is greedy), got {temperature}")
-    if top_k is not None and top_k < 1:
-        raise GPT2LabError(f"top_k must be >= 1, got {top_k}")
-    if top_p is not None and not 0.0 < top_p <= 1.0:
-        raise GPT2LabError(f"top_p must be in (0, 1], got {top_p}")
+@dataclass(frozen=True)
+class Sampler:
+    """How the next token is drawn from the last position's logits. ``temperature == 0`` is greedy."""
+
+    temperature: float = 1.0
+    top_k: int | None = None
+    top_p: float | None = None
+    seed: int | None = None
+
+    def __post_init__(self) -> None:
+        t = self.temperature
+        if isinstance(t, bool) or not isinstance(t, int | float) or not math.isfinite(t) or t < 0:
+            raise GPT2LabError(f"temperature must be >= 0 (0 is greedy) and finite, got {t}")
+        if self.top_k is not None and (
+            not isinstance(self.top_k, int) or isinstance(self.top_k, bool) or self.top_k < 1
+        ):
+            raise GPT2LabError(f"top_k must be >= 1, got {self.top_k}")
+        if self.top_p is not None and not (isinstance(self.top_p, int | float) and 0.0 < self.top_p <= 1.0):
+            raise GPT2LabError(f"top_p must be in (0, 1], got {self.top_p}")
+        if self.seed is not None and not isinstance(self.seed, int):
+            raise GPT2LabError(f"seed must be an integer, got {self.seed!r}")
+
+    def generator(self, device: torch.device) -> torch.Generator | None:
+        return None if self.seed is None else torch.Generator(device=device).manual_seed(self.seed)
+
+    def __call__(self, logits: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
+        return sample_next(logits, self.temperature, self.top_k, self.top_p, generator)
 
 
 def sample_next(
@@ -34,23 +56,25 @@ def sample_next(
     """Next token ids (B,) from last-position logits (B, vocab). ``temperature == 0`` is greedy."""
     if temperature == 0:
         return logits.argmax(dim=-1)
-    logits = logits.float() / temperature
+    # Shifted so the largest logit is 0 before scaling: a tiny temperature then gives -inf, not inf - inf.
+    logits = (logits.float() - logits.float().amax(dim=-1, keepdim=True)) / temperature
     if top_k is not None and top_k < logits.shape[-1]:
         kth = torch.topk(logits, top_k, dim=-1).values[:, -1:]
         logits = logits.masked_fill(logits < kth, float("-inf"))
     if top_p is not None and top_p < 1.0:
         sorted_logits, order = torch.sort(logits, dim=-1, descending=True)
-        cumulative = sorted_logits.softmax(dim=-1).cumsum(dim=-1)
+        probs = sorted_logits.softmax(dim=-1)
         # Keep the smallest prefix whose mass reaches top_p: drop a token when the mass before it does.
-        drop_sorted = (cumulative - sorted_logits.softmax(dim=-1)) >= top_p
-        drop = drop_sorted.scatter(1, order, drop_sorted)
-        logits = logits.masked_fill(drop, float("-inf"))
-    probs = logits.softmax(dim=-1)
-    return torch.multinomial(probs, 1, generator=generator).squeeze(1)
+        drop_sorted = (probs.cumsum(dim=-1) - probs) >= top_p
+        logits = logits.masked_fill(drop_sorted.scatter(1, order, drop_sorted), float("-inf"))
+    return torch.multinomial(logits.softmax(dim=-1), 1, generator=generator).squeeze(1)
+
+
+# ---------------------------------------------------------------------------------------- the request
 
 
 def left_pad(prompts: Sequence[Sequence[int]], pad_id: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
-    """Token ids (B, T) and attention mask (B, T) for prompts of different lengths.
+    """Token ids (B, T) and the number of pad tokens in front of each row (B,).
 
     The pad id is arbitrary (the mask hides it); 0 exists in every vocabulary.
     """
@@ -58,38 +82,43 @@ def left_pad(prompts: Sequence[Sequence[int]], pad_id: int = 0) -> tuple[torch.T
         raise GPT2LabError("every prompt needs at least one token")
     width = max(len(p) for p in prompts)
     idx = torch.full((len(prompts), width), pad_id, dtype=torch.long)
-    mask = torch.zeros((len(prompts), width), dtype=torch.long)
     for row, p in enumerate(prompts):
         idx[row, width - len(p) :] = torch.as_tensor(list(p), dtype=torch.long)
-        mask[row, width - len(p) :] = 1
-    return idx, mask
+    return idx, torch.tensor([width - len(p) for p in prompts])
 
 
-class _StopChecker:
-    """Tracks, per row, whether a stop token was produced or a stop string appeared in the decoded text."""
+def _pad_counts(idx: torch.Tensor, attention_mask: torch.Tensor | None) -> torch.Tensor | None:
+    """Leading pad tokens per row of a (B, T) batch with a left-padding mask; None when no row is padded."""
+    if idx.dim() != 2 or idx.shape[1] == 0:
+        raise GPT2LabError(f"prompt ids must have shape (batch, time) with time >= 1, got {tuple(idx.shape)}")
+    if attention_mask is None:
+        return None
+    mask = attention_mask.to(torch.long).cpu()
+    pad = (mask.cumsum(dim=1) == 0).sum(dim=1)  # zeros before the first real token
+    if mask.shape != idx.shape or int(mask.sum()) != int((idx.shape[1] - pad).sum()):
+        raise GPT2LabError("attention_mask must match the ids and mark left padding (0s, then 1s) only")
+    return pad if bool((pad > 0).any()) else None
 
-    def __init__(self, stop, batch: int, tokenizer=None) -> None:
-        stop = [stop] if isinstance(stop, (str, int)) else list(stop or [])
-        self.tokens = {s for s in stop if isinstance(s, int)}
-        self.strings = [s for s in stop if isinstance(s, str)]
-        if self.strings and tokenizer is None:
-            from .tokenizer import load_tokenizer
 
-            tokenizer = load_tokenizer()
-        self.tokenizer = tokenizer
-        self.generated: list[list[int]] = [[] for _ in range(batch)]
+def _positions(pad: torch.Tensor | None, start: int, length: int, device) -> torch.Tensor | None:
+    """Position ids (B, length) of sequence indices start.. when rows are padded: real tokens count from 0."""
+    if pad is None:
+        return None
+    return (torch.arange(start, start + length, device=device)[None, :] - pad.to(device)[:, None]).clamp(min=0)
 
-    def update(self, tokens: list[int], done: list[bool]) -> None:
-        for row, tok in enumerate(tokens):
-            if done[row]:
-                continue
-            self.generated[row].append(tok)
-            if tok in self.tokens:
-                done[row] = True
-            elif self.strings:
-                # Only the tail can hold a newly completed stop string.
-                tail = self.tokenizer.decode(self.generated[row][-64:])
-                done[row] = any(s in tail for s in self.strings)
+
+@contextmanager
+def _eval_mode(model):
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            yield
+    finally:
+        model.train(was_training)
+
+
+# ---------------------------------------------------------------------------------------- the loop
 
 
 def stream_generate(
@@ -97,163 +126,170 @@ def stream_generate(
     idx: torch.Tensor,
     max_new_tokens: int,
     *,
-    temperature: float = 1.0,
-    top_k: int | None = None,
-    top_p: float | None = None,
     stop=None,
-    seed: int | None = None,
     attention_mask: torch.Tensor | None = None,
     use_cache: bool = True,
     tokenizer=None,
+    **sampling,
 ) -> Iterator[tuple[torch.Tensor, list[bool]]]:
-    """Yield ``(next_tokens (B,), finished)`` after every step; a row stays finished once it stops."""
-    check_sampling(temperature, top_k, top_p)
-    if max_new_tokens < 0:
-        raise GPT2LabError(f"max_new_tokens must be >= 0, got {max_new_tokens}")
+    """Yield ``(next_tokens (B,), finished)`` after every step; a row stays finished once it stops.
+
+    ``sampling`` holds :class:`Sampler`'s fields (temperature, top_k, top_p, seed). ``stop`` holds token
+    ids and strings (strings are matched in the decoded text of ``tokenizer``, GPT-2's by default).
+    """
+    sampler = Sampler(**sampling)
+    if not isinstance(max_new_tokens, int) or max_new_tokens < 0:
+        raise GPT2LabError(f"max_new_tokens must be an integer >= 0, got {max_new_tokens!r}")
+    pad = _pad_counts(idx, attention_mask)
     B, T = idx.shape
-    config = model.config
-    config.check_length(T + max_new_tokens)
+    model.config.check_length(T + max_new_tokens)
+    stops = StopConditions(stop, B, tokenizer)
     device = model.device
-    idx = idx.to(device)
-    mask = None if attention_mask is None else attention_mask.to(device=device, dtype=torch.long)
-    generator = None
-    if seed is not None:
-        generator = torch.Generator(device=device).manual_seed(seed)
-    stopper = _StopChecker(stop, B, tokenizer)
-    done = [False] * B
-    fill_id = EOT if EOT < config.vocab_size else 0  # what finished rows keep producing
-
-    def positions(m: torch.Tensor) -> torch.Tensor:
-        return (m.cumsum(dim=1) - 1).clamp(min=0)  # real tokens count from 0 in every row
-
-    model_was_training = model.training
-    model.eval()
-    try:
+    idx, generator = idx.to(device), sampler.generator(device)
+    fill = torch.tensor(GPT2_EOT_ID if GPT2_EOT_ID < model.config.vocab_size else 0, device=device)
+    mask = None if pad is None else (torch.arange(T)[None, :] >= pad[:, None]).to(device)
+    with _eval_mode(model):
         cache = model.new_cache(B, T + max_new_tokens) if use_cache else None
-        pos = None if mask is None else positions(mask)
-        logits = model(idx, cache=cache, attention_mask=mask, position_ids=pos, last_only=True)
-        seq, seq_mask = idx, mask
-        for _ in range(max_new_tokens):
-            next_tok = sample_next(logits[:, -1], temperature, top_k, top_p, generator)
-            next_tok = torch.where(torch.tensor(done, device=device), fill_id, next_tok)
-            stopper.update(next_tok.tolist(), done)
-            yield next_tok, list(done)
-            if all(done):
+        logits = model(
+            idx, cache=cache, attention_mask=mask, position_ids=_positions(pad, 0, T, device), last_only=True
+        )
+        for step in range(max_new_tokens):
+            finished = torch.tensor(stops.finished, device=device)
+            tokens = torch.where(finished, fill, sampler(logits[:, -1], generator))
+            stops.update(tokens.tolist())
+            yield tokens, list(stops.finished)
+            if all(stops.finished) or step == max_new_tokens - 1:
                 return
-            step = next_tok[:, None]
-            if seq_mask is not None:
-                seq_mask = torch.cat((seq_mask, torch.ones_like(step)), dim=1)
             if use_cache:
-                pos = None if seq_mask is None else positions(seq_mask)[:, -1:]
-                logits = model(step, cache=cache, position_ids=pos, last_only=True)
+                pos = _positions(pad, T + step, 1, device)
+                logits = model(tokens[:, None], cache=cache, position_ids=pos, last_only=True)
             else:
-                seq = torch.cat((seq, step), dim=1)
-                pos = None if seq_mask is None else positions(seq_mask)
-                logits = model(seq, attention_mask=seq_mask, position_ids=pos, last_only=True)
-    finally:
-        model.train(model_was_training)
+                idx = torch.cat((idx, tokens[:, None]), dim=1)
+                mask = None if mask is None else torch.cat((mask, torch.ones_like(mask[:, :1])), dim=1)
+                pos = _positions(pad, 0, idx.shape[1], device)
+                logits = model(idx, attention_mask=mask, position_ids=pos, last_only=True)
 
 
-def generate(
-    model,
-    idx,
-    max_new_tokens: int,
-    *,
-    temperature: float = 1.0,
-    top_k: int | None = None,
-    top_p: float | None = None,
-    stop=None,
-    seed: int | None = None,
-    attention_mask: torch.Tensor | None = None,
-    use_cache: bool = True,
-    tokenizer=None,
-):
+class StopConditions:
+    """Which rows have finished: on a stop token, or once a stop string appears in a row's decoded text."""
+
+    def __init__(self, stop, batch: int, tokenizer=None) -> None:
+        stop = [stop] if isinstance(stop, str | int) else list(stop or [])
+        self.tokens = {s for s in stop if isinstance(s, int)}
+        strings = [s for s in stop if isinstance(s, str)]
+        if strings and tokenizer is None:
+            from .tokenizer import load_tokenizer
+
+            tokenizer = load_tokenizer()
+        self.tokenizer = tokenizer
+        self.texts = [StopStrings(strings) for _ in range(batch)] if strings else None
+        self.finished = [False] * batch
+
+    def update(self, tokens: list[int]) -> None:
+        for row, token in enumerate(tokens):
+            if self.finished[row]:
+                continue
+            if token in self.tokens:
+                self.finished[row] = True
+            elif self.texts is not None:
+                self.finished[row] = self.texts[row].feed(self.tokenizer.decode_bytes([token]))
+
+
+def generate(model, idx, max_new_tokens: int, *, attention_mask: torch.Tensor | None = None, **options):
     """Generate up to ``max_new_tokens`` after each prompt.
 
     ``idx`` is a (B, T) tensor (returns a (B, T + n) tensor; rows that stopped early are filled with
     ``<|endoftext|>``, or 0 in vocabularies too small to hold it) or a list of token-id lists of any
     lengths (returns a list of lists: each prompt followed by its own continuation, which ends with the
-    stop token or the text with the stop string).
-    ``stop`` holds token ids and/or strings. ``temperature=0`` is greedy; ``seed`` makes sampling
-    reproducible.
+    stop token or the text with the stop string). ``options`` are :func:`stream_generate`'s: ``stop``
+    (token ids and/or strings), ``temperature`` (0 is greedy), ``top_k``, ``top_p``, ``seed`` (makes
+    sampling reproducible), ``use_cache``, ``tokenizer``.
     """
     ragged = not isinstance(idx, torch.Tensor)
     if ragged:
         prompts = [list(p) for p in ([idx] if idx and isinstance(idx[0], int) else idx)]
-        idx, attention_mask = left_pad(prompts)
-    elif idx.dim() != 2:
-        raise GPT2LabError(f"idx must have shape (batch, time), got {tuple(idx.shape)}")
-    steps = []
-    finished_at = [None] * idx.shape[0]
-    for i, (tok, done) in enumerate(
-        stream_generate(
-            model,
-            idx,
-            max_new_tokens,
-            temperature=temperature,
-            top_k=top_k,
-            top_p=top_p,
-            stop=stop,
-            seed=seed,
-            attention_mask=attention_mask,
-            use_cache=use_cache,
-            tokenizer=tokenizer,
-        )
+        idx, pad = left_pad(prompts)
+        attention_mask = torch.arange(idx.shape[1])[None, :] >= pad[:, None]
+    steps, finished_at = [], [None] * idx.shape[0]
+    for i, (tokens, finished) in enumerate(
+        stream_generate(model, idx, max_new_tokens, attention_mask=attention_mask, **options)
     ):
-        steps.append(tok)
-        for row, d in enumerate(done):
-            if d and finished_at[row] is None:
-                finished_at[row] = i + 1
+        steps.append(tokens)
+        finished_at = [at if at is not None or not f else i + 1 for at, f in zip(finished_at, finished, strict=True)]
     new = torch.stack(steps, dim=1) if steps else idx.new_zeros((idx.shape[0], 0))
     if not ragged:
         return torch.cat((idx.to(new.device), new), dim=1)
     return [p + new[row, : finished_at[row] or new.shape[1]].tolist() for row, p in enumerate(prompts)]
 
 
-def _complete_utf8(raw: bytes) -> str:
-    """Decode, leaving out a UTF-8 sequence cut at the end (the next token may complete it)."""
-    for cut in range(4):
-        try:
-            return raw[: len(raw) - cut].decode("utf-8")
-        except UnicodeDecodeError:
-            continue
-    return raw.decode("utf-8", errors="replace")
-
-
 def stream_text(model, tokenizer, prompt: str, max_new_tokens: int, *, stop=None, **sampling) -> Iterator[str]:
     """Yield the continuation of ``prompt`` piece by piece, ending before the first stop string.
 
-    Text is released only once it is complete UTF-8 and cannot be the start of a stop string, so
-    a stop string is never half printed.
+    Text is released only once it is complete UTF-8 and cannot be the start of a stop string, so a
+    stop string is never half printed. The end-of-text token ends the stream too.
     """
-    ids = tokenizer.encode(prompt, allowed_special={"<|endoftext|>"})
+    eot = getattr(tokenizer, "eot_token", None)
+    ids = tokenizer.encode(prompt, allowed_special={"<|endoftext|>"}) if eot is not None else tokenizer.encode(prompt)
     if not ids:
         raise GPT2LabError("the prompt is empty")
-    model.config.check_length(len(ids) + max_new_tokens)
-    stops = [stop] if isinstance(stop, str) else list(stop or [])
-    text_stops = [s for s in stops if isinstance(s, str)]
-    generated: list[int] = []
-    emitted = 0  # characters of the decoded continuation already yielded
-    stream = stream_generate(
-        model, torch.tensor([ids]), max_new_tokens, stop=[*stops, EOT], tokenizer=tokenizer, **sampling
-    )
-    for tok, done in stream:
-        if tok.item() != EOT:
-            generated.append(tok.item())
-        text = _complete_utf8(tokenizer.decode_bytes(generated))
-        cut = min((text.find(s) for s in text_stops if s in text), default=-1)
-        if cut >= 0:
-            yield text[emitted:cut]
+    stops = [stop] if isinstance(stop, str | int) else list(stop or [])
+    text = StopStrings([s for s in stops if isinstance(s, str)])
+    stop_tokens = [s for s in stops if isinstance(s, int)] + ([eot] if eot is not None else [])
+    released = 0  # bytes of the continuation already yielded
+    for tokens, finished in stream_generate(model, torch.tensor([ids]), max_new_tokens, stop=stop_tokens, **sampling):
+        token, done = tokens.item(), finished[0]
+        if token != eot:
+            done = text.feed(tokenizer.decode_bytes([token])) or done
+        end = text.found if text.found is not None else len(text.data) if done else text.safe_end()
+        if end > released:
+            yield text.data[released:end].decode("utf-8", errors="replace")
+            released = end
+        if done:
             return
-        safe = len(text)
-        for s in text_stops:  # hold back a tail that could grow into a stop string
-            for n in range(min(len(s) - 1, len(text)), 0, -1):
-                if text.endswith(s[:n]):
-                    safe = min(safe, len(text) - n)
+    if len(text.data) > released:  # max_new_tokens reached: what was held back is final now
+        yield text.data[released:].decode("utf-8", errors="replace")
+
+
+class StopStrings:
+    """A growing byte string (one row's decoded continuation) searched for stop strings as it grows.
+
+    Each new piece can only complete an occurrence that ends inside it, so only the last
+    ``len(longest stop) - 1`` old bytes are searched again. ``found`` is where the first occurrence starts.
+    """
+
+    def __init__(self, strings: list[str]) -> None:
+        if any(s == "" for s in strings):
+            raise GPT2LabError("a stop string must not be empty")
+        self.stops = [s.encode("utf-8") for s in strings]
+        self.longest = max((len(s) for s in self.stops), default=0)
+        self.data = bytearray()
+        self.found: int | None = None
+
+    def feed(self, piece: bytes) -> bool:
+        """Append ``piece``; True once a stop string has appeared."""
+        start = max(0, len(self.data) - self.longest + 1)
+        self.data += piece
+        if self.found is None:
+            hits = [i for s in self.stops if (i := self.data.find(s, start)) >= 0]
+            self.found = min(hits) if hits else None
+        return self.found is not None
+
+    def safe_end(self) -> int:
+        """How many bytes can be shown: none that may begin a stop string, no incomplete UTF-8 character."""
+        end = len(self.data)
+        for stop in self.stops:  # hold back the longest tail that is the start of a stop string
+            for n in range(min(len(stop) - 1, len(self.data)), 0, -1):
+                if self.data.endswith(stop[:n]):
+                    end = min(end, len(self.data) - n)
                     break
-        if not done[0] and safe > emitted:
-            yield text[emitted:safe]
-            emitted = safe
-        if done[0]:
-            yield text[emitted:]
-            return
+        return _utf8_boundary(self.data, end)
+
+
+def _utf8_boundary(data: bytes, end: int) -> int:
+    """``end``, moved back before a multi-byte UTF-8 character that ``data[:end]`` cuts short."""
+    for back in range(1, min(4, end) + 1):
+        byte = data[end - back]
+        if byte & 0xC0 != 0x80:  # the first byte of the last character: how long is that character?
+            size = 1 if byte < 0x80 else 2 if byte >> 5 == 0b110 else 3 if byte >> 4 == 0b1110 else 4
+            return end if back >= size else end - back
+    return end

@@ -1,7 +1,10 @@
-"""GPT-2, top to bottom: embeddings, pre-norm blocks, final LayerNorm, tied LM head.
+"""GPT-2, top to bottom: token and position embeddings, pre-norm blocks of attention and MLP, a final
+LayerNorm, and the LM head tied to the token embedding.
 
 Parameter names follow the original checkpoints (``transformer.h.0.attn.c_attn.weight`` …), so the
-loaders in :mod:`gpt2lab.checkpoints` only rename prefixes and transpose Conv1D weights.
+readers in :mod:`gpt2lab.checkpoints` only rename prefixes and transpose Conv1D weights. The attention
+variants live in :mod:`gpt2lab.attention`; the CPU kernel choices in :mod:`gpt2lab.cpu_linear`; the
+memory-saving loss in :mod:`gpt2lab.lm_head_loss`; generation in :mod:`gpt2lab.generation`.
 """
 
 from __future__ import annotations
@@ -13,78 +16,16 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .attention import CausalSelfAttention, KVCache, Linear
-from .config import GPT2LabError, GPTConfig
-
-
-class LMHeadLoss(torch.autograd.Function):
-    """Mean cross-entropy of ``hidden @ weight.T`` against ``targets``, never holding the (N, vocab) logits.
-
-    With GPT-2's 50,257-word vocabulary the logits are the largest activation of a training step (200 MB
-    per 1,024 tokens in fp32), and the usual path keeps three tensors of that size alive: the logits,
-    their log-softmax and its gradient. Here rows are processed in chunks of 32 MiB of logits, and each
-    chunk's gradient (softmax - one-hot) goes straight into the gradients of ``hidden`` and ``weight``:
-    forward does the backward's matrix products and backward only scales them. Same FLOPs, a fraction
-    of the memory and of the elementwise passes. The idea of Liger Kernel's fused linear cross-entropy
-    (Hsu et al. 2024), written here with PyTorch operations.
-
-    Targets equal to -1 are ignored, as in :func:`torch.nn.functional.cross_entropy`. Under autocast
-    the products run in the autocast dtype; the softmax and the weight gradient's sum in fp32.
-    """
-
-    CHUNK_BYTES = 32 * 2**20  # logits of one chunk of rows
-
-    @staticmethod
-    def forward(ctx, hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-        # hidden: (N, C), weight: (V, C), targets: (N,)
-        device = hidden.device.type
-        dtype = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else weight.dtype
-        need_grad = ctx.needs_input_grad[0] or ctx.needs_input_grad[1]
-        N, V = hidden.shape[0], weight.shape[0]
-        with torch.autocast(device, enabled=False):
-            w = weight.to(dtype)
-            valid = targets != -1
-            index = targets.clamp(min=0)
-            count = valid.sum()
-            scale = 1.0 / count.clamp(min=1)  # mean over the counted targets
-            total = torch.zeros((), device=hidden.device, dtype=torch.float32)
-            grad_hidden = torch.empty_like(hidden) if need_grad else None
-            grad_weight = torch.zeros_like(weight, dtype=torch.float32) if need_grad else None
-            rows = min(N, max(1, LMHeadLoss.CHUNK_BYTES // (4 * V)))
-            # One buffer for every chunk: a fresh allocation this large is page-faulted in every time.
-            buffer = torch.empty(V * rows, device=hidden.device, dtype=dtype)
-            for start in range(0, N, rows):
-                end = min(start + rows, N)
-                h, t, ok = hidden[start:end].to(dtype), index[None, start:end], valid[start:end]
-                # Logits transposed, (V, n): this product runs ~1.4x faster than (n, V) on CPU.
-                logits = torch.mm(w, h.T, out=buffer[: V * (end - start)].view(V, -1)).float()
-                lse = torch.logsumexp(logits, dim=0)  # (n,)
-                total += ((lse - logits.gather(0, t)[0]) * ok).sum()
-                if not need_grad:
-                    continue
-                # d(mean loss)/d(logits) = (softmax - one-hot) / count, zero for ignored targets
-                grad = logits.sub_(lse).exp_()
-                grad.scatter_add_(0, t, torch.full_like(grad[:1], -1.0))
-                grad.mul_(ok * scale)
-                g = grad.to(dtype)
-                grad_hidden[start:end] = g.T @ w
-                if dtype == grad_weight.dtype:
-                    grad_weight.addmm_(g, h)
-                else:
-                    grad_weight += (g @ h).float()
-        if need_grad:
-            ctx.save_for_backward(grad_hidden, grad_weight)
-            ctx.weight_dtype = weight.dtype
-        # An empty target set gives nan, as F.cross_entropy does.
-        return torch.where(count > 0, total * scale, torch.nan)
-
-    @staticmethod
-    def backward(ctx, grad_loss: torch.Tensor):
-        grad_hidden, grad_weight = ctx.saved_tensors
-        return grad_hidden * grad_loss, (grad_weight * grad_loss).to(ctx.weight_dtype), None
+from .attention import CausalSelfAttention
+from .config import GPTConfig
+from .cpu_linear import Linear
+from .kv_cache import KVCache
+from .lm_head_loss import LMHeadLoss
 
 
 class MLP(nn.Module):
+    """Position-wise feed-forward: C -> 4C -> GELU -> C."""
+
     def __init__(self, config: GPTConfig) -> None:
         super().__init__()
         self.c_fc = Linear(config.n_embd, 4 * config.n_embd)
@@ -159,32 +100,31 @@ class GPT(nn.Module):
         ``targets`` equal to -1 are ignored; ``return_logits=False`` (training, evaluation) gives
         ``(None, loss)``, computed by :class:`LMHeadLoss` without materialising the logits.
         ``cache`` (from :meth:`new_cache`) makes the call incremental; ``attention_mask`` (B, T) marks
-        real tokens (1) and padding (0); ``position_ids`` default to the sequence index; ``last_only``
-        computes logits for the last position only (generation).
+        real tokens (1) and padding (0) of a left-padded batch; ``position_ids`` default to the sequence
+        index; ``last_only`` computes logits for the last position only (generation).
         """
         B, T = idx.shape
         start = 0 if cache is None else cache[0].length
+        self.config.check_length(start + T)
         if position_ids is None:
             position_ids = torch.arange(start, start + T, device=idx.device)
-        self.config.check_length(start + T)
         valid = None if attention_mask is None else attention_mask.to(torch.bool)
 
-        x = self.transformer.wte(idx)  # (B, T, C)
+        x = self.transformer.wte(idx)  # token embeddings (B, T, C)
         if self.config.pos_encoding == "learned":
-            x = x + self.transformer.wpe(position_ids)
+            x = x + self.transformer.wpe(position_ids)  # + position embeddings
         x = self.transformer.drop(x)
         for i, block in enumerate(self.transformer.h):
             x = block(x, position_ids, None if cache is None else cache[i], valid)
         x = self.transformer.ln_f(x)
         if last_only:
             x = x[:, -1:]
-        if targets is not None and not return_logits:
-            return None, LMHeadLoss.apply(x.flatten(0, 1), self.lm_head.weight, targets.flatten())
-        logits = self.lm_head(x)  # (B, T, vocab)
         if targets is None:
-            return logits
-        loss = F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten(), ignore_index=-1)
-        return logits, loss
+            return self.lm_head(x)  # (B, T, vocab)
+        if not return_logits:
+            return None, LMHeadLoss.apply(x.flatten(0, 1), self.lm_head.weight, targets.flatten())
+        logits = self.lm_head(x)
+        return logits, F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten(), ignore_index=-1)
 
     def new_cache(
         self, batch: int, capacity: int, dtype: torch.dtype | None = None, device: torch.device | str | None = None
@@ -213,50 +153,19 @@ class GPT(nn.Module):
     def device(self) -> torch.device:
         return self.lm_head.weight.device
 
-    @torch.no_grad()
-    def generate(
-        self,
-        idx,
-        max_new_tokens: int,
-        temperature: float = 1.0,
-        top_k: int | None = None,
-        top_p: float | None = None,
-        stop=None,
-        seed: int | None = None,
-        **kwargs,
-    ):
-        """Sample continuations; see :func:`gpt2lab.generation.generate`."""
+    def generate(self, prompts, max_new_tokens: int, **options):
+        """Sample up to ``max_new_tokens`` after each prompt: see :func:`gpt2lab.generation.generate`."""
         from .generation import generate
 
-        return generate(
-            self, idx, max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p, stop=stop, seed=seed, **kwargs
-        )
+        return generate(self, prompts, max_new_tokens, **options)
 
-    @torch.no_grad()
     def convert_to_gqa(self, n_kv_head: int) -> GPT:
-        """A copy with ``n_kv_head`` key/value heads, each the mean of its group's heads (Ainslie et al.
-        2023, the starting point for GQA uptraining). Weights and biases of K and V are pooled; queries,
-        outputs and every other tensor are copied. ``n_kv_head`` equal to the current count is the
-        identity."""
-        c = self.config
-        if n_kv_head < 1 or c.n_kv_head % n_kv_head:
-            raise GPT2LabError(
-                f"cannot convert {c.n_kv_head} key/value heads to {n_kv_head}: "
-                f"the new count must divide the current one"
-            )
-        new = GPT(c.replace(n_kv_head=n_kv_head)).to(device=self.device, dtype=self.lm_head.weight.dtype)
-        state = self.state_dict()
-        group, hs, q_dim = c.n_kv_head // n_kv_head, c.head_dim, c.n_embd
-        for name in list(state):
-            if not name.endswith(("attn.c_attn.weight", "attn.c_attn.bias")):
-                continue
-            packed = state[name]  # (q_dim + 2·kv_dim, ...) rows: q | k | v
-            q, k, v = packed.split([q_dim, c.n_kv_head * hs, c.n_kv_head * hs], dim=0)
-            pooled = [
-                t.reshape(n_kv_head, group, hs, *t.shape[1:]).mean(dim=1).reshape(n_kv_head * hs, *t.shape[1:])
-                for t in (k, v)
-            ]
-            state[name] = torch.cat((q, *pooled), dim=0)
+        """A copy with ``n_kv_head`` key/value heads, each the mean of its group's heads: the starting
+        point of GQA uptraining. See :func:`gpt2lab.convert.pool_kv_heads`."""
+        from .convert import pool_kv_heads
+
+        config, state = pool_kv_heads(self.config, self.state_dict(), n_kv_head)
+        new = GPT(config).to(device=self.device, dtype=self.lm_head.weight.dtype)
         new.load_state_dict(state)
         return new
 

@@ -222,7 +222,8 @@ def converted_loss(base_dir: str, n_kv_head: int, data_dir: str, context: int) -
 
 def attention_cost(seq_len: int, window: int | None, n_head: int, head_dim: int, repeats: int) -> dict:
     """Seconds and peak extra memory (MiB) of one attention forward+backward, B=1. Own process."""
-    from .attention import causal_attention, sliding_window_attention
+    from .attention import causal_attention
+    from .sliding_window import sliding_window_attention
 
     gen = torch.Generator().manual_seed(0)
     q, k, v = (torch.randn(1, n_head, seq_len, head_dim, generator=gen, requires_grad=True) for _ in range(3))

@@ -1,0 +1,87 @@
+"""The KV cache of one attention layer, for incremental decoding.
+
+``window=None``: a buffer of ``capacity`` slots filled left to right.
+``window=W``: a ring of W slots; the token at sequence index p lives in slot p % W, so memory stays
+constant however long the generation runs. Keys are stored after RoPE, so a slot's order in the ring
+does not matter: masks are built from the sequence index stored with each slot.
+
+Everything the attention layer needs to choose its path (how many tokens are stored, whether any is
+padding) is kept on the host, so a decoding step never waits for the device to answer a question.
+"""
+
+from __future__ import annotations
+
+import torch
+
+
+class KVCache:
+    def __init__(
+        self,
+        batch: int,
+        n_kv_head: int,
+        head_dim: int,
+        capacity: int,
+        window: int | None,
+        dtype: torch.dtype,
+        device: torch.device | str,
+    ) -> None:
+        size = capacity if window is None else min(window, capacity)
+        self.window = window
+        self.k = torch.zeros(batch, n_kv_head, size, head_dim, dtype=dtype, device=device)  # (B, nkv, slots, hs)
+        self.v = torch.zeros_like(self.k)
+        self.key_index = torch.full((size,), -1, dtype=torch.long, device=device)  # sequence index; -1: empty
+        self.key_valid = torch.ones(batch, size, dtype=torch.bool, device=device)  # False: a padding token
+        self.length = 0  # tokens written so far = sequence index of the next token
+        self.has_padding = False  # whether any stored token is padding (then key_valid must be applied)
+
+    @property
+    def capacity(self) -> int:
+        return self.k.shape[2]
+
+    def nbytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in (self.k, self.v))
+
+    def _write(self, k: torch.Tensor, v: torch.Tensor, valid: torch.Tensor | None) -> None:
+        T = k.shape[2]
+        start = self.length
+        if self.window is None:
+            if start + T > self.capacity:
+                raise RuntimeError(f"KV cache is full ({self.capacity} tokens)")
+            slots = slice(start, start + T)
+            index = torch.arange(start, start + T, device=k.device)
+        else:
+            keep = min(T, self.capacity)  # only the last W tokens can ever be attended again
+            k, v = k[:, :, T - keep :], v[:, :, T - keep :]
+            valid = None if valid is None else valid[:, T - keep :]
+            index = torch.arange(start + T - keep, start + T, device=k.device)
+            slots = index % self.capacity
+        self.k[:, :, slots] = k
+        self.v[:, :, slots] = v
+        self.key_index[slots] = index
+        self.key_valid[:, slots] = True if valid is None else valid
+        self.length += T
+
+    def update(self, k: torch.Tensor, v: torch.Tensor, valid: torch.Tensor | None):
+        """Store the new (B, nkv, T, hs) keys/values; return what the new queries attend to.
+
+        ``valid`` (B, T) marks real tokens; passing one at all records that the batch is padded.
+        Returns ``(keys, values, key_index, key_valid)``: the stored entries, the new ones included (or
+        appended, when a multi-token step into a ring would overwrite slots its own queries still need).
+        Every returned entry is filled, so after a one-token step all of them are visible to the query.
+        """
+        self.has_padding = self.has_padding or valid is not None
+        T = k.shape[2]
+        if self.window is None or T == 1:
+            self._write(k, v, valid)
+            n = min(self.length, self.capacity)
+            return self.k[:, :, :n], self.v[:, :, :n], self.key_index[:n], self.key_valid[:, :n]
+        new_index = torch.arange(self.length, self.length + T, device=k.device)
+        new_valid = torch.ones(k.shape[0], T, dtype=torch.bool, device=k.device) if valid is None else valid
+        out = (
+            torch.cat((self.k, k), dim=2),
+            torch.cat((self.v, v), dim=2),
+            torch.cat((self.key_index, new_index)),
+            torch.cat((self.key_valid, new_valid), dim=1),
+        )
+        self._write(k, v, valid)
+        return out
