@@ -28,7 +28,7 @@ from tf_checkpoint_writer import build_table, bundle_entry, bundle_header, varin
 
 from gpt2lab import GPT, GPT2LabError, GPTConfig
 from gpt2lab import checkpoints as ckpt
-from gpt2lab.checkpoints import TFCheckpointReader, export_hf, load_pretrained, save_pretrained
+from gpt2lab.checkpoints import TFCheckpointReader, tf_bundle
 
 TINY = dict(n_layer=2, n_head=4, n_embd=32, block_size=32, vocab_size=96)
 VARIANTS = {
@@ -93,14 +93,14 @@ def test_gpt_state_shapes_match_the_model(variant):
 @pytest.mark.parametrize("variant", VARIANTS)
 def test_save_pretrained_round_trips_every_variant(tmp_path, variant):
     model = random_model(**VARIANTS[variant])
-    save_pretrained(model, tmp_path / "run")
-    loaded = load_pretrained(tmp_path / "run")
+    model.save_pretrained(tmp_path / "run")
+    loaded = GPT.from_pretrained(tmp_path / "run")
     assert_same_model(loaded, model)
 
 
 def test_saved_files_hold_the_tied_weight_once_and_a_format_marker(tmp_path):
     model = random_model()
-    model.save_pretrained(tmp_path)  # the GPT method delegates here
+    model.save_pretrained(tmp_path)
     config = json.loads((tmp_path / "config.json").read_text())
     assert config["format"] == "gpt2lab" and config["n_embd"] == 32
     tensors = load_file(tmp_path / "model.safetensors")
@@ -110,23 +110,29 @@ def test_saved_files_hold_the_tied_weight_once_and_a_format_marker(tmp_path):
 
 
 def test_a_compiled_model_saves_under_its_own_names(tmp_path):
-    """torch.compile returns a wrapper that keeps the model as ``_orig_mod`` and prefixes every state
-    dict name with it. A stand-in with that shape keeps this test free of dynamo's import (~7 s)."""
+    """torch.compile returns a wrapper that keeps the model as ``_orig_mod``, prefixes every state
+    dict name with it and forwards any other attribute to the model. A stand-in with that shape keeps
+    this test free of dynamo's import (~7 s)."""
 
     class Compiled(torch.nn.Module):
         def __init__(self, model):
             super().__init__()
             self._orig_mod = model
 
+        def __getattr__(self, name):  # as torch._dynamo's OptimizedModule.__getattr__
+            if name == "_orig_mod":
+                return self._modules["_orig_mod"]
+            return getattr(self._orig_mod, name)
+
     model = random_model()
     assert next(iter(Compiled(model).state_dict())).startswith("_orig_mod.")
-    save_pretrained(Compiled(model), tmp_path)
-    assert_same_model(load_pretrained(tmp_path), model)
+    Compiled(model).save_pretrained(tmp_path)
+    assert_same_model(GPT.from_pretrained(tmp_path), model)
 
 
 def test_a_failed_save_leaves_the_previous_checkpoint_intact(tmp_path, monkeypatch):
     old = random_model(seed=1)
-    save_pretrained(old, tmp_path)
+    old.save_pretrained(tmp_path)
     before = {p.name: p.read_bytes() for p in tmp_path.iterdir()}
 
     def disk_full(state, path, metadata=None):
@@ -134,22 +140,23 @@ def test_a_failed_save_leaves_the_previous_checkpoint_intact(tmp_path, monkeypat
         raise OSError(28, "No space left on device")
 
     monkeypatch.setattr("safetensors.torch.save_file", disk_full)
-    with pytest.raises(OSError):
-        save_pretrained(random_model(seed=2), tmp_path)
+    with pytest.raises(GPT2LabError, match="No space left on device") as excinfo:  # atomic_file's one line
+        random_model(seed=2).save_pretrained(tmp_path)
+    assert isinstance(excinfo.value.__cause__, OSError)
     assert {p.name: p.read_bytes() for p in tmp_path.iterdir()} == before
-    assert_same_model(load_pretrained(tmp_path), old)
+    assert_same_model(GPT.from_pretrained(tmp_path), old)
 
 
 def test_dtype_and_device_are_applied_after_loading(tmp_path):
     model = random_model()
-    save_pretrained(model, tmp_path)
-    loaded = load_pretrained(tmp_path, dtype="bf16", device="cpu")
+    model.save_pretrained(tmp_path)
+    loaded = GPT.from_pretrained(tmp_path, dtype="bf16", device="cpu")
     assert {p.dtype for p in loaded.parameters()} == {torch.bfloat16}
     assert loaded.lm_head.weight is loaded.transformer.wte.weight
     assert torch.equal(loaded.transformer.wte.weight, model.transformer.wte.weight.to(torch.bfloat16))
-    assert load_pretrained(tmp_path, dtype=torch.float64).lm_head.weight.dtype == torch.float64
+    assert GPT.from_pretrained(tmp_path, dtype=torch.float64).lm_head.weight.dtype == torch.float64
     with pytest.raises(GPT2LabError, match="unknown dtype 'bf61'"):
-        load_pretrained(tmp_path, dtype="bf61")
+        GPT.from_pretrained(tmp_path, dtype="bf61")
 
 
 # ======================================================================================== hub layout
@@ -158,7 +165,7 @@ def test_dtype_and_device_are_applied_after_loading(tmp_path):
 def hf_folder(tmp_path: Path, model: GPT | None = None) -> tuple[Path, GPT]:
     model = model or random_model()
     folder = tmp_path / "hf"
-    export_hf(model, folder)
+    model.export_hf(folder)
     return folder, model
 
 
@@ -182,15 +189,15 @@ def test_export_hf_writes_transformers_names_and_config(tmp_path):
 
 def test_hub_layout_folder_and_file_load(tmp_path):
     folder, model = hf_folder(tmp_path)
-    assert_same_model(load_pretrained(folder), model)
-    assert_same_model(load_pretrained(folder / "model.safetensors"), model)
-    assert_same_model(load_pretrained(folder / "config.json"), model)
+    assert_same_model(GPT.from_pretrained(folder), model)
+    assert_same_model(GPT.from_pretrained(folder / "model.safetensors"), model)
+    assert_same_model(GPT.from_pretrained(folder / "config.json"), model)
 
 
 @pytest.mark.parametrize("variant", ["rope-gqa", "mqa-window", "window-per-layer"])
 def test_export_hf_refuses_what_transformers_gpt2_cannot_compute(tmp_path, variant):
     with pytest.raises(GPT2LabError, match="only plain GPT-2") as excinfo:
-        export_hf(random_model(**VARIANTS[variant]), tmp_path)
+        random_model(**VARIANTS[variant]).export_hf(tmp_path)
     one_line_error(excinfo)
     assert not (tmp_path / "model.safetensors").exists()
 
@@ -205,13 +212,13 @@ def test_bin_without_prefix_with_legacy_buffers_and_tied_head(tmp_path):
     state["lm_head.weight"] = state["wte.weight"].clone()
     (folder / "model.safetensors").unlink()
     torch.save(state, folder / "pytorch_model.bin")
-    assert_same_model(load_pretrained(folder), model)
-    assert_same_model(load_pretrained(folder / "pytorch_model.bin"), model)
+    assert_same_model(GPT.from_pretrained(folder), model)
+    assert_same_model(GPT.from_pretrained(folder / "pytorch_model.bin"), model)
 
     state["lm_head.weight"] = state["lm_head.weight"] + 1
     torch.save(state, folder / "pytorch_model.bin")
     with pytest.raises(GPT2LabError, match="lm_head.weight differs from wte.weight"):
-        load_pretrained(folder)
+        GPT.from_pretrained(folder)
 
 
 def test_sharded_safetensors(tmp_path):
@@ -224,7 +231,7 @@ def test_sharded_safetensors(tmp_path):
     weight_map = {n: shard for shard, shard_names in shards.items() for n in shard_names}
     (folder / "model.safetensors.index.json").write_text(json.dumps({"metadata": {}, "weight_map": weight_map}))
     (folder / "model.safetensors").unlink()
-    assert_same_model(load_pretrained(folder), model)
+    assert_same_model(GPT.from_pretrained(folder), model)
 
 
 @pytest.mark.parametrize(
@@ -244,18 +251,18 @@ def test_hf_configs_gpt2lab_cannot_represent_are_refused(tmp_path, changes, mess
     folder, _ = hf_folder(tmp_path)
     edit_config(folder, **changes)
     with pytest.raises(GPT2LabError, match=message) as excinfo:
-        load_pretrained(folder)
+        GPT.from_pretrained(folder)
     one_line_error(excinfo)
 
 
 def test_hf_configs_that_only_change_precision_or_naming_are_accepted(tmp_path):
     folder, model = hf_folder(tmp_path)
     edit_config(folder, activation_function="gelu_pytorch_tanh", reorder_and_upcast_attn=True, n_inner=128)
-    assert_same_model(load_pretrained(folder), model)
+    assert_same_model(GPT.from_pretrained(folder), model)
     config = json.loads((folder / "config.json").read_text())
     del config["n_positions"], config["layer_norm_epsilon"]  # n_ctx only, eps left at transformers' default
     (folder / "config.json").write_text(json.dumps(config))
-    assert load_pretrained(folder).config.block_size == 32
+    assert GPT.from_pretrained(folder).config.block_size == 32
 
 
 def test_every_missing_unexpected_and_misshaped_tensor_is_named_in_one_line(tmp_path):
@@ -268,7 +275,7 @@ def test_every_missing_unexpected_and_misshaped_tensor_is_named_in_one_line(tmp_
     tensors["transformer.wpe.weight"] = tensors["transformer.wpe.weight"][:16].contiguous()
     save_file(tensors, folder / "model.safetensors")
     with pytest.raises(GPT2LabError) as excinfo:
-        load_pretrained(folder)
+        GPT.from_pretrained(folder)
     message = one_line_error(excinfo)
     assert "does not match the config" in message
     assert "missing h.1.ln_1.weight, ln_f.bias" in message
@@ -281,7 +288,7 @@ def test_a_config_with_more_layers_lists_the_missing_layers_compactly(tmp_path):
     folder, _ = hf_folder(tmp_path)
     edit_config(folder, n_layer=5)
     with pytest.raises(GPT2LabError) as excinfo:
-        load_pretrained(folder)
+        GPT.from_pretrained(folder)
     message = one_line_error(excinfo)
     assert "missing h.[2-4].ln_1.weight, h.[2-4].ln_1.bias, h.[2-4].attn.c_attn.weight" in message
     assert message.count("h.[2-4].") == 12  # every tensor of the three layers
@@ -298,7 +305,7 @@ def test_a_pickle_carrying_code_is_refused_and_never_runs(tmp_path):
     (folder / "model.safetensors").unlink()
     torch.save({"wte.weight": torch.zeros(96, 32), "payload": Payload()}, folder / "pytorch_model.bin")
     with pytest.raises(GPT2LabError, match="refusing to load .*pytorch_model.bin") as excinfo:
-        load_pretrained(folder)
+        GPT.from_pretrained(folder)
     one_line_error(excinfo)
     assert not marker.exists()
     # The payload is live: an unrestricted unpickler runs it (which is why weights_only matters).
@@ -310,12 +317,12 @@ def test_unreadable_weight_files_give_one_line(tmp_path):
     folder, _ = hf_folder(tmp_path)
     (folder / "model.safetensors").write_bytes(b"\x00" * 100)
     with pytest.raises(GPT2LabError, match="not a readable safetensors file") as excinfo:
-        load_pretrained(folder)
+        GPT.from_pretrained(folder)
     one_line_error(excinfo)
     (folder / "model.safetensors").unlink()
     (folder / "pytorch_model.bin").write_bytes(b"not a zip, not a pickle")
     with pytest.raises(GPT2LabError, match="pytorch_model.bin") as excinfo:
-        load_pretrained(folder)
+        GPT.from_pretrained(folder)
     one_line_error(excinfo)
 
 
@@ -333,27 +340,27 @@ def test_unreadable_weight_files_give_one_line(tmp_path):
 )
 def test_names_that_are_neither_paths_nor_hub_ids(name, message):
     with pytest.raises(GPT2LabError, match=message):
-        load_pretrained(name)
+        GPT.from_pretrained(name)
 
 
 def test_a_folder_without_a_checkpoint(tmp_path):
     (tmp_path / "notes.txt").write_text("hi")
     with pytest.raises(GPT2LabError, match="no checkpoint in .*expected config.json"):
-        load_pretrained(tmp_path)
+        GPT.from_pretrained(tmp_path)
     (tmp_path / "config.json").write_text("{}")
     with pytest.raises(GPT2LabError, match="has config.json but no model.safetensors"):
-        load_pretrained(tmp_path)
+        GPT.from_pretrained(tmp_path)
 
 
 HUB_SCRIPT = """
 import sys, time
 import huggingface_hub  # imported up front: the time measured is the loader's, not the import's
-from gpt2lab.checkpoints import load_pretrained
+from gpt2lab import GPT
 from gpt2lab.config import GPT2LabError
 for name in sys.argv[1:]:
     start = time.perf_counter()
     try:
-        model = load_pretrained(name)
+        model = GPT.from_pretrained(name)
         result = f"LOADED {sum(t.double().sum().item() for t in model.state_dict().values())!r}"
     except GPT2LabError as err:
         result = f"ERROR {err}"
@@ -537,7 +544,7 @@ def test_real_cut_off_tensor_is_a_clear_truncation_error(real_tf):
     with pytest.raises(GPT2LabError, match="truncated data file .*model/h0/attn/c_attn/w needs bytes 9216..7087104"):
         reader.read("model/h0/attn/c_attn/w")
     with pytest.raises(GPT2LabError, match="truncated data file .*model/wte") as excinfo:
-        load_pretrained(real_tf)  # 124M config; wte is read first and is cut off
+        GPT.from_pretrained(real_tf)  # 124M config; wte is read first and is cut off
     one_line_error(excinfo)
 
 
@@ -581,9 +588,9 @@ def test_a_corrupt_index_is_reported_as_such(real_tf, tmp_path):
 def test_tf_checkpoint_loads_into_the_same_model(tmp_path):
     model = random_model()
     folder = write_gpt2_checkpoint(model, tmp_path / "tf")
-    assert_same_model(load_pretrained(folder), model)
-    assert_same_model(load_pretrained(folder / "model.ckpt"), model)  # a prefix
-    assert_same_model(load_pretrained(folder / "model.ckpt.index"), model)
+    assert_same_model(GPT.from_pretrained(folder), model)
+    assert_same_model(GPT.from_pretrained(folder / "model.ckpt"), model)  # a prefix
+    assert_same_model(GPT.from_pretrained(folder / "model.ckpt.index"), model)
     reader = TFCheckpointReader(folder)
     w = reader.read("model/h1/attn/c_attn/w")
     assert w.shape == (1, 32, 96)
@@ -595,10 +602,10 @@ def test_tf_index_with_many_blocks(tmp_path):
     folder = write_gpt2_checkpoint(model, tmp_path / "tf", block_size=256)
     data = (folder / "model.ckpt.index").read_bytes()
     footer = data[-48:]
-    _, pos = ckpt._varint(footer, 0)
-    _, pos = ckpt._varint(footer, pos)
-    assert len(list(ckpt._block_entries(ckpt._block(data, footer[pos:])))) >= 3  # data blocks
-    assert_same_model(load_pretrained(folder), model)
+    _, pos = tf_bundle._varint(footer, 0)
+    _, pos = tf_bundle._varint(footer, pos)
+    assert len(list(tf_bundle._block_entries(tf_bundle._block(data, footer[pos:])))) >= 3  # data blocks
+    assert_same_model(GPT.from_pretrained(folder), model)
 
 
 def test_tf_optimizer_slots_are_skipped_and_missing_tensors_named(tmp_path):
@@ -606,14 +613,14 @@ def test_tf_optimizer_slots_are_skipped_and_missing_tensors_named(tmp_path):
     slot = np.zeros((1, 32, 96), np.float32)
     extra = {"model/h0/attn/c_attn/w/Adam": slot, "model/h0/attn/c_attn/w/Adam_1": slot, "global_step": np.int64(7)}
     folder = write_gpt2_checkpoint(model, tmp_path / "tf", extra=extra)
-    assert_same_model(load_pretrained(folder), model)
+    assert_same_model(GPT.from_pretrained(folder), model)
 
     tensors = {n: TFCheckpointReader(folder).read(n) for n in TFCheckpointReader(folder).entries}
     del tensors["model/h1/ln_2/g"]
     tensors["model/h0/mlp/c_fc/w"] = tensors["model/h0/mlp/c_fc/w"][0]
     write_bundle(folder / "model.ckpt", tensors)
     with pytest.raises(GPT2LabError) as excinfo:
-        load_pretrained(folder)
+        GPT.from_pretrained(folder)
     message = one_line_error(excinfo)
     assert "missing model/h1/ln_2/g" in message
     assert "shape of model/h0/mlp/c_fc/w is (32, 128), expected (1, 32, 128)" in message
@@ -623,10 +630,10 @@ def test_tf_missing_data_file_and_hparams(tmp_path):
     folder = write_gpt2_checkpoint(random_model(), tmp_path / "tf")
     (folder / "model.ckpt.data-00000-of-00001").unlink()
     with pytest.raises(GPT2LabError, match="missing data file .*model.ckpt.data-00000-of-00001"):
-        load_pretrained(folder)
+        GPT.from_pretrained(folder)
     (folder / "hparams.json").unlink()
     with pytest.raises(GPT2LabError, match="hparams.json is missing"):
-        load_pretrained(folder)
+        GPT.from_pretrained(folder)
 
 
 # ======================================================================================== protobuf wire format
@@ -635,7 +642,7 @@ def test_tf_missing_data_file_and_hparams(tmp_path):
 @given(st.integers(min_value=0, max_value=2**64 - 1))
 def test_varint_round_trip(value):
     encoded = varint(value)
-    assert ckpt._varint(encoded + b"\xff", 0) == (value, len(encoded))
+    assert tf_bundle._varint(encoded + b"\xff", 0) == (value, len(encoded))
 
 
 def test_proto_fields_decode_every_wire_type():
@@ -644,11 +651,11 @@ def test_proto_fields_decode_every_wire_type():
     message += varint(3 << 3 | 2) + varint(3) + b"abc"  # field 3, bytes
     message += varint(4 << 3 | 5) + struct.pack("<I", 0xDEADBEEF)  # field 4, fixed32
     message += varint(5 << 3) + varint(-1)  # field 5, a negative int64
-    fields = list(ckpt._proto_fields(message))
+    fields = list(tf_bundle._proto_fields(message))
     assert fields[:4] == [(1, 300), (2, 2**40 + 3), (3, b"abc"), (4, 0xDEADBEEF)]
-    assert ckpt._int64(fields[4][1]) == -1
-    with pytest.raises(ckpt._Corrupt):
-        list(ckpt._proto_fields(varint(3 << 3 | 2) + varint(10) + b"short"))
+    assert tf_bundle._int64(fields[4][1]) == -1
+    with pytest.raises(tf_bundle._Corrupt):
+        list(tf_bundle._proto_fields(varint(3 << 3 | 2) + varint(10) + b"short"))
 
 
 def test_reader_handles_other_dtypes_and_names_unknown_tensors(tmp_path):

@@ -12,7 +12,6 @@ import pytest
 import torch
 
 from gpt2lab import GPT, GPTConfig
-from gpt2lab.checkpoints import export_hf, load_pretrained
 
 transformers = pytest.importorskip("transformers")
 
@@ -105,7 +104,7 @@ LAYOUTS = {
 def test_tiny_transformers_gpt2_loads_with_the_same_logits_and_loss(tmp_path, layout):
     hf = random_hf(**TINY)
     LAYOUTS[layout](hf, tmp_path)
-    model = load_pretrained(tmp_path).eval()
+    model = GPT.from_pretrained(tmp_path).eval()
     assert model.config.block_size == 64 and model.config.vocab_size == 512
     assert_same_logits_and_loss(hf, model, batch(512, 48))
 
@@ -113,7 +112,7 @@ def test_tiny_transformers_gpt2_loads_with_the_same_logits_and_loss(tmp_path, la
 def test_tiny_transformers_gpt2_greedy_generation_is_identical(tmp_path):
     hf = random_hf(**TINY)
     hf.save_pretrained(tmp_path)
-    model = load_pretrained(tmp_path).eval()
+    model = GPT.from_pretrained(tmp_path).eval()
     assert_same_greedy_generation(hf, model, batch(512, 8)[:1])
 
 
@@ -123,7 +122,7 @@ def test_export_hf_loads_in_transformers_with_the_same_logits(tmp_path):
     with torch.no_grad():
         for name, p in model.named_parameters():
             p.normal_(1.0 if ".ln_" in name and name.endswith("weight") else 0.0, 0.2 if p.dim() > 1 else 0.1)
-    export_hf(model, tmp_path)
+    model.export_hf(tmp_path)
     hf, info = transformers.GPT2LMHeadModel.from_pretrained(tmp_path, output_loading_info=True)
     hf.eval()
     assert info["missing_keys"] == set() and info["unexpected_keys"] == set()
@@ -142,7 +141,7 @@ def test_gpt2_124m_random_matches_transformers(tmp_path):
     """
     hf = random_hf(initializer_range=0.05)
     hf.save_pretrained(tmp_path)
-    model = load_pretrained(tmp_path).eval()
+    model = GPT.from_pretrained(tmp_path).eval()
     assert model.config == GPTConfig.from_preset("gpt2")
     assert_same_logits_and_loss(hf, model, batch(50257, 64))
     assert_same_greedy_generation(hf, model, batch(50257, 8)[:1])

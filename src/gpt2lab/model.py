@@ -171,20 +171,49 @@ class GPT(nn.Module):
 
     # ------------------------------------------------------------------ checkpoints
     @classmethod
-    def from_pretrained(cls, name_or_path: str | Path, **kwargs) -> GPT:
-        """Load a hub id, a hub-layout folder/file, an OpenAI TF checkpoint or a gpt2lab folder."""
-        from .checkpoints import load_pretrained
+    def from_pretrained(
+        cls, name_or_path: str | Path, dtype: torch.dtype | str | None = None, device: torch.device | str | None = None
+    ) -> GPT:
+        """A model with the weights of a hub id, a hub-layout folder or file, an OpenAI TF checkpoint
+        (folder or ``model.ckpt`` prefix) or a gpt2lab folder.
 
-        return load_pretrained(name_or_path, **kwargs)
+        Parameters come back as float32 unless ``dtype`` is given (a ``torch.dtype`` or a name such as
+        ``"bfloat16"``), then are moved to ``device``. Hub and TF checkpoints come with dropout 0: they
+        carry weights, not the regularisation of the run that produced them. Every failure is a one-line
+        :class:`GPT2LabError`.
+        """
+        from .checkpoints import read_checkpoint
+        from .precision import parse_dtype
+
+        dtype = parse_dtype(dtype)
+        config, state = read_checkpoint(name_or_path)
+        model = cls(config)
+        with torch.no_grad():  # names and shapes are already checked, so load_state_dict cannot complain
+            model.load_state_dict({**state, "lm_head.weight": state["transformer.wte.weight"]}, strict=True)
+        return model.to(device=device, dtype=dtype) if dtype is not None or device is not None else model
 
     def save_pretrained(self, directory: str | Path) -> None:
-        """Write ``model.safetensors`` + ``config.json`` (gpt2lab's own format)."""
-        from .checkpoints import save_pretrained
+        """Write ``model.safetensors`` + ``config.json`` (gpt2lab's own format), each file atomically."""
+        from .checkpoints import write_gpt2lab
 
-        save_pretrained(self, directory)
+        write_gpt2lab(directory, self.config, self._state_to_save())
 
     def export_hf(self, directory: str | Path) -> None:
-        """Write the Hugging Face hub layout, loadable by ``transformers.GPT2LMHeadModel``."""
-        from .checkpoints import export_hf
+        """Write the Hugging Face hub layout, loadable by ``transformers.GPT2LMHeadModel``; variants that
+        transformers' GPT-2 cannot compute (RoPE, GQA, windows) are refused."""
+        from .checkpoints import write_hf
 
-        export_hf(self, directory)
+        write_hf(directory, self.config, self._state_to_save(), self.lm_head.weight.dtype)
+
+    def _state_to_save(self) -> dict[str, torch.Tensor]:
+        """The tensors on the CPU, contiguous, with the tied LM head left out (it is wte).
+
+        A torch.compile'd model needs no unwrapping: its wrapper forwards these methods to the model.
+        """
+        if self.lm_head.weight is not self.transformer.wte.weight:
+            raise GPT2LabError(
+                "lm_head is no longer tied to transformer.wte: GPT-2 checkpoints store one shared matrix"
+            )
+        state = self.state_dict()
+        state.pop("lm_head.weight")
+        return {name: t.detach().to("cpu").contiguous() for name, t in state.items()}

@@ -1,0 +1,52 @@
+"""Reading and writing GPT-2 checkpoints in the four formats people actually have.
+
+* **Hugging Face hub ids** and **hub-layout folders** (``config.json`` + ``model.safetensors``, sharded
+  safetensors or ``pytorch_model.bin``): :mod:`.locate` finds them, :mod:`.hf` reads and writes them.
+* **OpenAI's TensorFlow checkpoints** (``hparams.json``, ``model.ckpt.index``, ``model.ckpt.data-*``),
+  read without TensorFlow: :mod:`.tf_bundle` decodes the bundle, :mod:`.openai_tf` maps its tensors.
+* **gpt2lab's own format** (:mod:`.native`): ``model.safetensors`` + ``config.json`` holding
+  :class:`GPTConfig` with ``"format": "gpt2lab"``, so every variant (RoPE, GQA, windows) round-trips.
+
+Readers return a config and a state dict in gpt2lab's names, checked against each other (all missing,
+unexpected and mis-shaped tensors reported together in one line, never as a torch traceback); writers
+take the same. :class:`gpt2lab.model.GPT` builds itself from them; nothing here imports the model.
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+
+from ..config import GPTConfig
+from .hf import gpt_config_to_hf, hf_config_to_gpt, read_hf, write_hf
+from .locate import locate
+from .names import gpt_state_shapes
+from .native import read_gpt2lab, write_gpt2lab
+from .openai_tf import read_openai_tf
+from .tf_bundle import TFCheckpointReader, TFTensorEntry
+
+__all__ = [
+    "TFCheckpointReader",
+    "TFTensorEntry",
+    "gpt_config_to_hf",
+    "gpt_state_shapes",
+    "hf_config_to_gpt",
+    "read_checkpoint",
+    "write_gpt2lab",
+    "write_hf",
+]
+
+
+def read_checkpoint(name_or_path: str | os.PathLike) -> tuple[GPTConfig, dict[str, torch.Tensor]]:
+    """The config and state dict of a hub id, a hub-layout folder or file, an OpenAI TF checkpoint
+    (folder, ``model.ckpt`` prefix or ``.index`` file) or a gpt2lab folder.
+
+    The state is in gpt2lab's names and the dtype it was stored in, checked against the config, without the tied
+    ``lm_head.weight`` (it is ``transformer.wte.weight``). Every failure is a one-line :class:`GPT2LabError`.
+    """
+    source = locate(str(name_or_path))
+    if source.kind == "tf":
+        return read_openai_tf(source.config, source.weights[0])
+    read = read_gpt2lab if source.kind == "gpt2lab" else read_hf
+    return read(source.config, source.weights)

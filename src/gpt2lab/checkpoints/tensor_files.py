@@ -1,0 +1,68 @@
+"""Weight files: safetensors and ``pytorch_model.bin`` read into tensors, safetensors written atomically.
+
+The files hold names and tensors only; what the names mean is up to the format reading them
+(:mod:`~gpt2lab.checkpoints.hf`, :mod:`~gpt2lab.checkpoints.native`).
+"""
+
+from __future__ import annotations
+
+import pickle
+from collections.abc import Mapping
+from pathlib import Path
+
+import torch
+
+from ..config import GPT2LabError
+from ..files import atomic_file, one_line
+
+__all__ = ["read_weight_files", "write_safetensors"]
+
+
+def read_weight_files(paths: tuple[Path, ...]) -> dict[str, torch.Tensor]:
+    """Every tensor in ``paths`` (one file, or the shards of one checkpoint), by name, on the CPU."""
+    tensors: dict[str, torch.Tensor] = {}
+    for path in paths:
+        tensors |= _read_safetensors(path) if path.suffix == ".safetensors" else _read_torch_bin(path)
+    return tensors
+
+
+def _read_safetensors(path: Path) -> dict[str, torch.Tensor]:
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    if not path.is_file():
+        raise GPT2LabError(f"missing weights file {path}")
+    try:
+        return load_file(path)
+    except SafetensorError as err:
+        raise GPT2LabError(f"{path} is not a readable safetensors file: {one_line(str(err))}") from err
+
+
+def _read_torch_bin(path: Path) -> dict[str, torch.Tensor]:
+    """A ``pytorch_model.bin`` state dict, unpickled with ``weights_only=True``.
+
+    A pickle can run arbitrary code when loaded; the weights-only unpickler allows tensors and plain
+    containers only, so a file carrying anything else is refused before any of it runs.
+    """
+    if not path.is_file():
+        raise GPT2LabError(f"missing weights file {path}")
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as err:
+        raise GPT2LabError(
+            f"refusing to load {path}: it holds objects other than tensors (a pickle can run code); "
+            "use a model.safetensors from a source you trust"
+        ) from err
+    except (RuntimeError, EOFError, OSError, ValueError) as err:
+        raise GPT2LabError(f"{path} is not a readable PyTorch checkpoint: {one_line(str(err))}") from err
+    if not isinstance(state, Mapping) or not all(isinstance(t, torch.Tensor) for t in state.values()):
+        raise GPT2LabError(f"{path} does not hold a state dict (a mapping of names to tensors)")
+    return dict(state)
+
+
+def write_safetensors(path: Path, state: dict[str, torch.Tensor]) -> None:
+    """``state`` (contiguous CPU tensors) as ``path``, which appears whole or not at all."""
+    from safetensors.torch import save_file
+
+    with atomic_file(path) as tmp:
+        save_file(state, tmp, metadata={"format": "pt"})
