@@ -17,7 +17,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .attention import CausalSelfAttention
-from .config import GPTConfig
+from .config import GPT2LabError, GPTConfig
 from .cpu_linear import Linear
 from .kv_cache import KVCache
 from .lm_head_loss import LMHeadLoss
