@@ -22,6 +22,7 @@ import torch
 from tqdm import tqdm
 
 from .config import GPT2LabError, closest_hint
+from .files import atomic_file, write_json
 from .tokenizer import load_tokenizer
 
 TOKENIZER_NAME = "gpt2"
@@ -101,59 +102,62 @@ def prepare(
     num_threads: int | None = None,
     chunk_docs: int = 64,
 ) -> dict:
-    """Tokenize ``sources`` into ``out_dir``; returns the metadata written to ``meta.json``.
-
-    Documents are encoded in chunks with tiktoken's multithreaded ``encode_ordinary_batch`` (the
-    BPE runs in Rust, so threads use every core) and streamed to disk, so memory stays bounded by one chunk.
-    """
+    """Tokenize ``sources`` into ``out_dir``; returns the metadata written to ``meta.json``."""
     if isinstance(sources, str | Path):
         sources = [sources]
     if not 0.0 < val_fraction < 1.0:
         raise GPT2LabError(f"val fraction must be in (0, 1), got {val_fraction}")
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    enc = load_tokenizer()
-    threads = num_threads or os.cpu_count() or 1
-    documents = iter_documents(sources)
-    first = next(documents, None)  # fail on a bad source (or a download) before drawing a progress bar
     stream_path = out / "tokens.tmp"
-    n_docs = n_tokens = 0
-    with open(stream_path, "wb") as stream, tqdm(desc="tokenizing", unit="doc") as bar:
+    try:
+        threads = num_threads or os.cpu_count() or 1
+        n_docs, n_tokens = _tokenize(iter_documents(sources), stream_path, threads, chunk_docs)
+        if n_docs == 0:
+            raise GPT2LabError(f"no text found in {', '.join(map(str, sources))}: every document is empty")
+        meta = _write_splits(stream_path, out, n_tokens, val_fraction)
+    finally:
+        stream_path.unlink(missing_ok=True)
+    meta.update(documents=n_docs, sources=[str(s) for s in sources])
+    write_json(out / "meta.json", meta)
+    return meta
 
-        def flush(batch: list[str]) -> None:
-            nonlocal n_tokens
+
+def _tokenize(documents: Iterator[tuple[str, str]], stream: Path, threads: int, chunk_docs: int) -> tuple[int, int]:
+    """Append every non-empty document's tokens + ``<|endoftext|>`` to ``stream``; (documents, tokens).
+
+    Documents are encoded in chunks with tiktoken's multithreaded ``encode_ordinary_batch`` (the BPE
+    runs in Rust, so threads use every core) and streamed to disk: memory is bounded by one chunk.
+    """
+    enc = load_tokenizer()
+    first = next(documents, None)  # fail on a bad source (or a download) before drawing a progress bar
+    n_docs = n_tokens = 0
+    texts = iter(text for _, text in itertools.chain([first] if first else [], documents) if text.strip())
+    with open(stream, "wb") as f, tqdm(desc="tokenizing", unit="doc") as bar:
+        while batch := list(itertools.islice(texts, chunk_docs)):
             for ids in enc.encode_ordinary_batch(batch, num_threads=threads):
                 ids.append(enc.eot_token)
-                stream.write(np.asarray(ids, dtype=DTYPE).tobytes())
+                f.write(np.asarray(ids, dtype=DTYPE).tobytes())
                 n_tokens += len(ids)
+            n_docs += len(batch)
             bar.update(len(batch))
             bar.set_postfix(tokens=f"{n_tokens:,}")
+    return n_docs, n_tokens
 
-        batch: list[str] = []
-        for _, text in itertools.chain([first] if first else [], documents):
-            if text.strip():
-                batch.append(text)
-                n_docs += 1
-            if len(batch) >= chunk_docs:
-                flush(batch)
-                batch = []
-        if batch:
-            flush(batch)
-    if n_docs == 0:
-        stream_path.unlink()
-        raise GPT2LabError(f"no text found in {', '.join(map(str, sources))}: every document is empty")
 
+def _write_splits(stream_path: Path, out: Path, n_tokens: int, val_fraction: float) -> dict:
+    """``train.bin`` and ``val.bin`` (the tail of the token stream) from the token stream; their metadata."""
     tokens = np.memmap(stream_path, dtype=DTYPE, mode="r")
     n_val = max(1, int(round(n_tokens * val_fraction)))
     n_train = n_tokens - n_val
     byte_len = token_byte_lengths()
     for name, part in (("train", tokens[:n_train]), ("val", tokens[n_train:])):
-        part.tofile(out / f"{name}.bin")
+        with atomic_file(out / f"{name}.bin") as tmp:
+            part.tofile(tmp)
     meta = {
         "tokenizer": TOKENIZER_NAME,
-        "vocab_size": enc.n_vocab,
+        "vocab_size": load_tokenizer().n_vocab,
         "dtype": np.dtype(DTYPE).name,
-        "documents": n_docs,
         "tokens": n_tokens,
         "train_tokens": n_train,
         "val_tokens": n_val,
@@ -161,11 +165,8 @@ def prepare(
         "val_bytes": int(byte_len[tokens[n_train:]].sum()),
         "val_fraction": val_fraction,
         "split": "tail of the token stream: val.bin holds the last val_fraction of the tokens",
-        "sources": [str(s) for s in sources],
     }
     del tokens
-    stream_path.unlink()
-    (out / "meta.json").write_text(json.dumps(meta, indent=2) + "\n")
     return meta
 
 
