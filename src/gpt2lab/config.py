@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import math
 from dataclasses import dataclass
 from typing import Any
 
@@ -25,6 +26,27 @@ def closest_hint(name: str, choices) -> str:
     """`` (did you mean 'x'?)`` when a close match exists, else an empty string."""
     match = difflib.get_close_matches(name, list(choices), n=1)
     return f" (did you mean '{match[0]}'?)" if match else ""
+
+
+def is_int(value: Any) -> bool:
+    """An integer, and not a bool (``True`` is an int to Python, never a size to a user)."""
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def check_number(
+    name: str, value: Any, low: float | None = None, high: float | None = None, low_open: bool = False
+) -> None:
+    """Refuse with one line a value that is not a finite number in [low, high) (or (low, high) if low_open)."""
+    ok = isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value)
+    if ok and low is not None:
+        ok = value > low if low_open else value >= low
+    if ok and high is not None:
+        ok = value < high
+    if not ok:
+        lo = "" if low is None else f"{'>' if low_open else '>='} {low:g}"
+        hi = "" if high is None else f"< {high:g}"
+        bounds = " and ".join(part for part in (lo, hi) if part)
+        raise GPT2LabError(f"{name} must be a finite number{' ' + bounds if bounds else ''}, got {value!r}")
 
 
 @dataclass
@@ -67,7 +89,7 @@ class GPTConfig:
     def validate(self) -> None:
         for name in ("block_size", "vocab_size", "n_layer", "n_head", "n_embd", "n_kv_head"):
             value = getattr(self, name)
-            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+            if not is_int(value) or value < 1:
                 raise GPT2LabError(f"config: {name} must be a positive integer, got {value!r}")
         if self.n_embd % self.n_head:
             raise GPT2LabError(f"config: n_embd ({self.n_embd}) must be divisible by n_head ({self.n_head})")
@@ -75,13 +97,14 @@ class GPTConfig:
             raise GPT2LabError(f"config: n_head ({self.n_head}) must be divisible by n_kv_head ({self.n_kv_head})")
         if self.pos_encoding not in ("learned", "rope"):
             raise GPT2LabError(f"config: pos_encoding must be 'learned' or 'rope', got {self.pos_encoding!r}")
-        if self.pos_encoding == "rope":
-            if self.head_dim % 2:
-                raise GPT2LabError(f"config: rope needs an even head size, got {self.head_dim}")
-            if self.rope_theta <= 0:
-                raise GPT2LabError(f"config: rope_theta must be > 0, got {self.rope_theta}")
-        if not 0.0 <= self.dropout < 1.0:
-            raise GPT2LabError(f"config: dropout must be in [0, 1), got {self.dropout}")
+        if self.pos_encoding == "rope" and self.head_dim % 2:
+            raise GPT2LabError(f"config: rope needs an even head size, got {self.head_dim}")
+        check_number("config: rope_theta", self.rope_theta, low=0.0, low_open=True)
+        check_number("config: layer_norm_epsilon", self.layer_norm_epsilon, low=0.0, low_open=True)
+        check_number("config: dropout", self.dropout, low=0.0, high=1.0)
+        self._validate_window()
+
+    def _validate_window(self) -> None:
         windows = self.window if isinstance(self.window, list) else [self.window]
         if isinstance(self.window, list) and len(self.window) != self.n_layer:
             raise GPT2LabError(
@@ -90,8 +113,10 @@ class GPTConfig:
         for w in windows:
             if w is None:
                 continue
-            if not isinstance(w, int) or isinstance(w, bool) or w < 1:
-                raise GPT2LabError(f"config: window must be None or an integer >= 1, got {w!r}")
+            if not is_int(w) or w < 1:
+                raise GPT2LabError(
+                    f"config: window must be None or an integer >= 1 ('{FULL_WINDOW}' for no window), got {w!r}"
+                )
             if w > self.block_size:
                 raise GPT2LabError(f"config: window ({w}) is larger than the context block_size ({self.block_size})")
 
