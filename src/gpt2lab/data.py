@@ -9,7 +9,6 @@ file and for many documents.
 from __future__ import annotations
 
 import itertools
-import json
 import os
 import urllib.error
 import urllib.request
@@ -21,8 +20,8 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from .config import GPT2LabError, closest_hint
-from .files import atomic_file, write_json
+from .config import GPT2LabError, check_number, closest_hint, is_int
+from .files import atomic_file, read_json, scratch_file, write_json
 from .tokenizer import load_tokenizer
 
 TOKENIZER_NAME = "gpt2"
@@ -71,14 +70,27 @@ def iter_documents(sources: list[str | Path]) -> Iterator[tuple[str, str]]:
             if not files:
                 raise GPT2LabError(f"no text files ({', '.join(TEXT_SUFFIXES)}) in folder {path}")
             for f in files:
-                yield str(f), f.read_text(encoding="utf-8", errors="replace")
+                yield str(f), read_text_file(f)
         elif path.is_file():
-            yield str(path), path.read_text(encoding="utf-8", errors="replace")
+            yield str(path), read_text_file(path)
         else:
             hint = closest_hint(str(source), NAMED_DATASETS)
             raise GPT2LabError(
                 f"no such file, folder or dataset: {source}{hint}; named datasets: {', '.join(NAMED_DATASETS)}"
             )
+
+
+def read_text_file(path: Path) -> str:
+    """The file's text; a file that is not UTF-8 text (a binary file, another encoding) is refused."""
+    data = path.read_bytes()
+    if b"\0" in data:
+        raise GPT2LabError(f"{path} is not a text file (it holds NUL bytes); prepare reads UTF-8 text")
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as err:
+        raise GPT2LabError(
+            f"{path} is not UTF-8 text (invalid byte at offset {err.start}); convert it first, e.g. iconv -t utf-8"
+        ) from None
 
 
 # ---------------------------------------------------------------------------------------- prepare
@@ -105,21 +117,27 @@ def prepare(
     """Tokenize ``sources`` into ``out_dir``; returns the metadata written to ``meta.json``."""
     if isinstance(sources, str | Path):
         sources = [sources]
-    if not 0.0 < val_fraction < 1.0:
-        raise GPT2LabError(f"val fraction must be in (0, 1), got {val_fraction}")
+    check_number("val fraction", val_fraction, low=0.0, high=1.0, low_open=True)
+    if num_threads is not None and (not is_int(num_threads) or num_threads < 1):
+        raise GPT2LabError(f"threads must be an integer >= 1, got {num_threads!r}")
     out = Path(out_dir)
+    if out.exists() and not out.is_dir():
+        raise GPT2LabError(f"{out} exists and is not a folder")
+    created = not out.exists()
     out.mkdir(parents=True, exist_ok=True)
-    stream_path = out / "tokens.tmp"
     try:
-        threads = num_threads or os.cpu_count() or 1
-        n_docs, n_tokens = _tokenize(iter_documents(sources), stream_path, threads, chunk_docs)
-        if n_docs == 0:
-            raise GPT2LabError(f"no text found in {', '.join(map(str, sources))}: every document is empty")
-        meta = _write_splits(stream_path, out, n_tokens, val_fraction)
-    finally:
-        stream_path.unlink(missing_ok=True)
-    meta.update(documents=n_docs, sources=[str(s) for s in sources])
-    write_json(out / "meta.json", meta)
+        with scratch_file(out, "tokens") as stream_path:
+            threads = num_threads or os.cpu_count() or 1
+            n_docs, n_tokens = _tokenize(iter_documents(sources), stream_path, threads, chunk_docs)
+            if n_docs == 0:
+                raise GPT2LabError(f"no text found in {', '.join(map(str, sources))}: every document is empty")
+            meta = _write_splits(stream_path, out, n_tokens, val_fraction)
+        meta.update(documents=n_docs, sources=[str(s) for s in sources])
+        write_json(out / "meta.json", meta)
+    except BaseException:
+        if created and not any(out.iterdir()):
+            out.rmdir()  # a failed first prepare leaves no empty folder behind
+        raise
     return meta
 
 
@@ -186,33 +204,23 @@ class TokenData:
     def open(cls, path: str | Path, vocab_size: int | None = None) -> TokenData:
         """Open and check a prepared folder; ``vocab_size`` is the model's, to catch foreign token ids."""
         path = Path(path)
-        meta_path = path / "meta.json"
-        if not meta_path.is_file():
+        if not (path / "meta.json").is_file():
             raise GPT2LabError(
                 f"no prepared data in {path} (missing meta.json); run: gpt2lab prepare SOURCE --out {path}"
             )
-        meta = json.loads(meta_path.read_text())
-        if meta.get("tokenizer") != TOKENIZER_NAME:
-            raise GPT2LabError(
-                f"{path} was made with tokenizer {meta.get('tokenizer')!r}, not {TOKENIZER_NAME!r}; prepare it again"
-            )
-        if vocab_size is not None and meta.get("vocab_size", 0) > vocab_size:
+        meta = _read_meta(path)
+        if vocab_size is not None and meta["vocab_size"] > vocab_size:
             raise GPT2LabError(
                 f"{path} has a vocabulary of {meta['vocab_size']} tokens but the model has {vocab_size}; "
                 "it was made with another tokenizer"
             )
-        splits = {}
-        for name in ("train", "val"):
-            f = path / f"{name}.bin"
-            if not f.is_file() or f.stat().st_size == 0:
-                raise GPT2LabError(f"{f} is missing or empty; run: gpt2lab prepare SOURCE --out {path}")
-            splits[name] = np.memmap(f, dtype=meta.get("dtype", "uint16"), mode="r")
-        limit = vocab_size or meta["vocab_size"]
+        splits = {name: _open_split(path / f"{name}.bin", meta["dtype"]) for name in ("train", "val")}
         for name, tokens in splits.items():
-            # A full scan of a multi-GB split costs seconds; the head is enough to catch a foreign file.
-            top = int(tokens[: 1 << 22].max())
-            if top >= limit:
-                raise GPT2LabError(f"{path}/{name}.bin has token id {top} >= vocab size {limit}: another tokenizer?")
+            top = max_token_id(tokens)
+            if top >= meta["vocab_size"]:
+                raise GPT2LabError(
+                    f"{path}/{name}.bin has token id {top} >= vocab size {meta['vocab_size']}: another tokenizer?"
+                )
         return cls(path, meta, splits["train"], splits["val"])
 
     def check_fits(self, block_size: int) -> None:
@@ -224,6 +232,31 @@ class TokenData:
                     f"the {name} split of {self.path} has {n} tokens, fewer than one sequence of "
                     f"block_size {block_size} + 1; use a smaller block_size or more data"
                 )
+
+
+def _read_meta(path: Path) -> dict:
+    meta = read_json(path / "meta.json")
+    if meta.get("tokenizer") != TOKENIZER_NAME:
+        raise GPT2LabError(
+            f"{path} was made with tokenizer {meta.get('tokenizer')!r}, not {TOKENIZER_NAME!r}; prepare it again"
+        )
+    if not is_int(meta.get("vocab_size")) or meta["vocab_size"] < 1 or meta.get("dtype") not in ("uint16", "uint32"):
+        raise GPT2LabError(f"{path}/meta.json is damaged (vocab_size or dtype missing or wrong); prepare it again")
+    return meta
+
+
+def _open_split(file: Path, dtype: str) -> np.ndarray:
+    if not file.is_file() or file.stat().st_size == 0:
+        raise GPT2LabError(f"{file} is missing or empty; run: gpt2lab prepare SOURCE --out {file.parent}")
+    itemsize = np.dtype(dtype).itemsize
+    if file.stat().st_size % itemsize:
+        raise GPT2LabError(f"{file} is truncated: {file.stat().st_size} bytes is not a whole number of {dtype} tokens")
+    return np.memmap(file, dtype=dtype, mode="r")
+
+
+def max_token_id(tokens: np.ndarray, chunk: int = 1 << 26) -> int:
+    """The largest id in ``tokens``, read in chunks: every id is checked, memory stays one chunk."""
+    return max(int(tokens[start : start + chunk].max()) for start in range(0, len(tokens), chunk))
 
 
 def sample_offsets(n_tokens: int, block_size: int, count: int, generator: torch.Generator) -> torch.Tensor:

@@ -47,6 +47,17 @@ def atomic_file(path: str | os.PathLike) -> Iterator[Path]:
         tmp.unlink(missing_ok=True)
 
 
+@contextmanager
+def scratch_file(directory: str | os.PathLike, name: str) -> Iterator[Path]:
+    """A unique temporary file in ``directory`` for intermediate data, removed however the block ends."""
+    fd, tmp_name = tempfile.mkstemp(dir=directory, prefix=f".{name}.", suffix=".tmp")
+    os.close(fd)
+    try:
+        yield Path(tmp_name)
+    finally:
+        Path(tmp_name).unlink(missing_ok=True)
+
+
 def write_bytes(path: str | os.PathLike, data: bytes) -> None:
     with atomic_file(path) as tmp:
         tmp.write_bytes(data)

@@ -59,6 +59,9 @@ def locate(name: str) -> Source:
     looks_like_path = name.startswith((".", "/", "~")) or path.suffix in (".safetensors", ".bin", ".json", ".index")
     if looks_like_path or not _HUB_ID.match(name):
         raise GPT2LabError(f"unknown model '{name}': no such file or folder, and not a Hugging Face hub id (org/name)")
+    if "/" in name and path.parent.is_dir():  # 'runs/my-rum': a local folder's typo, not an org on the hub
+        hint = closest_hint(path.name, [p.name for p in path.parent.iterdir()])
+        raise GPT2LabError(f"no such file or folder: {name}{hint} (a local folder {path.parent}/ exists)")
     if "/" not in name and name not in LEGACY_HUB_NAMES:
         raise GPT2LabError(
             f"unknown model '{name}'{closest_hint(name, LEGACY_HUB_NAMES)}: no such file or folder; hub ids are "

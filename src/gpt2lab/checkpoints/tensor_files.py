@@ -6,7 +6,6 @@ The files hold names and tensors only; what the names mean is up to the format r
 
 from __future__ import annotations
 
-import pickle
 from collections.abc import Mapping
 from pathlib import Path
 
@@ -14,6 +13,7 @@ import torch
 
 from ..config import GPT2LabError
 from ..files import atomic_file, one_line
+from ..safe_pickle import load_weights_only
 
 __all__ = ["read_weight_files", "write_safetensors"]
 
@@ -46,15 +46,7 @@ def _read_torch_bin(path: Path) -> dict[str, torch.Tensor]:
     """
     if not path.is_file():
         raise GPT2LabError(f"missing weights file {path}")
-    try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError as err:
-        raise GPT2LabError(
-            f"refusing to load {path}: it holds objects other than tensors (a pickle can run code); "
-            "use a model.safetensors from a source you trust"
-        ) from err
-    except (RuntimeError, EOFError, OSError, ValueError) as err:
-        raise GPT2LabError(f"{path} is not a readable PyTorch checkpoint: {one_line(str(err))}") from err
+    state = load_weights_only(path, str(path))
     if not isinstance(state, Mapping) or not all(isinstance(t, torch.Tensor) for t in state.values()):
         raise GPT2LabError(f"{path} does not hold a state dict (a mapping of names to tensors)")
     return dict(state)
