@@ -12,7 +12,8 @@ import pytest
 import torch
 from training_helpers import logged_losses, tiny_args, tiny_config
 
-from gpt2lab.training import load_checkpoint, train
+from gpt2lab.run_state import load_checkpoint
+from gpt2lab.training import train
 
 
 def _torchrun(corpus, out, *overrides, resume=False):

@@ -22,7 +22,9 @@ from training_helpers import logged_losses, tiny_args, tiny_config
 from gpt2lab.cli import main
 from gpt2lab.config import GPT2LabError, GPTConfig
 from gpt2lab.model import GPT
-from gpt2lab.training import TrainConfig, load_checkpoint, load_config, lr_at, make_optimizer, resolve_dtype, train
+from gpt2lab.run_state import load_checkpoint
+from gpt2lab.train_config import TrainConfig, load_config
+from gpt2lab.training import lr_at, make_optimizer, resolve_dtype, train
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 
@@ -288,3 +290,19 @@ def test_compiled_training_matches_eager_and_resumes(corpus, tmp_path):
     assert [step for step, _ in resumed["losses"]] == [3, 4]
     assert [loss for _, loss in resumed["losses"]] == pytest.approx([loss for _, loss in eager["losses"][2:]], abs=1e-4)
     assert logged_losses(tmp_path / "compiled").keys() == logged_losses(tmp_path / "eager").keys()
+
+
+def test_per_layer_window_list_in_toml_trains_and_loads(corpus, tmp_path):
+    """TOML has no null: a global layer is "full", in a file and in --set alike."""
+    path = tmp_path / "c.toml"
+    path.write_text('[model]\nn_layer = 2\nn_head = 2\nn_embd = 32\nblock_size = 32\nwindow = [8, "full"]\n')
+    run = tmp_path / "run"
+    overrides = ["block_size=16", "batch_size=2", "eval_iters=1", "max_iters=2", "dtype='float32'"]
+    cfg = load_config(path, [*overrides, f"data.dir='{corpus}'", f"out_dir='{run}'"])
+    assert cfg.model["window"] == [8, "full"]
+    assert load_config(None, ['window=[8, "full"]']).model["window"] == [8, "full"]
+    train(cfg)
+    assert GPT.from_pretrained(run).config.window == [8, None]
+    assert load_checkpoint(run / "ckpt.pt")["model_config"]["window"] == [8, None]
+    train(load_config(path, [*overrides, "max_iters=3", f"data.dir='{corpus}'", f"out_dir='{run}'"]), resume=True)
+    assert max(logged_losses(run)) == 3

@@ -6,7 +6,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from gpt2lab.training import TrainConfig, load_config
+from gpt2lab.train_config import TrainConfig, load_config
 
 # A model small enough that a step takes milliseconds; the vocabulary (50257) still dominates.
 TINY = [

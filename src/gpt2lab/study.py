@@ -154,8 +154,10 @@ def train_and_measure(train_fields: dict[str, Any], eval_settings: dict[str, Any
     from .evaluation import evaluate
     from .generation import stream_text
     from .model import GPT
+    from .run_state import CKPT_NAME
     from .tokenizer import load_tokenizer
-    from .training import CKPT_NAME, TrainConfig, train
+    from .train_config import TrainConfig
+    from .training import train
 
     reset_peak_memory()
     cfg = TrainConfig(**train_fields)
