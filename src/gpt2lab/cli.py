@@ -231,13 +231,17 @@ def add_study(sub) -> None:
     p.add_argument("--suite", required=True, help="suite TOML (see configs/study/)")
     p.add_argument("--out", required=True, help="folder for runs, CSVs, plots and report.md (re-run to resume)")
     p.add_argument("--data", default=None, help="text file, folder or named dataset; overrides the suite's")
+    p.add_argument(
+        "--set", action="append", default=[], metavar="KEY=VALUE", help="override a suite key, e.g. train.max_iters=10"
+    )
     p.set_defaults(func=cmd_study)
 
 
 def cmd_study(args) -> int:
-    from .study import load_suite, run_study
+    from .study import run_study
+    from .study_suite import load_suite
 
-    report = run_study(load_suite(args.suite, data=args.data), args.out)
+    report = run_study(load_suite(args.suite, data=args.data, overrides=args.set), args.out)
     print(f"report: {report}")
     return 0
 
