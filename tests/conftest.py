@@ -3,6 +3,8 @@ from pathlib import Path
 import pytest
 import torch
 
+from gpt2lab.data import prepare
+
 # The shared data folder sits next to the checkout (tests and benchmarks only; the product never reads it).
 SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
 
@@ -20,3 +22,11 @@ def shared_data() -> Path:
     if not SHARED_DATA.is_dir():
         pytest.skip(f"shared test data not found at {SHARED_DATA}")
     return SHARED_DATA
+
+
+@pytest.fixture(scope="session")
+def corpus(tmp_path_factory) -> Path:
+    """The embedded pydoc corpus, prepared once per test session (~140k tokens, a few seconds)."""
+    out = tmp_path_factory.mktemp("pydoc")
+    prepare("pydoc", out)
+    return out

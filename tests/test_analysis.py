@@ -6,10 +6,11 @@ import pytest
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
-from gpt2lab.analysis import load_config, mean_keys_seen, model_report, parse_overrides
+from gpt2lab.analysis import mean_keys_seen, model_report
 from gpt2lab.cli import main
 from gpt2lab.config import GPT2LabError, GPTConfig
 from gpt2lab.model import GPT
+from gpt2lab.train_config import load_model_config, parse_overrides
 
 SMALL = dict(n_layer=2, n_head=4, n_embd=32, vocab_size=100, block_size=64)
 VARIANTS = {
@@ -125,13 +126,13 @@ def test_bad_inputs_are_one_line_errors():
     with pytest.raises(GPT2LabError, match="key=value"):
         parse_overrides(["n_kv_head"])
     with pytest.raises(GPT2LabError, match="neither a preset"):
-        load_config("no-such-preset")
+        load_model_config("no-such-preset")
 
 
-def test_overrides_parse_json_literals_else_strings():
-    assert parse_overrides(["n_kv_head=4", "window=[256, null]", "pos_encoding=rope", "dropout=0.1"]) == {
+def test_overrides_parse_toml_values_else_strings():
+    assert parse_overrides(["n_kv_head=4", 'window=[256, "full"]', "pos_encoding=rope", "dropout=0.1"]) == {
         "n_kv_head": 4,
-        "window": [256, None],
+        "window": [256, "full"],
         "pos_encoding": "rope",
         "dropout": 0.1,
     }
@@ -139,16 +140,18 @@ def test_overrides_parse_json_literals_else_strings():
 
 def test_config_files(tmp_path):
     (tmp_path / "config.json").write_text(json.dumps(GPTConfig(**SMALL, n_kv_head=2).to_dict()))
-    assert load_config(str(tmp_path)).n_kv_head == 2  # a model folder
-    assert load_config(str(tmp_path / "config.json"), {"window": 8}).window == 8
+    assert load_model_config(str(tmp_path)).n_kv_head == 2  # a model folder
+    GPT(GPTConfig(**SMALL, window=[8, None])).save_pretrained(tmp_path / "saved")  # config.json with its format
+    assert load_model_config(str(tmp_path / "saved")).window == [8, None]
+    assert load_model_config(str(tmp_path / "config.json"), {"window": 8}).window == 8
     toml = tmp_path / "train.toml"
     toml.write_text('[model]\npreset = "tiny"\npos_encoding = "rope"\n\n[train]\nsteps = 10\n')
-    config = load_config(str(toml))
+    config = load_model_config(str(toml))
     assert (config.n_layer, config.n_embd, config.pos_encoding) == (2, 64, "rope")
 
 
 def test_cli_prints_a_table(capsys):
-    assert main(["info", "--config", "tiny", "--set", "n_kv_head=1", "--set", "window=[16, null]"]) == 0
+    assert main(["info", "--config", "tiny", "--set", "n_kv_head=1", "--set", 'window=[16, "full"]']) == 0
     out = capsys.readouterr().out
     assert "GPT-2 same size" in out and "KV cache" in out and "0.250x" in out
     assert main(["info", "--config", "gpt2", "--seq-len", "512", "--dtype", "bfloat16", "--json"]) == 0

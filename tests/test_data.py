@@ -10,7 +10,6 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from training_helpers import corpus  # noqa: F401
 
 from gpt2lab import data
 from gpt2lab.cli import main
@@ -44,7 +43,7 @@ def test_folder_of_documents(tmp_path):
     assert not (tmp_path / "out" / "tokens.tmp").exists()
 
 
-def test_embedded_pydoc_corpus(corpus):  # noqa: F811
+def test_embedded_pydoc_corpus(corpus):
     from pydoc_data.topics import topics
 
     d = TokenData.open(corpus)
@@ -101,7 +100,7 @@ def test_prepare_errors(tmp_path, make, message):
         prepare(make(tmp_path), tmp_path / "out")
 
 
-def _copy(corpus, tmp_path) -> Path:  # noqa: F811
+def _copy(corpus, tmp_path) -> Path:
     out = tmp_path / "copy"
     out.mkdir()
     for name in ("train.bin", "val.bin", "meta.json"):
@@ -109,7 +108,7 @@ def _copy(corpus, tmp_path) -> Path:  # noqa: F811
     return out
 
 
-def test_foreign_tokenizer_is_rejected(corpus, tmp_path):  # noqa: F811
+def test_foreign_tokenizer_is_rejected(corpus, tmp_path):
     d = _copy(corpus, tmp_path)
     meta = json.loads((d / "meta.json").read_text())
     (d / "meta.json").write_text(json.dumps({**meta, "tokenizer": "cl100k_base"}))
@@ -124,7 +123,7 @@ def test_foreign_tokenizer_is_rejected(corpus, tmp_path):  # noqa: F811
         TokenData.open(d)
 
 
-def test_missing_or_empty_splits(corpus, tmp_path):  # noqa: F811
+def test_missing_or_empty_splits(corpus, tmp_path):
     with pytest.raises(GPT2LabError, match="no prepared data"):
         TokenData.open(tmp_path)
     d = _copy(corpus, tmp_path)

@@ -6,7 +6,7 @@ from __future__ import annotations
 import re
 
 import pytest
-from training_helpers import corpus, tiny_config  # noqa: F401
+from training_helpers import tiny_config
 
 from gpt2lab.cli import main
 from gpt2lab.config import GPT2LabError, GPTConfig
@@ -14,7 +14,7 @@ from gpt2lab.model import GPT
 
 
 @pytest.fixture
-def small_demo(corpus, monkeypatch):  # noqa: F811
+def small_demo(corpus, monkeypatch):
     """The demo's flow with a tiny model (its real settings are configs/demo.toml, checked elsewhere)."""
 
     def config(out_dir, data_dir):
@@ -25,7 +25,7 @@ def small_demo(corpus, monkeypatch):  # noqa: F811
     monkeypatch.setattr("gpt2lab.demo.TrainConfig", config)
 
 
-def test_demo_trains_reports_and_samples(corpus, tmp_path, capsys, small_demo):  # noqa: F811
+def test_demo_trains_reports_and_samples(corpus, tmp_path, capsys, small_demo):
     assert main(["demo", "--out", str(tmp_path), "--data", str(corpus), "--max-iters", "1"]) == 0
     out = capsys.readouterr().out
     assert re.search(r"validation loss \d+\.\d+", out) and "sample (prompt 'The for statement')" in out
@@ -40,7 +40,7 @@ def test_demo_prepares_data_on_first_use(tmp_path, capsys, monkeypatch):
     assert (tmp_path / "data" / "meta.json").is_file()
 
 
-def test_demo_offline_hub_name_trains_from_scratch(corpus, tmp_path, capsys, monkeypatch, small_demo):  # noqa: F811
+def test_demo_offline_hub_name_trains_from_scratch(corpus, tmp_path, capsys, monkeypatch, small_demo):
     load = GPT.from_pretrained
 
     def offline(name, **kw):
@@ -55,7 +55,7 @@ def test_demo_offline_hub_name_trains_from_scratch(corpus, tmp_path, capsys, mon
     assert "cannot load 'gpt2'" in out and "training from scratch instead" in out and "validation loss" in out
 
 
-def test_demo_finetunes_a_hub_layout_checkpoint_with_parity_check(corpus, tmp_path, capsys):  # noqa: F811
+def test_demo_finetunes_a_hub_layout_checkpoint_with_parity_check(corpus, tmp_path, capsys):
     pytest.importorskip("transformers")
     GPT(GPTConfig(n_layer=1, n_head=2, n_embd=32, block_size=128)).export_hf(tmp_path / "hf")
     args = ["demo", "--pretrained", str(tmp_path / "hf"), "--out", str(tmp_path / "run"), "--data", str(corpus)]

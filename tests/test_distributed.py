@@ -10,12 +10,13 @@ import sys
 
 import pytest
 import torch
-from training_helpers import corpus, logged_losses, tiny_args, tiny_config  # noqa: F401
+from training_helpers import logged_losses, tiny_args, tiny_config
 
-from gpt2lab.training import load_checkpoint, train
+from gpt2lab.run_state import load_checkpoint
+from gpt2lab.training import train
 
 
-def _torchrun(corpus, out, *overrides, resume=False):  # noqa: F811
+def _torchrun(corpus, out, *overrides, resume=False):
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
     cmd += ["-m", "gpt2lab", "train", *tiny_args(corpus, out, *overrides), *(["--resume"] if resume else [])]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
@@ -25,7 +26,7 @@ def _torchrun(corpus, out, *overrides, resume=False):  # noqa: F811
 
 
 @pytest.fixture(scope="module")
-def reference(corpus, tmp_path_factory):  # noqa: F811
+def reference(corpus, tmp_path_factory):
     """Six steps in one process (grad_accum=2: the global batch is two micro-batches of two sequences)."""
     out = tmp_path_factory.mktemp("single")
     train(tiny_config(corpus, out, "max_iters=6", "ckpt_interval=3"))
@@ -37,7 +38,7 @@ def _close(a: dict[int, float], b: dict[int, float], steps) -> None:
         assert a[step] == pytest.approx(b[step], abs=1e-5), step
 
 
-def test_ddp_resumes_a_single_process_checkpoint(corpus, reference, tmp_path):  # noqa: F811
+def test_ddp_resumes_a_single_process_checkpoint(corpus, reference, tmp_path):
     """One process trains 3 steps; DDP on 2 processes (one micro-batch each) continues to 6."""
     out = tmp_path / "run"
     train(tiny_config(corpus, out, "max_iters=3"))
@@ -46,7 +47,7 @@ def test_ddp_resumes_a_single_process_checkpoint(corpus, reference, tmp_path):  
     assert result.stdout.count("step 6: val loss") == 1  # only rank 0 reports
 
 
-def test_fsdp_matches_and_its_checkpoint_resumes_in_one_process(corpus, reference, tmp_path):  # noqa: F811
+def test_fsdp_matches_and_its_checkpoint_resumes_in_one_process(corpus, reference, tmp_path):
     out = tmp_path / "run"
     _torchrun(corpus, out, "max_iters=3", "strategy=fsdp")
     _close(logged_losses(out), logged_losses(reference), range(1, 4))

@@ -8,7 +8,7 @@ import math
 import numpy as np
 import pytest
 import torch
-from training_helpers import corpus, tiny_config  # noqa: F401
+from training_helpers import tiny_config
 
 from gpt2lab.cli import main
 from gpt2lab.config import GPT2LabError, GPTConfig
@@ -60,7 +60,7 @@ def test_too_little_data():
         evaluate(_uniform_model(), np.arange(10), context=32)
 
 
-def test_cli_on_a_run(corpus, tmp_path, capsys):  # noqa: F811
+def test_cli_on_a_run(corpus, tmp_path, capsys):
     run = tmp_path / "run"
     train(tiny_config(corpus, run, "max_iters=1"))
     capsys.readouterr()

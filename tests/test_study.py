@@ -1,11 +1,14 @@
 """A tiny variant study end to end: every file is written and the report's table is the CSV."""
 
 import csv
+import re
 
 import pytest
 
-from gpt2lab.study import load_suite, run_study
+from gpt2lab.config import GPT2LabError
+from gpt2lab.study import run_study
 from gpt2lab.study_report import TABLE_COLUMNS, fmt
+from gpt2lab.study_suite import load_suite
 
 SUITE = """
 name = "tiny"
@@ -96,3 +99,31 @@ def test_tiny_suite_end_to_end(tmp_path, shared_data):
     mtime = (out / "runs" / "baseline-s1" / "result.json").stat().st_mtime
     run_study(suite, out, log=lambda *_: None)
     assert (out / "runs" / "baseline-s1" / "result.json").stat().st_mtime == mtime
+
+
+def test_set_overrides_the_suite_tables(tmp_path):
+    path = tmp_path / "tiny.toml"
+    path.write_text(SUITE)
+    suite = load_suite(path, overrides=["train.max_iters=10", "seeds=[3]", 'model.window=[8, "full"]', "eval.x=y"])
+    assert (suite.train["max_iters"], suite.train["batch_size"], suite.seeds) == (10, 4, [3])
+    assert suite.variant_config(suite.variants[0]).window == [8, None]
+    assert suite.variant_config(suite.variants[1]).window == 8  # the variant's own key still wins
+    assert suite.eval["x"] == "y" and suite.eval["decode_tokens"] == 4
+
+
+@pytest.mark.parametrize(
+    ("item", "message"),
+    [
+        ("train.max_iter=10", "unknown [train] key 'max_iter' (did you mean 'max_iters'?)"),
+        ("sedes=[1]", "unknown key 'sedes' (did you mean 'seeds'?)"),
+        ("variants.name=x", "name a key of one of the suite's tables"),
+        ("train=3", "name a key of one of the suite's tables"),
+        ("model.n_head=5", "n_embd (32) must be divisible by n_head (5)"),
+        ("train.max_iters", "--set expects key=value"),
+    ],
+)
+def test_set_errors_are_one_line(tmp_path, item, message):
+    path = tmp_path / "tiny.toml"
+    path.write_text(SUITE)
+    with pytest.raises(GPT2LabError, match=re.escape(message)):
+        load_suite(path, overrides=[item])

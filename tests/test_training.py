@@ -17,12 +17,14 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from training_helpers import corpus, logged_losses, tiny_args, tiny_config  # noqa: F401
+from training_helpers import logged_losses, tiny_args, tiny_config
 
 from gpt2lab.cli import main
 from gpt2lab.config import GPT2LabError, GPTConfig
 from gpt2lab.model import GPT
-from gpt2lab.training import TrainConfig, load_checkpoint, load_config, lr_at, make_optimizer, resolve_dtype, train
+from gpt2lab.run_state import load_checkpoint
+from gpt2lab.train_config import TrainConfig, load_config
+from gpt2lab.training import lr_at, make_optimizer, resolve_dtype, train
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 
@@ -101,7 +103,7 @@ def test_weight_decay_on_matrices_only():
 # ---------------------------------------------------------------------------------------- a run and its outputs
 
 
-def test_run_outputs_and_learning(corpus, tmp_path, capsys):  # noqa: F811
+def test_run_outputs_and_learning(corpus, tmp_path, capsys):
     out = tmp_path / "run"
     summary = train(tiny_config(corpus, out, "max_iters=30", "eval_interval=15", "warmup_iters=5"))
     losses = logged_losses(out)
@@ -119,7 +121,7 @@ def test_run_outputs_and_learning(corpus, tmp_path, capsys):  # noqa: F811
     assert main(["generate", "--model", str(out), "--prompt", "The", "--max-new-tokens", "3", "--seed", "0"]) == 0
 
 
-def test_variants_from_scratch(corpus, tmp_path):  # noqa: F811
+def test_variants_from_scratch(corpus, tmp_path):
     cfg = tiny_config(corpus, tmp_path, "max_iters=2", "pos_encoding='rope'", "n_kv_head=1", "window=8")
     summary = train(cfg)
     config = GPT.from_pretrained(tmp_path).config
@@ -127,7 +129,7 @@ def test_variants_from_scratch(corpus, tmp_path):  # noqa: F811
     assert math.isfinite(summary["val_loss"])
 
 
-def test_bfloat16_autocast_runs(corpus, tmp_path):  # noqa: F811
+def test_bfloat16_autocast_runs(corpus, tmp_path):
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", "bfloat16 autocast on this cpu")  # an AVX2 CI machine
         summary = train(tiny_config(corpus, tmp_path, "max_iters=1", "dtype='bfloat16'"))
@@ -147,7 +149,7 @@ def test_dtype_auto_follows_the_hardware_and_slow_bfloat16_warns(native, monkeyp
     assert [str(w.message).split(" has ")[0] for w in caught] == ([] if native else ["bfloat16 autocast on this cpu"])
 
 
-def test_finetune_and_gqa_uptraining(corpus, tmp_path):  # noqa: F811
+def test_finetune_and_gqa_uptraining(corpus, tmp_path):
     base = GPT(GPTConfig(n_layer=1, n_head=4, n_embd=32, block_size=32))
     base.save_pretrained(tmp_path / "base")
     cfg = tiny_config(corpus, tmp_path / "ft", "max_iters=1", "lr=1e-9", "min_lr=1e-9")
@@ -163,7 +165,7 @@ def test_finetune_and_gqa_uptraining(corpus, tmp_path):  # noqa: F811
 # ---------------------------------------------------------------------------------------- exact resume
 
 
-def test_resume_is_exact(corpus, tmp_path):  # noqa: F811
+def test_resume_is_exact(corpus, tmp_path):
     straight = train(tiny_config(corpus, tmp_path / "a", "max_iters=6"))
     train(tiny_config(corpus, tmp_path / "b", "max_iters=3"))
     resumed = train(tiny_config(corpus, tmp_path / "b", "max_iters=6"), resume=True)
@@ -173,7 +175,7 @@ def test_resume_is_exact(corpus, tmp_path):  # noqa: F811
     assert all(torch.equal(a[k], b[k]) for k in a)
 
 
-def _start(corpus, out, *overrides):  # noqa: F811
+def _start(corpus, out, *overrides):
     cmd = [sys.executable, "-m", "gpt2lab", "train", *tiny_args(corpus, out, "max_iters=100000", *overrides)]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     return subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
@@ -192,7 +194,7 @@ def _wait_for_step(proc, out: Path, step: int, timeout: float = 600) -> None:
     pytest.fail("training did not reach the step in time")
 
 
-def _check_continues_exactly(corpus, tmp_path, out: Path, checkpoint_step: int) -> None:  # noqa: F811
+def _check_continues_exactly(corpus, tmp_path, out: Path, checkpoint_step: int) -> None:
     """Resuming ``out`` for 3 steps reproduces an uninterrupted run step for step."""
     end = checkpoint_step + 3
     with torch.random.fork_rng():
@@ -203,7 +205,7 @@ def _check_continues_exactly(corpus, tmp_path, out: Path, checkpoint_step: int) 
 
 
 @pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT])
-def test_signal_saves_checkpoint_and_resumes_exactly(corpus, tmp_path, signum):  # noqa: F811
+def test_signal_saves_checkpoint_and_resumes_exactly(corpus, tmp_path, signum):
     out = tmp_path / "run"
     proc = _start(corpus, out)
     _wait_for_step(proc, out, 3)
@@ -216,7 +218,7 @@ def test_signal_saves_checkpoint_and_resumes_exactly(corpus, tmp_path, signum): 
     _check_continues_exactly(corpus, tmp_path, out, step)
 
 
-def test_kill_9_loses_only_work_since_last_checkpoint(corpus, tmp_path):  # noqa: F811
+def test_kill_9_loses_only_work_since_last_checkpoint(corpus, tmp_path):
     out = tmp_path / "run"
     proc = _start(corpus, out, "ckpt_interval=4")
     _wait_for_step(proc, out, 9)
@@ -230,7 +232,7 @@ def test_kill_9_loses_only_work_since_last_checkpoint(corpus, tmp_path):  # noqa
 # ---------------------------------------------------------------------------------------- errors
 
 
-def test_corrupted_checkpoint_is_detected_not_loaded(corpus, tmp_path, capsys):  # noqa: F811
+def test_corrupted_checkpoint_is_detected_not_loaded(corpus, tmp_path, capsys):
     train(tiny_config(corpus, tmp_path, "max_iters=1"))
     ckpt = tmp_path / "ckpt.pt"
     raw = bytearray(ckpt.read_bytes())
@@ -243,7 +245,7 @@ def test_corrupted_checkpoint_is_detected_not_loaded(corpus, tmp_path, capsys): 
     assert "not a gpt2lab training checkpoint" in capsys.readouterr().err
 
 
-def test_resume_errors(corpus, tmp_path):  # noqa: F811
+def test_resume_errors(corpus, tmp_path):
     with pytest.raises(GPT2LabError, match="nothing to resume"):
         train(tiny_config(corpus, tmp_path, "max_iters=1"), resume=True)
     train(tiny_config(corpus, tmp_path, "max_iters=1"))
@@ -258,7 +260,7 @@ def test_resume_errors(corpus, tmp_path):  # noqa: F811
         (["grad_accum=3"], None),  # fine in one process; only a multiple of the world size is required
     ],
 )
-def test_batch_must_fit_the_model(corpus, tmp_path, overrides, message):  # noqa: F811
+def test_batch_must_fit_the_model(corpus, tmp_path, overrides, message):
     cfg = tiny_config(corpus, tmp_path, "max_iters=1", *overrides)
     if message is None:
         train(cfg)
@@ -267,7 +269,7 @@ def test_batch_must_fit_the_model(corpus, tmp_path, overrides, message):  # noqa
             train(cfg)
 
 
-def test_data_errors(corpus, tmp_path):  # noqa: F811
+def test_data_errors(corpus, tmp_path):
     with pytest.raises(GPT2LabError, match="no prepared data"):
         train(tiny_config(tmp_path / "nowhere", tmp_path / "run", "max_iters=1"))
     short = tmp_path / "short"
@@ -279,7 +281,7 @@ def test_data_errors(corpus, tmp_path):  # noqa: F811
         train(tiny_config(short, tmp_path / "run", "max_iters=1"))
 
 
-def test_compiled_training_matches_eager_and_resumes(corpus, tmp_path):  # noqa: F811
+def test_compiled_training_matches_eager_and_resumes(corpus, tmp_path):
     """``compile = true``: the same losses as eager (to compiler rounding), and a compiled run's
     checkpoint resumes (state dicts come from the bare model, not the compiled wrapper)."""
     eager = train(tiny_config(corpus, tmp_path / "eager", "max_iters=4"))
@@ -288,3 +290,19 @@ def test_compiled_training_matches_eager_and_resumes(corpus, tmp_path):  # noqa:
     assert [step for step, _ in resumed["losses"]] == [3, 4]
     assert [loss for _, loss in resumed["losses"]] == pytest.approx([loss for _, loss in eager["losses"][2:]], abs=1e-4)
     assert logged_losses(tmp_path / "compiled").keys() == logged_losses(tmp_path / "eager").keys()
+
+
+def test_per_layer_window_list_in_toml_trains_and_loads(corpus, tmp_path):
+    """TOML has no null: a global layer is "full", in a file and in --set alike."""
+    path = tmp_path / "c.toml"
+    path.write_text('[model]\nn_layer = 2\nn_head = 2\nn_embd = 32\nblock_size = 32\nwindow = [8, "full"]\n')
+    run = tmp_path / "run"
+    overrides = ["block_size=16", "batch_size=2", "eval_iters=1", "max_iters=2", "dtype='float32'"]
+    cfg = load_config(path, [*overrides, f"data.dir='{corpus}'", f"out_dir='{run}'"])
+    assert cfg.model["window"] == [8, "full"]
+    assert load_config(None, ['window=[8, "full"]']).model["window"] == [8, "full"]
+    train(cfg)
+    assert GPT.from_pretrained(run).config.window == [8, None]
+    assert load_checkpoint(run / "ckpt.pt")["model_config"]["window"] == [8, None]
+    train(load_config(path, [*overrides, "max_iters=3", f"data.dir='{corpus}'", f"out_dir='{run}'"]), resume=True)
+    assert max(logged_losses(run)) == 3

@@ -1,14 +1,12 @@
-"""Shared pieces of the data/training/eval/distributed tests: one prepared corpus, a tiny run config."""
+"""Shared pieces of the training/eval/distributed/demo tests: a tiny run config and its logged losses.
+The prepared corpus they train on is conftest's session fixture ``corpus``."""
 
 from __future__ import annotations
 
 import json
 from pathlib import Path
 
-import pytest
-
-from gpt2lab.data import prepare
-from gpt2lab.training import TrainConfig, load_config
+from gpt2lab.train_config import TrainConfig, load_config
 
 # A model small enough that a step takes milliseconds; the vocabulary (50257) still dominates.
 TINY = [
@@ -27,14 +25,6 @@ TINY = [
     "lr=1e-2",
     "lr_decay_iters=1000",  # the schedule must not depend on max_iters, which the tests vary
 ]
-
-
-@pytest.fixture(scope="session")
-def corpus(tmp_path_factory) -> Path:
-    """The embedded pydoc corpus, prepared once per test session (~140k tokens, a few seconds)."""
-    out = tmp_path_factory.mktemp("pydoc")
-    prepare("pydoc", out)
-    return out
 
 
 def tiny_config(corpus: Path, out: Path, *overrides: str) -> TrainConfig:

@@ -18,68 +18,11 @@ Conventions:
 
 from __future__ import annotations
 
-import json
-from pathlib import Path
 from typing import Any
 
-from .config import PRESETS, GPT2LabError, GPTConfig
+from .config import GPT2LabError, GPTConfig
 
 DTYPE_BYTES = {"float32": 4, "bfloat16": 2}
-
-
-# ---------------------------------------------------------------------------------------- loading
-
-
-def parse_value(text: str) -> Any:
-    """``--set`` values: JSON literals (``4``, ``null``, ``[256, null]``, ``"x"``), else the raw string."""
-    try:
-        return json.loads(text)
-    except json.JSONDecodeError:
-        return text
-
-
-def parse_overrides(items: list[str] | None) -> dict[str, Any]:
-    """``["n_kv_head=4", "window=256"]`` -> ``{"n_kv_head": 4, "window": 256}``."""
-    overrides = {}
-    for item in items or []:
-        key, sep, value = item.partition("=")
-        if not sep or not key.strip():
-            raise GPT2LabError(f"--set expects key=value, got {item!r}")
-        overrides[key.strip()] = parse_value(value.strip())
-    return overrides
-
-
-def load_config(source: str, overrides: dict[str, Any] | None = None) -> GPTConfig:
-    """A config from a preset name, a JSON or TOML file, or a folder holding ``config.json``.
-
-    A file may hold the GPTConfig fields at top level or under a ``model`` table (the layout of a
-    training config), and may name a ``preset`` that its other keys override.
-    """
-    overrides = overrides or {}
-    if source in PRESETS:
-        return GPTConfig.from_preset(source, **overrides)
-    path = Path(source)
-    if path.is_dir():
-        path = path / "config.json"
-    if not path.is_file():
-        raise GPT2LabError(f"'{source}' is neither a preset ({', '.join(PRESETS)}) nor a config file")
-    text = path.read_text()
-    try:
-        if path.suffix == ".toml":
-            import tomllib  # Python 3.11+; imported here so that JSON configs work on 3.10
-
-            data = tomllib.loads(text)
-        else:
-            data = json.loads(text)
-    except ImportError:
-        raise GPT2LabError("TOML config files need Python 3.11 or later; use JSON") from None
-    except ValueError as e:  # both JSONDecodeError and TOMLDecodeError
-        raise GPT2LabError(f"cannot parse {path}: {e}") from None
-    if isinstance(data.get("model"), dict):
-        data = data["model"]
-    data = {**data, **overrides}
-    preset = data.pop("preset", None)
-    return GPTConfig.from_preset(preset, **data) if preset else GPTConfig.from_dict(data)
 
 
 # ---------------------------------------------------------------------------------------- counting

@@ -34,13 +34,13 @@ def add_generate(sub) -> None:
 
 def cmd_generate(args) -> int:
     from .generation import Sampler, stream_text
-    from .model import GPT
+    from .run_state import load_model
     from .tokenizer import load_tokenizer
 
     sampling = dict(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, seed=args.seed)
     Sampler(**sampling)  # refuse bad sampling settings before loading a model
     prompt = sys.stdin.read() if args.prompt == "-" else args.prompt
-    model = GPT.from_pretrained(args.model).to(device=args.device, dtype=DTYPES[args.dtype])
+    model = load_model(args.model, dtype=DTYPES[args.dtype], device=args.device)
     pieces = stream_text(model, load_tokenizer(), prompt, args.max_new_tokens, stop=args.stop, **sampling)
     sys.stdout.write(prompt)
     for piece in pieces:
@@ -55,16 +55,16 @@ def cmd_generate(args) -> int:
 
 def add_convert(sub) -> None:
     p = sub.add_parser("convert", help="turn a multi-head checkpoint into GQA/MQA by mean-pooling K/V heads")
-    p.add_argument("--model", required=True, help="checkpoint to convert (any format from_pretrained reads)")
+    p.add_argument("--model", required=True, help="run folder, training checkpoint or any model generate reads")
     p.add_argument("--n-kv-head", type=int, required=True)
     p.add_argument("--out", required=True, help="folder for the converted model (gpt2lab format)")
     p.set_defaults(func=cmd_convert)
 
 
 def cmd_convert(args) -> int:
-    from .model import GPT
+    from .run_state import load_model
 
-    model = GPT.from_pretrained(args.model)
+    model = load_model(args.model)
     converted = model.convert_to_gqa(args.n_kv_head)
     converted.save_pretrained(args.out)
     print(
@@ -92,9 +92,10 @@ def add_info(sub) -> None:
 def cmd_info(args) -> int:
     import json
 
-    from .analysis import format_report, load_config, model_report, parse_overrides
+    from .analysis import format_report, model_report
+    from .train_config import load_model_config, parse_overrides
 
-    config = load_config(args.config, parse_overrides(args.set))
+    config = load_model_config(args.config, parse_overrides(args.set))
     report = model_report(config, args.seq_len, args.dtype)
     print(json.dumps(report, indent=2) if args.json else format_report(report))
     return 0
@@ -151,7 +152,8 @@ def _report_run(summary: dict) -> int:
 
 
 def cmd_train(args) -> int:
-    from .training import load_config, train
+    from .train_config import load_config
+    from .training import train
 
     cfg = load_config(args.config, args.set)
     if args.out:
@@ -178,9 +180,10 @@ def add_eval(sub) -> None:
 def cmd_eval(args) -> int:
     from pathlib import Path
 
-    from .evaluation import evaluate, load_model, load_tokens, write_by_position
+    from .evaluation import evaluate, load_tokens, write_by_position
+    from .run_state import load_model
 
-    model = load_model(args.model).to(args.device)
+    model = load_model(args.model, device=args.device)
     tokens, n_bytes, source = load_tokens(args.data)
     result = evaluate(model, tokens, args.context, args.batch_size, args.max_tokens)
     print(f"data: {source} ({len(tokens):,} tokens, {n_bytes:,} bytes); evaluated {result.tokens:,} tokens")
@@ -219,13 +222,17 @@ def add_study(sub) -> None:
     p.add_argument("--suite", required=True, help="suite TOML (see configs/study/)")
     p.add_argument("--out", required=True, help="folder for runs, CSVs, plots and report.md (re-run to resume)")
     p.add_argument("--data", default=None, help="text file, folder or named dataset; overrides the suite's")
+    p.add_argument(
+        "--set", action="append", default=[], metavar="KEY=VALUE", help="override a suite key, e.g. train.max_iters=10"
+    )
     p.set_defaults(func=cmd_study)
 
 
 def cmd_study(args) -> int:
-    from .study import load_suite, run_study
+    from .study import run_study
+    from .study_suite import load_suite
 
-    report = run_study(load_suite(args.suite, data=args.data), args.out)
+    report = run_study(load_suite(args.suite, data=args.data, overrides=args.set), args.out)
     print(f"report: {report}")
     return 0
 

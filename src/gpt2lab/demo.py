@@ -14,15 +14,17 @@ from .config import GPT2LabError
 from .data import prepare
 from .generation import stream_text
 from .model import GPT
+from .run_state import load_model
 from .tokenizer import load_tokenizer
-from .training import TrainConfig, train
+from .train_config import TrainConfig
+from .training import train
 
 
 def _load_pretrained(name: str) -> GPT | None:
     """The checkpoint, or None (after saying why) when a hub id cannot be fetched: the demo then
     trains from scratch. A local path that fails to load is a real error and propagates."""
     try:
-        return GPT.from_pretrained(name)
+        return load_model(name)
     except GPT2LabError as e:
         if Path(name).exists():
             raise
@@ -83,7 +85,7 @@ def run_demo(
         print(f"stopped at step {summary['step']}; continue with: gpt2lab train --out {out_dir} --resume")
         return 128 + summary["signal"]
     print(f"validation loss {summary['val_loss']:.4f} (perplexity {summary['val_ppl']:.1f})")
-    model = GPT.from_pretrained(out_dir)
+    model = load_model(out_dir)
     print(f"\nsample (prompt {prompt!r}):\n{prompt}", end="")
     for piece in stream_text(model, load_tokenizer(), prompt, 120, temperature=0.8, top_k=50, seed=0):
         print(piece, end="", flush=True)

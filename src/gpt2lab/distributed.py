@@ -28,7 +28,6 @@ from torch.nn.parallel import DistributedDataParallel
 class Dist:
     rank: int
     world: int
-    local_rank: int
     device: torch.device
 
     @property
@@ -80,7 +79,7 @@ def setup(device_name: str = "auto") -> Dist:
         if device.type == "cuda":
             torch.cuda.set_device(device)
         torch_dist.init_process_group(backend="nccl" if device.type == "cuda" else "gloo")
-    return Dist(rank, world, local_rank, device)
+    return Dist(rank, world, device)
 
 
 def teardown(dist: Dist) -> None:

@@ -17,20 +17,10 @@ import torch.nn.functional as F
 
 from .config import GPT2LabError
 from .data import TokenData, token_byte_lengths
+from .files import atomic_file
 from .model import GPT
+from .plots import plot_loss_by_position
 from .tokenizer import load_tokenizer
-from .training import CKPT_NAME, is_checkpoint, model_from_checkpoint
-
-
-def load_model(path: str | Path) -> GPT:
-    """A training checkpoint file, a run folder (its exported model, else its checkpoint), or anything
-    :meth:`GPT.from_pretrained` reads (gpt2lab / hub-layout folders, hub ids, TF checkpoints)."""
-    p = Path(path)
-    if is_checkpoint(p):
-        return model_from_checkpoint(p)
-    if p.is_dir() and not (p / "config.json").is_file() and is_checkpoint(p / CKPT_NAME):
-        return model_from_checkpoint(p / CKPT_NAME)
-    return GPT.from_pretrained(path)
 
 
 def load_tokens(path: str | Path) -> tuple[np.ndarray, int, str]:
@@ -113,25 +103,12 @@ def evaluate(
 
 def write_by_position(result: EvalResult, out_dir: str | Path, trained_context: int | None = None) -> tuple[Path, Path]:
     """``loss_by_position.csv`` and ``.png``; a dashed line marks the trained context when it is shorter."""
-    from matplotlib.figure import Figure
-
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     csv_path, png_path = out / "loss_by_position.csv", out / "loss_by_position.png"
-    with open(csv_path, "w", newline="") as f:
+    with atomic_file(csv_path) as tmp, open(tmp, "w", newline="") as f:
         writer = csv.writer(f)
         writer.writerow(["position", "loss"])
         writer.writerows((i, f"{v:.6f}") for i, v in enumerate(result.by_position))
-    fig = Figure(figsize=(7, 4))
-    ax = fig.add_subplot()
-    ax.plot(np.arange(len(result.by_position)), result.by_position, lw=1)
-    if trained_context is not None and trained_context < len(result.by_position):
-        ax.axvline(trained_context, ls="--", color="gray", label=f"trained context ({trained_context})")
-        ax.legend()
-    ax.set_xscale("symlog", linthresh=10)
-    ax.set_xlabel("position in context")
-    ax.set_ylabel("loss (nats/token)")
-    ax.grid(alpha=0.3)
-    fig.tight_layout()
-    fig.savefig(png_path, dpi=100)
+    plot_loss_by_position(result.by_position, png_path, trained_context)
     return csv_path, png_path

@@ -18,14 +18,11 @@ training resumes from its checkpoint: an interrupted study picks up where it sto
 
 from __future__ import annotations
 
-import csv
-import dataclasses
 import json
 import math
 import multiprocessing
 import statistics
 import time
-import tomllib
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
@@ -33,69 +30,10 @@ from typing import Any
 import numpy as np
 import torch
 
-from .config import GPT2LabError, GPTConfig, closest_hint
+from .config import GPT2LabError, GPTConfig
+from .files import read_json, write_text
 from .memory import peak_memory, reset_peak_memory
-
-SUITE_SECTIONS = {"name", "data", "seeds", "parallel", "model", "train", "eval", "uptrain", "cost", "variants"}
-
-
-@dataclasses.dataclass
-class Suite:
-    name: str
-    data: str
-    seeds: list[int]
-    parallel: int  # runs trained at once, each on an equal share of the CPU threads
-    model: dict[str, Any]
-    train: dict[str, Any]
-    variants: list[dict[str, Any]]
-    eval: dict[str, Any]
-    uptrain: dict[str, Any] | None
-    cost: dict[str, Any]
-
-    def variant_config(self, variant: dict[str, Any]) -> GPTConfig:
-        fields = {k: v for k, v in variant.items() if k != "name"}
-        return GPTConfig.from_dict({"vocab_size": 50257, **self.model, **fields})
-
-
-def load_suite(path: str | Path, data: str | None = None) -> Suite:
-    path = Path(path)
-    if not path.is_file():
-        raise GPT2LabError(f"no such suite file: {path}")
-    try:
-        doc = tomllib.loads(path.read_text())
-    except tomllib.TOMLDecodeError as e:
-        raise GPT2LabError(f"{path}: invalid TOML ({e})") from None
-    for key in doc:
-        if key not in SUITE_SECTIONS:
-            raise GPT2LabError(f"{path}: unknown key '{key}'{closest_hint(key, SUITE_SECTIONS)}")
-    variants = doc.get("variants", [])
-    names = [v.get("name") for v in variants]
-    if not variants or None in names or len(set(names)) != len(names):
-        raise GPT2LabError(f"{path}: needs [[variants]] with unique names")
-    if names[0] != "baseline":
-        raise GPT2LabError(f"{path}: the first variant must be the 'baseline' the others are compared with")
-    suite = Suite(
-        name=doc.get("name", path.stem),
-        data=data or doc.get("data", "shakespeare"),
-        seeds=list(doc.get("seeds", [1])),
-        parallel=int(doc.get("parallel", 1)),
-        model=doc.get("model", {}),
-        train=doc.get("train", {}),
-        variants=variants,
-        eval={
-            "long_context": 0,
-            "decode_tokens": 32,
-            "sample_prompt": "\n",
-            "sample_tokens": 60,
-            **doc.get("eval", {}),
-        },
-        uptrain=doc.get("uptrain"),
-        cost={"lengths": [], "window": 256, "n_head": 12, "head_dim": 64, "repeats": 2, **doc.get("cost", {})},
-    )
-    for v in variants:
-        suite.variant_config(v)  # fail now, with the config's own one-line error, not after an hour
-    return suite
-
+from .study_suite import Suite, group_by_variant, write_csv
 
 # ---------------------------------------------------------------------------------------- isolation
 
@@ -125,9 +63,8 @@ def run_isolated(fn, *args, threads: int | None = None):
 # ---------------------------------------------------------------------------------------- one run
 
 
-def _tokens_per_second(metrics_path: Path, tokens_per_step: int) -> float:
+def _tokens_per_second(rows: list[dict], tokens_per_step: int) -> float:
     """Median training throughput over logged steps (the first few include warm-up and are skipped)."""
-    rows = [json.loads(line) for line in metrics_path.read_text().splitlines() if line.strip()]
     dts = [r["dt"] for r in rows if "dt" in r]
     dts = dts[min(3, len(dts) - 1) :]
     return tokens_per_step / statistics.median(dts)
@@ -149,23 +86,30 @@ def _decode_speed(model, context: int, new_tokens: int) -> tuple[float, int]:
     return new_tokens / elapsed, sum(c.nbytes() for c in cache)
 
 
+def _sample(model, eval_settings: dict[str, Any]) -> str:
+    """The fixed prompt's continuation: seed 0, temperature 0.8, top-k 40."""
+    from .generation import stream_text
+    from .tokenizer import load_tokenizer
+
+    prompt, tokens = eval_settings["sample_prompt"], eval_settings["sample_tokens"]
+    return "".join(stream_text(model, load_tokenizer(), prompt, tokens, seed=0, temperature=0.8, top_k=40))
+
+
 def train_and_measure(train_fields: dict[str, Any], eval_settings: dict[str, Any], run_dir: str) -> dict:
     """Train (resuming if a checkpoint exists), then evaluate and measure. Runs in its own process."""
+    from .data import TokenData
     from .evaluation import evaluate
-    from .generation import stream_text
-    from .model import GPT
-    from .tokenizer import load_tokenizer
-    from .training import CKPT_NAME, TrainConfig, train
+    from .run_state import CKPT_NAME, load_model, read_metrics
+    from .train_config import TrainConfig
+    from .training import train
 
     reset_peak_memory()
     cfg = TrainConfig(**train_fields)
     cfg.validate()
     summary = train(cfg, resume=(Path(run_dir) / CKPT_NAME).is_file())
     peak_train = peak_memory() / 2**20
-    model = GPT.from_pretrained(run_dir).eval()
+    model = load_model(run_dir).eval()
     config = model.config
-    from .data import TokenData
-
     val = np.asarray(TokenData.open(cfg.data_dir).val)
     result = evaluate(model, val, context=cfg.block_size)
     long_context = eval_settings["long_context"]
@@ -178,24 +122,13 @@ def train_and_measure(train_fields: dict[str, Any], eval_settings: dict[str, Any
     decode_long = kv_long = None
     if config.pos_encoding == "rope" and long_context:
         decode_long, kv_long = _decode_speed(model, long_context, n_new)
-    sample = "".join(
-        stream_text(
-            model,
-            load_tokenizer(),
-            eval_settings["sample_prompt"],
-            eval_settings["sample_tokens"],
-            seed=0,
-            temperature=0.8,
-            top_k=40,
-        )
-    )
-    metrics_path = Path(run_dir) / "metrics.jsonl"
-    rows = [json.loads(line) for line in metrics_path.read_text().splitlines() if line.strip()]
+    sample = _sample(model, eval_settings)
+    rows = read_metrics(run_dir)
     out = {
         "val_loss": result.loss,
         "val_ppl": result.perplexity,
         "val_bpb": result.bits_per_byte,
-        "train_tok_s": _tokens_per_second(metrics_path, cfg.grad_accum * cfg.batch_size * cfg.block_size),
+        "train_tok_s": _tokens_per_second(rows, cfg.grad_accum * cfg.batch_size * cfg.block_size),
         "peak_rss_mb": peak_train,
         "decode_tok_s": decode_tok_s,
         "decode_tok_s_long": decode_long,
@@ -205,7 +138,7 @@ def train_and_measure(train_fields: dict[str, Any], eval_settings: dict[str, Any
         "sample": sample,
         "steps": summary["step"],
     }
-    (Path(run_dir) / "result.json").write_text(json.dumps(out) + "\n")
+    write_text(Path(run_dir) / "result.json", json.dumps(out) + "\n")
     return out
 
 
@@ -214,9 +147,9 @@ def converted_loss(base_dir: str, n_kv_head: int, data_dir: str, context: int) -
     """Validation loss of the base model right after mean-pooling its K/V heads, before any training."""
     from .data import TokenData
     from .evaluation import evaluate
-    from .model import GPT
+    from .run_state import load_model
 
-    model = GPT.from_pretrained(base_dir).convert_to_gqa(n_kv_head)
+    model = load_model(base_dir).convert_to_gqa(n_kv_head)
     return evaluate(model, np.asarray(TokenData.open(data_dir).val), context=context).loss
 
 
@@ -271,7 +204,7 @@ def run_study(suite: Suite, out_dir: str | Path, log=print) -> Path:
         done = run_dir / "result.json"
         if done.is_file():
             log(f"[study] {run_dir.name}: done earlier, kept")
-            return json.loads(done.read_text())
+            return read_json(done)
         log(f"[study] {run_dir.name}: training")
         train_fields = {**base_train, **fields, "seed": seed, "out_dir": str(run_dir)}
         return run_isolated(train_and_measure, train_fields, suite.eval, str(run_dir), threads=run_threads)
@@ -290,6 +223,17 @@ def run_study(suite: Suite, out_dir: str | Path, log=print) -> Path:
     if suite.uptrain:
         variant_rows += _uptrain(suite, base_train, runs_dir, block_size, run_seeds, runs)
     pool.shutdown()
+    _compare_to_baseline(variant_rows, runs)
+    cost_rows = _attention_costs(suite, log)
+    _write_tables(out, suite, runs, variant_rows, cost_rows, block_size)
+    from .study_report import write_plots, write_report
+
+    write_plots(out, runs, cost_rows, block_size, suite)
+    return write_report(out, suite, block_size)
+
+
+def _compare_to_baseline(variant_rows: list[dict], runs: list[dict]) -> None:
+    """Each variant's loss difference to the baseline (the first row), KV ratio and steps to its loss."""
     base = variant_rows[0]
     for row in variant_rows:
         row["delta_loss"] = row["val_loss"] - base["val_loss"]
@@ -300,6 +244,8 @@ def run_study(suite: Suite, out_dir: str | Path, log=print) -> Path:
         row["kv_ratio_at_ctx"] = row["kv_kib_at_ctx"] / base["kv_kib_at_ctx"]
         row["steps_to_baseline"] = _steps_to(runs, row["variant"], base["val_loss"])
 
+
+def _attention_costs(suite: Suite, log) -> list[dict]:
     cost_rows = []
     for seq_len in suite.cost["lengths"]:
         for window in (None, suite.cost["window"]):
@@ -308,23 +254,22 @@ def run_study(suite: Suite, out_dir: str | Path, log=print) -> Path:
                 attention_cost, seq_len, window, suite.cost["n_head"], suite.cost["head_dim"], suite.cost["repeats"]
             )
             cost_rows.append({"seq_len": seq_len, "window": window or "full", **c})
+    return cost_rows
 
-    _write_csv(out / "results.csv", variant_rows)
-    _write_csv(
+
+def _write_tables(out: Path, suite: Suite, runs: list[dict], variant_rows, cost_rows, block_size: int) -> None:
+    write_csv(out / "results.csv", variant_rows)
+    write_csv(
         out / "runs.csv",
         [{k: v for k, v in r.items() if k not in ("by_position", "val_curve", "sample")} for r in runs],
     )
-    _write_csv(out / "bands.csv", _position_bands(suite, runs, block_size))
-    _write_csv(
+    write_csv(out / "bands.csv", _position_bands(suite, runs, block_size))
+    write_csv(
         out / "samples.csv",
         [{"variant": r["variant"], "sample": r["sample"]} for r in runs if r["seed"] == suite.seeds[0]],
     )
     if cost_rows:
-        _write_csv(out / "cost.csv", cost_rows)
-    from .study_report import write_plots, write_report
-
-    write_plots(out, runs, cost_rows, block_size, suite)
-    return write_report(out, suite, block_size)
+        write_csv(out / "cost.csv", cost_rows)
 
 
 def _variant_row(name, kind, config: GPTConfig, results: list[dict], suite: Suite, block_size: int) -> dict:
@@ -419,7 +364,7 @@ def _position_bands(suite: Suite, runs: list[dict], block_size: int) -> list[dic
     spans = {"near": (0, W), "far": (2 * W, block_size), "inside": (0, block_size), "beyond": (block_size, long_ctx)}
     configs = {v["name"]: suite.variant_config(v) for v in suite.variants}
     rows = []
-    for name, curves in _group(runs, "by_position").items():
+    for name, curves in group_by_variant(runs, "by_position").items():
         config = configs.get(name)
         receptive = "full"
         if config is not None and config.max_window is not None:
@@ -439,23 +384,3 @@ def _position_bands(suite: Suite, runs: list[dict], block_size: int) -> list[dic
                 }
             )
     return rows
-
-
-def _group(runs: list[dict], key: str) -> dict[str, list]:
-    grouped: dict[str, list] = {}
-    for r in runs:
-        grouped.setdefault(r["variant"], []).append(r[key])
-    return grouped
-
-
-def _write_csv(path: Path, rows: list[dict]) -> None:
-    with open(path, "w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=list(rows[0]))
-        writer.writeheader()
-        for row in rows:
-            writer.writerow({k: (f"{v:.6g}" if isinstance(v, float) else v) for k, v in row.items()})
-
-
-def read_csv(path: Path) -> list[dict[str, str]]:
-    with open(path, newline="") as f:
-        return list(csv.DictReader(f))

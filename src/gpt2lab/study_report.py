@@ -3,12 +3,14 @@ the study wrote (``results.csv``, ``bands.csv``, ``cost.csv``), so text and data
 
 from __future__ import annotations
 
+import shlex
 from pathlib import Path
 
 import numpy as np
-from matplotlib.figure import Figure
 
-from .study import Suite, _group, read_csv
+from .files import write_text
+from .plots import plot_file
+from .study_suite import Suite, group_by_variant, read_csv
 
 TABLE_COLUMNS = [
     ("variant", "variant", "{}"),
@@ -56,63 +58,62 @@ def results_table(rows: list[dict[str, str]]) -> str:
 
 
 def write_plots(out: Path, runs: list[dict], cost_rows: list[dict], block_size: int, suite: Suite) -> None:
-    fig = Figure(figsize=(8, 4.5))
-    ax = fig.add_subplot()
-    for name, curves in _group(runs, "val_curve").items():
-        steps = [s for s, _ in curves[0]]
-        mean = np.mean([[v for _, v in c] for c in curves if len(c) == len(steps)], axis=0)
-        ax.plot(steps, mean, marker=".", label=name)
-    ax.set(xlabel="step", ylabel="validation loss (nats/token)", title="Validation loss (mean over seeds)")
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(out / "loss_curves.png", dpi=110)
-
-    fig = Figure(figsize=(8, 4.5))
-    ax = fig.add_subplot()
-    for name, curves in _group(runs, "by_position").items():
-        length = min(len(c) for c in curves)
-        mean = np.mean([c[:length] for c in curves], axis=0)
-        smooth = np.convolve(mean, np.ones(8) / 8, mode="valid")  # 8-position moving average
-        ax.plot(np.arange(len(smooth)) + 4, smooth, lw=1.2, label=name)
-    ax.axvline(block_size, ls="--", color="gray", label=f"trained context ({block_size})")
-    ax.set_xscale("log")
-    ax.set(xlabel="position in context", ylabel="loss (nats/token)", title="Loss by position (validation)")
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(out / "loss_by_position.png", dpi=110)
-
+    _plot_loss_curves(out / "loss_curves.png", runs)
+    _plot_loss_by_position(out / "loss_by_position.png", runs, block_size)
     if cost_rows:
-        fig = Figure(figsize=(10, 4))
-        for i, (key, label) in enumerate((("seconds", "forward+backward seconds"), ("peak_mb", "peak extra MiB"))):
-            ax = fig.add_subplot(1, 2, i + 1)
+        _plot_cost(out / "cost_vs_length.png", cost_rows, suite)
+    _plot_quality_vs_kv(out / "quality_vs_kv.png", read_csv(out / "results.csv"), suite, block_size)
+
+
+def _plot_loss_curves(path: Path, runs: list[dict]) -> None:
+    with plot_file(path, size=(8, 4.5), dpi=110) as (ax,):
+        for name, curves in group_by_variant(runs, "val_curve").items():
+            steps = [s for s, _ in curves[0]]
+            mean = np.mean([[v for _, v in c] for c in curves if len(c) == len(steps)], axis=0)
+            ax.plot(steps, mean, marker=".", label=name)
+        ax.set(xlabel="step", ylabel="validation loss (nats/token)", title="Validation loss (mean over seeds)")
+        ax.legend(fontsize=8)
+
+
+def _plot_loss_by_position(path: Path, runs: list[dict], block_size: int) -> None:
+    with plot_file(path, size=(8, 4.5), dpi=110) as (ax,):
+        for name, curves in group_by_variant(runs, "by_position").items():
+            length = min(len(c) for c in curves)
+            mean = np.mean([c[:length] for c in curves], axis=0)
+            smooth = np.convolve(mean, np.ones(8) / 8, mode="valid")  # 8-position moving average
+            ax.plot(np.arange(len(smooth)) + 4, smooth, lw=1.2, label=name)
+        ax.axvline(block_size, ls="--", color="gray", label=f"trained context ({block_size})")
+        ax.set_xscale("log")
+        ax.set(xlabel="position in context", ylabel="loss (nats/token)", title="Loss by position (validation)")
+        ax.legend(fontsize=8)
+
+
+_COST_PANELS = (("seconds", "forward+backward seconds"), ("peak_mb", "peak extra MiB"))
+
+
+def _plot_cost(path: Path, cost_rows: list[dict], suite: Suite) -> None:
+    with plot_file(path, size=(10, 4), dpi=110, panels=len(_COST_PANELS), grid="both") as axes:
+        for ax, (key, label) in zip(axes, _COST_PANELS, strict=True):
             for window in dict.fromkeys(r["window"] for r in cost_rows):
                 pts = [(r["seq_len"], r[key]) for r in cost_rows if r["window"] == window]
                 ax.plot(*zip(*pts, strict=True), marker="o", label="full causal" if window == "full" else f"W={window}")
             ax.set(xlabel="sequence length T", ylabel=label, xscale="log", yscale="log")
-            ax.grid(alpha=0.3, which="both")
             ax.legend()
-        fig.suptitle(f"Attention cost, B=1, {suite.cost['n_head']} heads of {suite.cost['head_dim']}")
-        fig.tight_layout()
-        fig.savefig(out / "cost_vs_length.png", dpi=110)
+        axes[0].figure.suptitle(f"Attention cost, B=1, {suite.cost['n_head']} heads of {suite.cost['head_dim']}")
 
-    rows = read_csv(out / "results.csv")
-    fig = Figure(figsize=(7, 4.5))
-    ax = fig.add_subplot()
-    for row in rows:
-        x, y, err = float(row["kv_kib_at_ctx"]), float(row["val_loss"]), float(row["val_loss_sd"])
-        ax.errorbar(x, y, yerr=err, fmt="o", capsize=3)
-        ax.annotate(row["variant"], (x, y), textcoords="offset points", xytext=(5, 4), fontsize=8)
-    ax.set(
-        xlabel=f"KV cache at {suite.eval['long_context'] or block_size} tokens (KiB, fp32)",
-        ylabel="validation loss",
-        title="Quality vs KV-cache size",
-        xscale="log",
-    )
-    ax.grid(alpha=0.3)
-    fig.tight_layout()
-    fig.savefig(out / "quality_vs_kv.png", dpi=110)
+
+def _plot_quality_vs_kv(path: Path, rows: list[dict[str, str]], suite: Suite, block_size: int) -> None:
+    with plot_file(path, size=(7, 4.5), dpi=110) as (ax,):
+        for row in rows:
+            x, y, err = float(row["kv_kib_at_ctx"]), float(row["val_loss"]), float(row["val_loss_sd"])
+            ax.errorbar(x, y, yerr=err, fmt="o", capsize=3)
+            ax.annotate(row["variant"], (x, y), textcoords="offset points", xytext=(5, 4), fontsize=8)
+        ax.set(
+            xlabel=f"KV cache at {suite.eval['long_context'] or block_size} tokens (KiB, fp32)",
+            ylabel="validation loss",
+            title="Quality vs KV-cache size",
+            xscale="log",
+        )
 
 
 # ---------------------------------------------------------------------------------------- report
@@ -124,6 +125,38 @@ def _verdict(delta: float, se: float, better: str, worse: str, same: str) -> str
     if delta > 2 * se:
         return worse
     return same
+
+
+# Prose of the report that no measurement changes.
+_CHALLENGES_AND_CHOICES = [
+    "## Challenges met in implementing them",
+    "",
+    "- **Window off-by-one.** Mistral counts the query itself in its `sliding_window`; Longformer's one-sided "
+    "window counts only the keys before it. gpt2lab's `window = W` is W keys *including* the query, and a test "
+    "checks the boundary exactly with uniform attention over known values.",
+    "- **Prompts longer than the window.** Prefill must use the banded kernel for the whole prompt and keep only "
+    "the last W keys in the rolling cache; a chunked prefill into a ring that already holds tokens must still "
+    "see the keys it is about to evict (tested).",
+    "- **RoPE and cache positions.** Keys are cached *after* rotation, so ring order is irrelevant, but position "
+    "ids must count real tokens only in left-padded batches, or a padded row decodes differently from the "
+    "same prompt alone (tested for every combination).",
+    "- **Checkpoint compatibility.** RoPE models have no `wpe`, GQA models a narrower `c_attn`: neither loads "
+    "into GPT-2 code. Converting MHA to GQA is a mean-pool of K/V rows (biases included) in GPT-2's packed "
+    "`c_attn`; only plain GPT-2 exports to the Hugging Face layout.",
+    "",
+    "## When to choose what",
+    "",
+    "- **RoPE** when a model must run past its trained context (with a window it decodes with constant memory "
+    "forever); it costs no parameters and removes the position table.",
+    "- **GQA** when decode memory or bandwidth bounds serving: the KV cache shrinks by n_kv_head/n_head; "
+    "uptraining a pooled checkpoint recovers most of the quality for a fraction of the training.",
+    "- **Sliding window** for long sequences: cost grows linearly, not quadratically, with T, and the rolling "
+    "cache caps memory; stacking layers extends the receptive field, but tokens further back than "
+    "n_layer·(W−1) are invisible.",
+    "",
+    "## Samples (fixed prompt, seed 0, temperature 0.8, top-k 40)",
+    "",
+]
 
 
 def write_report(out: Path, suite: Suite, block_size: int) -> Path:
@@ -140,7 +173,8 @@ def write_report(out: Path, suite: Suite, block_size: int) -> Path:
         "Reproduce with:",
         "",
         "```bash",
-        f"gpt2lab study --suite configs/study/{suite.name}.toml --data {suite.data} --out {out}",
+        f"gpt2lab study --suite configs/study/{suite.name}.toml --data {suite.data} --out {out}"
+        + "".join(f" --set {shlex.quote(item)}" for item in suite.overrides),
         "```",
         "",
         f"Every variant has the shape {suite.model} and trains for {train['max_iters']} steps of "
@@ -164,39 +198,11 @@ def write_report(out: Path, suite: Suite, block_size: int) -> Path:
     lines += _rope_section(rows, base, bands, block_size, long_ctx)
     lines += _gqa_section(rows, base)
     lines += _window_section(rows, base, bands, cost)
-    lines += [
-        "## Challenges met in implementing them",
-        "",
-        "- **Window off-by-one.** Mistral counts the query itself in its `sliding_window`; Longformer's one-sided "
-        "window counts only the keys before it. gpt2lab's `window = W` is W keys *including* the query, and a test "
-        "checks the boundary exactly with uniform attention over known values.",
-        "- **Prompts longer than the window.** Prefill must use the banded kernel for the whole prompt and keep only "
-        "the last W keys in the rolling cache; a chunked prefill into a ring that already holds tokens must still "
-        "see the keys it is about to evict (tested).",
-        "- **RoPE and cache positions.** Keys are cached *after* rotation, so ring order is irrelevant, but position "
-        "ids must count real tokens only in left-padded batches, or a padded row decodes differently from the "
-        "same prompt alone (tested for every combination).",
-        "- **Checkpoint compatibility.** RoPE models have no `wpe`, GQA models a narrower `c_attn`: neither loads "
-        "into GPT-2 code. Converting MHA to GQA is a mean-pool of K/V rows (biases included) in GPT-2's packed "
-        "`c_attn`; only plain GPT-2 exports to the Hugging Face layout.",
-        "",
-        "## When to choose what",
-        "",
-        "- **RoPE** when a model must run past its trained context (with a window it decodes with constant memory "
-        "forever); it costs no parameters and removes the position table.",
-        "- **GQA** when decode memory or bandwidth bounds serving: the KV cache shrinks by n_kv_head/n_head; "
-        "uptraining a pooled checkpoint recovers most of the quality for a fraction of the training.",
-        "- **Sliding window** for long sequences: cost grows linearly, not quadratically, with T, and the rolling "
-        "cache caps memory; stacking layers extends the receptive field, but tokens further back than "
-        "n_layer·(W−1) are invisible.",
-        "",
-        "## Samples (fixed prompt, seed 0, temperature 0.8, top-k 40)",
-        "",
-    ]
+    lines += _CHALLENGES_AND_CHOICES
     for sample in read_csv(out / "samples.csv"):
         lines += [f"**{sample['variant']}**", "", "```", sample["sample"].strip(), "```", ""]
     path = out / "report.md"
-    path.write_text("\n".join(lines) + "\n")
+    write_text(path, "\n".join(lines) + "\n")
     return path
 
 

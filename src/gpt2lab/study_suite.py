@@ -1,0 +1,118 @@
+"""A variant study's suite (TOML, with ``--set`` overrides) and the small helpers that the study's runs
+(:mod:`gpt2lab.study`) and its report (:mod:`gpt2lab.study_report`) share: grouping runs, the CSVs."""
+
+from __future__ import annotations
+
+import csv
+import dataclasses
+from pathlib import Path
+from typing import Any
+
+from .config import GPT2_VOCAB_SIZE, GPT2LabError, GPTConfig, closest_hint
+from .files import atomic_file
+from .train_config import TRAIN_FIELDS, parse_set, read_toml
+
+SUITE_TABLES = ("model", "train", "eval", "uptrain", "cost")
+SUITE_SECTIONS = {"name", "data", "seeds", "parallel", "variants", *SUITE_TABLES}
+
+
+@dataclasses.dataclass
+class Suite:
+    name: str
+    data: str
+    seeds: list[int]
+    parallel: int  # runs trained at once, each on an equal share of the CPU threads
+    model: dict[str, Any]
+    train: dict[str, Any]
+    variants: list[dict[str, Any]]
+    eval: dict[str, Any]
+    uptrain: dict[str, Any] | None
+    cost: dict[str, Any]
+    overrides: list[str] = dataclasses.field(default_factory=list)  # the --set items applied to the file
+
+    def variant_config(self, variant: dict[str, Any]) -> GPTConfig:
+        fields = {k: v for k, v in variant.items() if k != "name"}
+        return GPTConfig.from_dict({"vocab_size": GPT2_VOCAB_SIZE, **self.model, **fields})
+
+
+def _apply_overrides(doc: dict[str, Any], overrides: list[str]) -> None:
+    """``--set table.key=value`` sets a key of one of the suite's tables, ``--set key=value`` a top-level key."""
+    for item in overrides:
+        section, key, value = parse_set(item)
+        if section is None and key not in SUITE_TABLES and key != "variants":
+            doc[key] = value  # checked below with the file's own keys
+        elif section in SUITE_TABLES:
+            doc.setdefault(section, {})[key] = value
+        else:
+            raise GPT2LabError(
+                f"--set {item!r}: name a key of one of the suite's tables ({', '.join(SUITE_TABLES)}), "
+                "e.g. train.max_iters=10, or a top-level key (name, data, seeds, parallel)"
+            )
+
+
+def _check(doc: dict[str, Any], path: Path) -> None:
+    for key in doc:
+        if key not in SUITE_SECTIONS:
+            raise GPT2LabError(f"{path}: unknown key '{key}'{closest_hint(key, SUITE_SECTIONS)}")
+    for key in doc.get("train", {}):  # TrainConfig fields: a typo fails now, not in a run an hour later
+        if key not in TRAIN_FIELDS:
+            raise GPT2LabError(f"{path}: unknown [train] key '{key}'{closest_hint(key, TRAIN_FIELDS)}")
+    variants = doc.get("variants", [])
+    names = [v.get("name") for v in variants]
+    if not variants or None in names or len(set(names)) != len(names):
+        raise GPT2LabError(f"{path}: needs [[variants]] with unique names")
+    if names[0] != "baseline":
+        raise GPT2LabError(f"{path}: the first variant must be the 'baseline' the others are compared with")
+
+
+def load_suite(path: str | Path, data: str | None = None, overrides: list[str] | None = None) -> Suite:
+    """The suite in ``path``, its tables updated by ``--set`` ``overrides``; ``data`` replaces its data."""
+    path = Path(path)
+    if not path.is_file():
+        raise GPT2LabError(f"no such suite file: {path}")
+    doc = read_toml(path)
+    _apply_overrides(doc, overrides or [])
+    _check(doc, path)
+    suite = Suite(
+        name=doc.get("name", path.stem),
+        data=data or doc.get("data", "shakespeare"),
+        seeds=list(doc.get("seeds", [1])),
+        parallel=int(doc.get("parallel", 1)),
+        model=doc.get("model", {}),
+        train=doc.get("train", {}),
+        variants=doc["variants"],
+        eval={
+            "long_context": 0,
+            "decode_tokens": 32,
+            "sample_prompt": "\n",
+            "sample_tokens": 60,
+            **doc.get("eval", {}),
+        },
+        uptrain=doc.get("uptrain"),
+        cost={"lengths": [], "window": 256, "n_head": 12, "head_dim": 64, "repeats": 2, **doc.get("cost", {})},
+        overrides=list(overrides or []),
+    )
+    for v in suite.variants:
+        suite.variant_config(v)  # fail now, with the config's own one-line error, not after an hour
+    return suite
+
+
+def group_by_variant(runs: list[dict], key: str) -> dict[str, list]:
+    """``runs[i][key]`` collected per variant, in the order the variants first appear."""
+    grouped: dict[str, list] = {}
+    for r in runs:
+        grouped.setdefault(r["variant"], []).append(r[key])
+    return grouped
+
+
+def write_csv(path: Path, rows: list[dict]) -> None:
+    with atomic_file(path) as tmp, open(tmp, "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=list(rows[0]))
+        writer.writeheader()
+        for row in rows:
+            writer.writerow({k: (f"{v:.6g}" if isinstance(v, float) else v) for k, v in row.items()})
+
+
+def read_csv(path: Path) -> list[dict[str, str]]:
+    with open(path, newline="") as f:
+        return list(csv.DictReader(f))

@@ -1,0 +1,208 @@
+"""Configuration files and the ``--set`` grammar: the training config, and a model config on its own.
+
+One grammar serves ``train``, ``info`` and ``study``: ``--set key=value`` or ``--set section.key=value``,
+the value read as a TOML value (``4``, ``1e-3``, ``true``, ``[256, "full"]``, ``'quoted'``), else taken as
+a bare string (``pos_encoding=rope``, ``data.dir=some/folder``). TOML has no null: a global layer in a
+per-layer window list is spelled ``"full"``, which :class:`GPTConfig` reads as None.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import tomllib
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from .config import PRESETS, GPT2LabError, GPTConfig, closest_hint
+from .files import read_json
+
+GPT_FIELDS = [f.name for f in dataclasses.fields(GPTConfig)]
+
+
+# ---------------------------------------------------------------------------------------- the grammar
+
+
+def parse_value(text: str) -> Any:
+    """A ``--set`` value is read as TOML (numbers, booleans, lists, quoted strings), else as a bare string."""
+    try:
+        return tomllib.loads(f"v = {text}")["v"]
+    except tomllib.TOMLDecodeError:
+        return text
+
+
+def parse_set(item: str) -> tuple[str | None, str, Any]:
+    """``"optim.lr=1e-3"`` -> ``("optim", "lr", 0.001)``; ``"lr=1e-3"`` -> ``(None, "lr", 0.001)``."""
+    key, sep, value = item.partition("=")
+    section, _, name = key.strip().rpartition(".")
+    if not sep or not name:
+        raise GPT2LabError(f"--set expects key=value, got {item!r}")
+    return section or None, name, parse_value(value.strip())
+
+
+def read_toml(path: str | Path) -> dict[str, Any]:
+    """A TOML file as a dict; invalid TOML is one error line."""
+    try:
+        return tomllib.loads(Path(path).read_text())
+    except tomllib.TOMLDecodeError as e:
+        raise GPT2LabError(f"{path}: invalid TOML ({e})") from None
+
+
+# ---------------------------------------------------------------------------------------- model config
+
+
+def parse_overrides(items: list[str] | None) -> dict[str, Any]:
+    """``["n_kv_head=4", "model.window=256"]`` -> ``{"n_kv_head": 4, "window": 256}`` (a model has [model] only)."""
+    overrides = {}
+    for item in items or []:
+        section, key, value = parse_set(item)
+        if section not in (None, "model"):
+            raise GPT2LabError(f"--set {item!r}: a model config has only [model] keys")
+        overrides[key] = value
+    return overrides
+
+
+def load_model_config(source: str, overrides: dict[str, Any] | None = None) -> GPTConfig:
+    """A config from a preset name, a JSON or TOML file, or a folder holding ``config.json``.
+
+    A file may hold the GPTConfig fields at top level or under a ``model`` table (the layout of a
+    training config), and may name a ``preset`` that its other keys override.
+    """
+    overrides = overrides or {}
+    if source in PRESETS:
+        return GPTConfig.from_preset(source, **overrides)
+    path = Path(source)
+    if path.is_dir():
+        path = path / "config.json"
+    if not path.is_file():
+        raise GPT2LabError(f"'{source}' is neither a preset ({', '.join(PRESETS)}) nor a config file")
+    data = read_toml(path) if path.suffix == ".toml" else read_json(path)
+    if isinstance(data.get("model"), dict):
+        data = data["model"]
+    # A saved model's config.json also names its file format, which is no field of the model.
+    data = {k: v for k, v in data.items() if k not in ("format", "format_version")}
+    data = {**data, **overrides}
+    preset = data.pop("preset", None)
+    return GPTConfig.from_preset(preset, **data) if preset else GPTConfig.from_dict(data)
+
+
+# ---------------------------------------------------------------------------------------- training config
+
+
+def _opt(section: str, default: Any, key: str | None = None, **kw) -> Any:
+    """A field with its TOML section (and key, when it differs from the field name)."""
+    return field(default=default, metadata={"section": section, "key": key}, **kw)
+
+
+@dataclass
+class TrainConfig:
+    """Everything a run needs. The defaults are the demo: a small model on the embedded pydoc corpus.
+
+    In TOML the fields are grouped in sections ``[model] [data] [optim] [batch] [run]``; ``[model]``
+    also takes any :class:`GPTConfig` field (``n_layer``, ``pos_encoding``, ``n_kv_head``, ``window``…),
+    collected in ``model``. ``block_size`` in ``[batch]`` is the training sequence length; the model's
+    context is ``model.block_size`` (the preset's unless set) and must be at least as long.
+    """
+
+    # [model]
+    preset: str | None = _opt("model", "tiny")
+    init_from: str | None = _opt("model", None)  # pretrained checkpoint: fine-tune instead of init
+    convert_n_kv_head: int | None = _opt("model", None)  # GQA uptraining: pool K/V heads of init_from
+    model: dict = field(default_factory=lambda: {"n_layer": 4, "n_embd": 128}, metadata={"section": "model"})
+    # [data]
+    data_dir: str = _opt("data", "data/pydoc", key="dir")
+    # [optim]
+    lr: float = _opt("optim", 1e-3)
+    min_lr: float = _opt("optim", 1e-4)
+    warmup_iters: int = _opt("optim", 25)
+    max_iters: int = _opt("optim", 250)
+    lr_decay_iters: int | None = _opt("optim", None)  # None: max_iters
+    weight_decay: float = _opt("optim", 0.1)
+    betas: list = field(default_factory=lambda: [0.9, 0.95], metadata={"section": "optim", "key": None})
+    grad_clip: float = _opt("optim", 1.0)  # 0 disables
+    # [batch]
+    batch_size: int = _opt("batch", 8)  # sequences per micro-batch per process
+    block_size: int = _opt("batch", 64)
+    grad_accum: int = _opt("batch", 1)  # micro-batches per step, in total over all processes
+    # [run]
+    out_dir: str = _opt("run", "runs/demo")
+    eval_interval: int = _opt("run", 125)
+    eval_iters: int = _opt("run", 5)
+    ckpt_interval: int = _opt("run", 125)
+    log_interval: int = _opt("run", 1)
+    seed: int = _opt("run", 1337)
+    dtype: str = _opt("run", "auto")  # auto | float32 | bfloat16 (autocast)
+    compile: bool = _opt("run", False)
+    device: str = _opt("run", "auto")
+    strategy: str = _opt("run", "ddp")  # ddp | fsdp, used under torchrun
+
+    def validate(self) -> None:
+        choices = {"dtype": ("auto", "float32", "bfloat16"), "strategy": ("ddp", "fsdp")}
+        for name, allowed in choices.items():
+            if getattr(self, name) not in allowed:
+                raise GPT2LabError(f"config: {name} must be one of {', '.join(allowed)}, got {getattr(self, name)!r}")
+        for name in ("max_iters", "batch_size", "block_size", "grad_accum", "eval_iters", "ckpt_interval"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+                raise GPT2LabError(f"config: {name} must be a positive integer, got {value!r}")
+        if self.preset is None and self.init_from is None and not self.model:
+            raise GPT2LabError("config: [model] needs a preset, init_from or the model's fields")
+        if self.init_from is not None and self.model:
+            raise GPT2LabError(
+                f"config: with init_from the model's shape comes from the checkpoint; remove {', '.join(self.model)}"
+            )
+        if self.convert_n_kv_head is not None and self.init_from is None:
+            raise GPT2LabError("config: convert_n_kv_head converts a pretrained model; set init_from too")
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+TRAIN_FIELDS = tuple(f.name for f in dataclasses.fields(TrainConfig))
+
+
+def _keys() -> dict[str, dict[str, str]]:
+    """section → {TOML key: field name}."""
+    sections: dict[str, dict[str, str]] = {}
+    for f in dataclasses.fields(TrainConfig):
+        if f.name != "model":
+            sections.setdefault(f.metadata["section"], {})[f.metadata["key"] or f.name] = f.name
+    return sections
+
+
+def _set(cfg: TrainConfig, section: str | None, key: str, value: Any) -> None:
+    sections = _keys()
+    if section is not None and section not in sections:
+        raise GPT2LabError(f"config: unknown section [{section}]{closest_hint(section, sections)}")
+    candidates = [section] if section else list(sections)
+    for sec in candidates:
+        if key in sections[sec]:
+            setattr(cfg, sections[sec][key], value)
+            return
+    if "model" in candidates and key in GPT_FIELDS:  # a bare block_size is the batch's, set above
+        cfg.model[key] = value
+        return
+    home = [sec for sec in sections if key in sections[sec] or (sec == "model" and key in GPT_FIELDS)]
+    if home:
+        raise GPT2LabError(f"config: '{key}' belongs in [{home[0]}], not [{section}]")
+    known = [k for keys in sections.values() for k in keys] + GPT_FIELDS
+    where = f" in [{section}]" if section else ""
+    raise GPT2LabError(f"config: unknown key '{key}'{where}{closest_hint(key, known)}")
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> TrainConfig:
+    """The defaults, updated by a TOML file, then by ``key=value`` / ``section.key=value`` overrides."""
+    cfg = TrainConfig()
+    if path is not None:
+        doc = read_toml(path)
+        if "model" in doc:  # a file's [model] replaces the default shape rather than merging into it
+            cfg.model = {}
+        for section, table in doc.items():
+            if not isinstance(table, dict):
+                raise GPT2LabError(f"{path}: '{section}' must be a [section]; keys go inside one")
+            for key, value in table.items():
+                _set(cfg, section, key, value)
+    for item in overrides or []:
+        _set(cfg, *parse_set(item))
+    cfg.validate()
+    return cfg
