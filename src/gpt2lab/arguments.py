@@ -1,7 +1,8 @@
 """Command-line argument types: each value is checked where it enters, and a bad one is one line.
 
-argparse calls these with the raw string; raising ``argparse.ArgumentTypeError`` makes it print
-``gpt2lab CMD: error: argument --x: <message>`` and exit with status 2.
+Each factory takes the name the library uses for the value (``top_p``) and returns the converter
+argparse calls with the raw string. Raising ``argparse.ArgumentTypeError`` makes the CLI print
+``gpt2lab CMD: error: argument --top-p: top_p must be in (0, 1], got 1.5`` and exit with status 2.
 """
 
 from __future__ import annotations
@@ -9,57 +10,44 @@ from __future__ import annotations
 import argparse
 import math
 import re
+from collections.abc import Callable
 
 import torch
 
 _ESCAPES = {"n": "\n", "t": "\t", "r": "\r", "\\": "\\"}
 
 
-def _number(text: str, kind: type, what: str):
-    try:
-        value = kind(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected {what}, got {text!r}") from None
-    if kind is float and not math.isfinite(value):
-        raise argparse.ArgumentTypeError(f"expected a finite number, got {text!r}")
-    return value
+def _typed(name: str, kind: type, rule: str, ok: Callable[[float], bool]) -> Callable[[str], float]:
+    def convert(text: str):
+        try:
+            value = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{name} must be {rule}, got {text!r}") from None
+        if not math.isfinite(value) or not ok(value):
+            raise argparse.ArgumentTypeError(f"{name} must be {rule}, got {text}")
+        return value
+
+    return convert
 
 
-def positive_int(text: str) -> int:
-    value = _number(text, int, "an integer >= 1")
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"expected an integer >= 1, got {value}")
-    return value
+def positive_int(name: str) -> Callable[[str], int]:
+    return _typed(name, int, "an integer >= 1", lambda v: v >= 1)
 
 
-def nonnegative_int(text: str) -> int:
-    value = _number(text, int, "an integer >= 0")
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"expected an integer >= 0, got {value}")
-    return value
+def nonnegative_int(name: str) -> Callable[[str], int]:
+    return _typed(name, int, "an integer >= 0", lambda v: v >= 0)
 
 
-def nonnegative_float(text: str) -> float:
-    value = _number(text, float, "a number >= 0")
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"expected a number >= 0, got {value:g}")
-    return value
+def nonnegative_float(name: str, note: str = "") -> Callable[[str], float]:
+    return _typed(name, float, f">= 0{note}", lambda v: v >= 0)
 
 
-def probability(text: str) -> float:
-    """A number in (0, 1]."""
-    value = _number(text, float, "a number in (0, 1]")
-    if not 0.0 < value <= 1.0:
-        raise argparse.ArgumentTypeError(f"expected a number in (0, 1], got {value:g}")
-    return value
+def probability(name: str) -> Callable[[str], float]:
+    return _typed(name, float, "in (0, 1]", lambda v: 0 < v <= 1)
 
 
-def fraction(text: str) -> float:
-    """A number in (0, 1)."""
-    value = _number(text, float, "a number in (0, 1)")
-    if not 0.0 < value < 1.0:
-        raise argparse.ArgumentTypeError(f"expected a number in (0, 1), got {value:g}")
-    return value
+def fraction(name: str) -> Callable[[str], float]:
+    return _typed(name, float, "in (0, 1)", lambda v: 0 < v < 1)
 
 
 def device(text: str) -> str:
@@ -68,14 +56,14 @@ def device(text: str) -> str:
         dev = torch.device(text)
     except RuntimeError:
         raise argparse.ArgumentTypeError(f"unknown device {text!r} (cpu, cuda, cuda:N, mps)") from None
+    if dev.type not in ("cpu", "cuda", "mps"):
+        raise argparse.ArgumentTypeError(f"unsupported device {text!r} (cpu, cuda, cuda:N, mps)")
     if dev.type == "cuda" and not torch.cuda.is_available():
         raise argparse.ArgumentTypeError("CUDA is not available on this machine")
     if dev.type == "cuda" and dev.index is not None and dev.index >= torch.cuda.device_count():
         raise argparse.ArgumentTypeError(f"there is no {text} (this machine has {torch.cuda.device_count()} GPUs)")
     if dev.type == "mps" and not torch.backends.mps.is_available():
         raise argparse.ArgumentTypeError("MPS is not available on this machine")
-    if dev.type not in ("cpu", "cuda", "mps"):
-        raise argparse.ArgumentTypeError(f"unsupported device {text!r} (cpu, cuda, cuda:N, mps)")
     return text
 
 

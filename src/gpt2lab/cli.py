@@ -7,11 +7,10 @@ import argparse
 import os
 import sys
 
-import torch
-
+from . import arguments as arg
 from .config import GPT2LabError
 
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
+DTYPES = ("float32", "bfloat16")  # names gpt2lab.precision.parse_dtype reads
 
 
 # ---------------------------------------------------------------------------------------- generate
@@ -21,26 +20,29 @@ def add_generate(sub) -> None:
     p = sub.add_parser("generate", help="generate text from a prompt, streaming tokens as they come")
     p.add_argument("--model", default="gpt2", help="hub id, local folder/file, TF checkpoint or gpt2lab run")
     p.add_argument("--prompt", required=True, help="prompt text, or - to read it from stdin")
-    p.add_argument("--max-new-tokens", type=int, default=100)
-    p.add_argument("--temperature", type=float, default=1.0, help="0 is greedy")
-    p.add_argument("--top-k", type=int, default=None)
-    p.add_argument("--top-p", type=float, default=None)
+    p.add_argument("--max-new-tokens", type=arg.nonnegative_int("max_new_tokens"), default=100)
+    p.add_argument(
+        "--temperature", type=arg.nonnegative_float("temperature", " (0 is greedy)"), default=1.0, help="0 is greedy"
+    )
+    p.add_argument("--top-k", type=arg.positive_int("top_k"), default=None)
+    p.add_argument("--top-p", type=arg.probability("top_p"), default=None)
     p.add_argument("--seed", type=int, default=None)
-    p.add_argument("--stop", action="append", default=None, help="stop string (repeatable)")
-    p.add_argument("--dtype", choices=sorted(DTYPES), default="float32", help="weight dtype for inference")
-    p.add_argument("--device", default="cpu")
+    p.add_argument(
+        "--stop", type=arg.stop_string, action="append", default=None, help=r"stop string (repeatable; \n, \t escapes)"
+    )
+    p.add_argument("--dtype", choices=DTYPES, default="float32", help="weight dtype for inference")
+    p.add_argument("--device", type=arg.device, default="cpu")
     p.set_defaults(func=cmd_generate)
 
 
 def cmd_generate(args) -> int:
-    from .generation import Sampler, stream_text
+    from .generation import stream_text
     from .run_state import load_model
     from .tokenizer import load_tokenizer
 
     sampling = dict(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, seed=args.seed)
-    Sampler(**sampling)  # refuse bad sampling settings before loading a model
     prompt = sys.stdin.read() if args.prompt == "-" else args.prompt
-    model = load_model(args.model, dtype=DTYPES[args.dtype], device=args.device)
+    model = load_model(args.model, dtype=args.dtype, device=args.device)
     pieces = stream_text(model, load_tokenizer(), prompt, args.max_new_tokens, stop=args.stop, **sampling)
     sys.stdout.write(prompt)
     for piece in pieces:
@@ -56,7 +58,7 @@ def cmd_generate(args) -> int:
 def add_convert(sub) -> None:
     p = sub.add_parser("convert", help="turn a multi-head checkpoint into GQA/MQA by mean-pooling K/V heads")
     p.add_argument("--model", required=True, help="run folder, training checkpoint or any model generate reads")
-    p.add_argument("--n-kv-head", type=int, required=True)
+    p.add_argument("--n-kv-head", type=arg.positive_int("n_kv_head"), required=True)
     p.add_argument("--out", required=True, help="folder for the converted model (gpt2lab format)")
     p.set_defaults(func=cmd_convert)
 
@@ -83,8 +85,10 @@ def add_info(sub) -> None:
     p.add_argument(
         "--set", action="append", default=None, metavar="KEY=VALUE", help="override a config field (repeatable)"
     )
-    p.add_argument("--seq-len", type=int, default=None, help="sequence length T (default: block_size)")
-    p.add_argument("--dtype", choices=sorted(DTYPES), default="float32", help="bytes of weights and cache entries")
+    p.add_argument(
+        "--seq-len", type=arg.positive_int("seq_len"), default=None, help="sequence length T (default: block_size)"
+    )
+    p.add_argument("--dtype", choices=DTYPES, default="float32", help="bytes of weights and cache entries")
     p.add_argument("--json", action="store_true", help="print the report as JSON")
     p.set_defaults(func=cmd_info)
 
@@ -108,8 +112,15 @@ def add_prepare(sub) -> None:
     p = sub.add_parser("prepare", help="tokenize text into train.bin/val.bin for training")
     p.add_argument("source", nargs="+", help="text file(s), a folder of text files, or a dataset: pydoc, shakespeare")
     p.add_argument("--out", required=True, help="folder for train.bin, val.bin and meta.json")
-    p.add_argument("--val-fraction", type=float, default=0.1, help="tail of the token stream held out for validation")
-    p.add_argument("--threads", type=int, default=None, help="tokenizer threads (default: all cores)")
+    p.add_argument(
+        "--val-fraction",
+        type=arg.fraction("val_fraction"),
+        default=0.1,
+        help="tail of the token stream held out for validation",
+    )
+    p.add_argument(
+        "--threads", type=arg.positive_int("threads"), default=None, help="tokenizer threads (default: all cores)"
+    )
     p.set_defaults(func=cmd_prepare)
 
 
@@ -168,12 +179,19 @@ def add_eval(sub) -> None:
     p = sub.add_parser("eval", help="loss, perplexity and bits per byte of a model on held-out text")
     p.add_argument("--model", required=True, help="run folder, training checkpoint, or any model generate reads")
     p.add_argument("--data", required=True, help="a text file, or a prepared folder (its val split)")
-    p.add_argument("--context", type=int, default=None, help="window length (default: the model's block_size)")
-    p.add_argument("--batch-size", type=int, default=8)
-    p.add_argument("--max-tokens", type=int, default=None, help="evaluate at most this many tokens")
+    p.add_argument(
+        "--context",
+        type=arg.positive_int("context"),
+        default=None,
+        help="window length (default: the model's block_size)",
+    )
+    p.add_argument("--batch-size", type=arg.positive_int("batch_size"), default=8)
+    p.add_argument(
+        "--max-tokens", type=arg.positive_int("max_tokens"), default=None, help="evaluate at most this many tokens"
+    )
     p.add_argument("--by-position", action="store_true", help="write loss_by_position.csv/.png")
     p.add_argument("--out", default=None, help="folder for the by-position files (default: the model folder or .)")
-    p.add_argument("--device", default="cpu")
+    p.add_argument("--device", type=arg.device, default="cpu")
     p.set_defaults(func=cmd_eval)
 
 
@@ -203,7 +221,7 @@ def add_demo(sub) -> None:
     p.add_argument("--pretrained", default=None, help="fine-tune this checkpoint (hub id or path) instead")
     p.add_argument("--out", default="runs/demo", help="run folder")
     p.add_argument("--data", default="data/pydoc", help="prepared data folder (made on first use)")
-    p.add_argument("--max-iters", type=int, default=None)
+    p.add_argument("--max-iters", type=arg.positive_int("max_iters"), default=None)
     p.add_argument("--prompt", default="The for statement")
     p.set_defaults(func=cmd_demo)
 
@@ -240,8 +258,15 @@ def cmd_study(args) -> int:
 # ---------------------------------------------------------------------------------------- main
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse, with a usage error on one line (``gpt2lab generate: error: ...``) instead of two."""
+
+    def error(self, message: str):
+        self.exit(2, f"{self.prog}: error: {message}\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="gpt2lab", description=__doc__.splitlines()[0])
+    parser = _Parser(prog="gpt2lab", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True)
     for add in COMMANDS:
         add(sub)
@@ -261,6 +286,9 @@ def main(argv: list[str] | None = None) -> int:
     except FileNotFoundError as e:
         print(f"error: file not found: {e.filename or e}", file=sys.stderr)
         return 2
+    except BrokenPipeError:  # the reader went away (gpt2lab generate ... | head): stop quietly
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # no second error at exit's flush
+        return 0
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130
