@@ -69,10 +69,8 @@ def cmd_convert(args) -> int:
     model = load_model(args.model)
     converted = model.convert_to_gqa(args.n_kv_head)
     converted.save_pretrained(args.out)
-    print(
-        f"converted {model.config.n_kv_head} -> {args.n_kv_head} key/value heads; "
-        f"{model.num_params():,} -> {converted.num_params():,} parameters; saved to {args.out}"
-    )
+    heads = f"{model.config.n_kv_head} -> {args.n_kv_head} key/value heads"
+    print(f"converted {heads}; {model.num_params():,} -> {converted.num_params():,} parameters; saved to {args.out}")
     return 0
 
 

@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from .config import PRESETS, GPT2LabError, GPTConfig, closest_hint
+from .config import PRESETS, GPT2LabError, GPTConfig, check_number, closest_hint, is_int
 from .files import read_json
 
 GPT_FIELDS = [f.name for f in dataclasses.fields(GPTConfig)]
@@ -41,9 +41,14 @@ def parse_set(item: str) -> tuple[str | None, str, Any]:
 
 
 def read_toml(path: str | Path) -> dict[str, Any]:
-    """A TOML file as a dict; invalid TOML is one error line."""
+    """A TOML file as a dict; a missing, unreadable or invalid file is one error line."""
+    path = Path(path)
+    if not path.is_file():
+        raise GPT2LabError(f"{path} is {'a folder' if path.is_dir() else 'missing'}, not a TOML config file")
     try:
-        return tomllib.loads(Path(path).read_text())
+        return tomllib.loads(path.read_text(encoding="utf-8"))
+    except UnicodeDecodeError:
+        raise GPT2LabError(f"{path} is not a text file (a TOML config was expected)") from None
     except tomllib.TOMLDecodeError as e:
         raise GPT2LabError(f"{path}: invalid TOML ({e})") from None
 
@@ -120,6 +125,7 @@ class TrainConfig:
     weight_decay: float = _opt("optim", 0.1)
     betas: list = field(default_factory=lambda: [0.9, 0.95], metadata={"section": "optim", "key": None})
     grad_clip: float = _opt("optim", 1.0)  # 0 disables
+    skip_nonfinite: bool = _opt("optim", False)  # skip a step with a non-finite loss or gradient instead of stopping
     # [batch]
     batch_size: int = _opt("batch", 8)  # sequences per micro-batch per process
     block_size: int = _opt("batch", 64)
@@ -137,14 +143,36 @@ class TrainConfig:
     strategy: str = _opt("run", "ddp")  # ddp | fsdp, used under torchrun
 
     def validate(self) -> None:
-        choices = {"dtype": ("auto", "float32", "bfloat16"), "strategy": ("ddp", "fsdp")}
-        for name, allowed in choices.items():
+        """Every value's type and range, with one line naming the first wrong one."""
+        for name, allowed in _CHOICES.items():
             if getattr(self, name) not in allowed:
                 raise GPT2LabError(f"config: {name} must be one of {', '.join(allowed)}, got {getattr(self, name)!r}")
-        for name in ("max_iters", "batch_size", "block_size", "grad_accum", "eval_iters", "ckpt_interval"):
+        for name, low in _INTEGERS.items():
             value = getattr(self, name)
-            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-                raise GPT2LabError(f"config: {name} must be a positive integer, got {value!r}")
+            if not is_int(value) or value < low:
+                kind = "a positive integer" if low == 1 else f"an integer >= {low}"
+                raise GPT2LabError(f"config: {name} must be {kind}, got {value!r}")
+        decay = self.lr_decay_iters
+        if decay is not None and (not is_int(decay) or decay < 1):
+            raise GPT2LabError(f"config: lr_decay_iters must be a positive integer or unset, got {decay!r}")
+        for name, (low, open_low) in _NUMBERS.items():
+            check_number(f"config: {name}", getattr(self, name), low=low, low_open=open_low)
+        if not isinstance(self.betas, list) or len(self.betas) != 2:
+            raise GPT2LabError(f"config: betas must be a list of two numbers in [0, 1), got {self.betas!r}")
+        for beta in self.betas:
+            check_number("config: each of betas", beta, low=0.0, high=1.0)
+        for name in ("data_dir", "out_dir", "device", "preset", "init_from"):
+            value = getattr(self, name)
+            if not (isinstance(value, str) and value) and not (value is None and name in ("preset", "init_from")):
+                raise GPT2LabError(f"config: {name} must be a non-empty string, got {value!r}")
+        for name in ("compile", "skip_nonfinite"):
+            if not isinstance(getattr(self, name), bool):
+                raise GPT2LabError(f"config: {name} must be true or false, got {getattr(self, name)!r}")
+        self._validate_model()
+
+    def _validate_model(self) -> None:
+        if not isinstance(self.model, dict):
+            raise GPT2LabError("config: [model] must be a table of model fields")
         if self.preset is None and self.init_from is None and not self.model:
             raise GPT2LabError("config: [model] needs a preset, init_from or the model's fields")
         if self.init_from is not None and self.model:
@@ -157,6 +185,14 @@ class TrainConfig:
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
 
+
+_CHOICES = {"dtype": ("auto", "float32", "bfloat16"), "strategy": ("ddp", "fsdp")}
+_INTEGERS = {  # field: smallest value
+    **dict.fromkeys(("max_iters", "batch_size", "block_size", "grad_accum", "eval_iters"), 1),
+    **dict.fromkeys(("eval_interval", "ckpt_interval", "log_interval"), 1),
+    **dict.fromkeys(("warmup_iters", "seed"), 0),
+}
+_NUMBERS = {"lr": (0.0, True), "min_lr": (0.0, False), "weight_decay": (0.0, False), "grad_clip": (0.0, False)}
 
 TRAIN_FIELDS = tuple(f.name for f in dataclasses.fields(TrainConfig))
 
