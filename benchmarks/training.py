@@ -67,8 +67,8 @@ def build(kind: str, directory: Path):
 
     model.train()
     # gpt2lab's optimizer for both: fused AdamW on CPU, as (torch >= 2.8) the Hugging Face Trainer also uses.
+    from gpt2lab.optim import make_optimizer
     from gpt2lab.train_config import TrainConfig
-    from gpt2lab.training import make_optimizer
 
     optimizer = make_optimizer(model, TrainConfig(lr=1e-4), torch.device("cpu"))
     return model, optimizer, loss_of

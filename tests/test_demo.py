@@ -32,7 +32,7 @@ def test_demo_trains_reports_and_samples(corpus, tmp_path, capsys, small_demo):
 
 
 def test_demo_prepares_data_on_first_use(tmp_path, capsys, monkeypatch):
-    def stop(cfg):
+    def stop(cfg, **options):
         raise GPT2LabError("only the preparation is tested here")
 
     monkeypatch.setattr("gpt2lab.demo.train", stop)

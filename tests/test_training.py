@@ -22,9 +22,10 @@ from training_helpers import logged_losses, tiny_args, tiny_config
 from gpt2lab.cli import main
 from gpt2lab.config import GPT2LabError, GPTConfig
 from gpt2lab.model import GPT
+from gpt2lab.optim import lr_at, make_optimizer
 from gpt2lab.run_state import load_checkpoint
 from gpt2lab.train_config import TrainConfig, load_config
-from gpt2lab.training import lr_at, make_optimizer, resolve_dtype, train
+from gpt2lab.training import resolve_dtype, train
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 

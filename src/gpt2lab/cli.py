@@ -141,6 +141,10 @@ def add_train(sub) -> None:
     p.add_argument("--config", default=None, help="TOML file (configs/*.toml); defaults are the demo")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a key (repeatable)")
     p.add_argument("--resume", action="store_true", help="continue the run in the output folder exactly")
+    p.add_argument("--overwrite", action="store_true", help="start again in a folder that holds a run (its files go)")
+    p.add_argument(
+        "--allow-changes", action="store_true", help="with --resume: accept settings that differ from the run's"
+    )
     p.add_argument("--out", default=None, help="run folder (overrides run.out_dir)")
     p.set_defaults(func=cmd_train)
 
@@ -167,7 +171,7 @@ def cmd_train(args) -> int:
     cfg = load_config(args.config, args.set)
     if args.out:
         cfg.out_dir = args.out
-    return _report_run(train(cfg, resume=args.resume))
+    return _report_run(train(cfg, resume=args.resume, overwrite=args.overwrite, allow_changes=args.allow_changes))
 
 
 # ---------------------------------------------------------------------------------------- eval
@@ -221,13 +225,16 @@ def add_demo(sub) -> None:
     p.add_argument("--data", default="data/pydoc", help="prepared data folder (made on first use)")
     p.add_argument("--max-iters", type=arg.positive_int("max_iters"), default=None)
     p.add_argument("--prompt", default="The for statement")
+    p.add_argument("--overwrite", action="store_true", help="train again in a run folder that holds a run")
     p.set_defaults(func=cmd_demo)
 
 
 def cmd_demo(args) -> int:
     from .demo import run_demo
 
-    return run_demo(args.out, args.data, pretrained=args.pretrained, max_iters=args.max_iters, prompt=args.prompt)
+    return run_demo(
+        args.out, args.data, args.pretrained, args.max_iters, prompt=args.prompt, overwrite=args.overwrite
+    )
 
 
 # ---------------------------------------------------------------------------------------- study

@@ -14,7 +14,7 @@ from .config import GPT2LabError
 from .data import prepare
 from .generation import stream_text
 from .model import GPT
-from .run_state import load_model
+from .run_state import check_run_folder, load_model
 from .tokenizer import load_tokenizer
 from .train_config import TrainConfig
 from .training import train
@@ -66,8 +66,14 @@ def demo_config(out_dir: str, data_dir: str, pretrained: str | None, max_iters: 
 
 
 def run_demo(
-    out_dir: str, data_dir: str, pretrained: str | None = None, max_iters: int | None = None, prompt: str = "The"
+    out_dir: str,
+    data_dir: str,
+    pretrained: str | None = None,
+    max_iters: int | None = None,
+    prompt: str = "The",
+    overwrite: bool = False,
 ) -> int:
+    check_run_folder(Path(out_dir), resume=False, overwrite=overwrite)  # before anything is prepared or trained
     if not (Path(data_dir) / "meta.json").is_file():
         print(f"preparing the embedded Python documentation corpus in {data_dir}")
         prepare("pydoc", data_dir)
@@ -80,7 +86,7 @@ def run_demo(
     cfg = demo_config(out_dir, data_dir, pretrained, max_iters)
     what = f"fine-tuning {pretrained}" if pretrained else "training a small GPT from scratch"
     print(f"{what} on {data_dir}: {cfg.max_iters} steps of {cfg.batch_size}×{cfg.block_size} tokens -> {out_dir}")
-    summary = train(cfg)
+    summary = train(cfg, overwrite=overwrite)
     if summary["stopped"]:
         print(f"stopped at step {summary['step']}; continue with: gpt2lab train --out {out_dir} --resume")
         return 128 + summary["signal"]
