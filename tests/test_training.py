@@ -5,19 +5,15 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import re
 import signal
-import subprocess
-import sys
-import time
 import warnings
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
-from training_helpers import logged_losses, tiny_args, tiny_config
+from training_helpers import logged_losses, start_training, tiny_args, tiny_config, wait_for_step
 
 from gpt2lab.cli import main
 from gpt2lab.config import GPT2LabError, GPTConfig
@@ -176,25 +172,6 @@ def test_resume_is_exact(corpus, tmp_path):
     assert all(torch.equal(a[k], b[k]) for k in a)
 
 
-def _start(corpus, out, *overrides):
-    cmd = [sys.executable, "-m", "gpt2lab", "train", *tiny_args(corpus, out, "max_iters=100000", *overrides)]
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    return subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-
-
-def _wait_for_step(proc, out: Path, step: int, timeout: float = 600) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            pytest.fail(f"training exited early: {proc.stderr.read()[-2000:]}")
-        metrics = out / "metrics.jsonl"
-        if metrics.is_file() and max(logged_losses(out), default=0) >= step:
-            return
-        time.sleep(0.05)
-    proc.kill()
-    pytest.fail("training did not reach the step in time")
-
-
 def _check_continues_exactly(corpus, tmp_path, out: Path, checkpoint_step: int) -> None:
     """Resuming ``out`` for 3 steps reproduces an uninterrupted run step for step."""
     end = checkpoint_step + 3
@@ -208,8 +185,8 @@ def _check_continues_exactly(corpus, tmp_path, out: Path, checkpoint_step: int) 
 @pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT])
 def test_signal_saves_checkpoint_and_resumes_exactly(corpus, tmp_path, signum):
     out = tmp_path / "run"
-    proc = _start(corpus, out)
-    _wait_for_step(proc, out, 3)
+    proc = start_training(corpus, out)
+    wait_for_step(proc, out, 3)
     proc.send_signal(signum)
     stdout, err = proc.communicate(timeout=300)
     assert proc.returncode == 128 + signum, err[-2000:]
@@ -221,8 +198,8 @@ def test_signal_saves_checkpoint_and_resumes_exactly(corpus, tmp_path, signum):
 
 def test_kill_9_loses_only_work_since_last_checkpoint(corpus, tmp_path):
     out = tmp_path / "run"
-    proc = _start(corpus, out, "ckpt_interval=4")
-    _wait_for_step(proc, out, 9)
+    proc = start_training(corpus, out, "ckpt_interval=4")
+    wait_for_step(proc, out, 9)
     proc.kill()  # SIGKILL: no handler runs
     proc.communicate(timeout=30)
     step = load_checkpoint(out / "ckpt.pt")["step"]  # verified: a kill mid-write leaves the previous file whole
@@ -301,7 +278,7 @@ def test_per_layer_window_list_in_toml_trains_and_loads(corpus, tmp_path):
     overrides = ["block_size=16", "batch_size=2", "eval_iters=1", "max_iters=2", "dtype='float32'"]
     cfg = load_config(path, [*overrides, f"data.dir='{corpus}'", f"out_dir='{run}'"])
     assert cfg.model["window"] == [8, "full"]
-    assert load_config(None, ['window=[8, "full"]']).model["window"] == [8, "full"]
+    assert load_config(None, ['n_layer=2', 'window=[8, "full"]']).model["window"] == [8, "full"]
     train(cfg)
     assert GPT.from_pretrained(run).config.window == [8, None]
     assert load_checkpoint(run / "ckpt.pt")["model_config"]["window"] == [8, None]

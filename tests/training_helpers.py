@@ -3,9 +3,15 @@ The prepared corpus they train on is conftest's session fixture ``corpus``."""
 
 from __future__ import annotations
 
-import json
+import os
+import subprocess
+import sys
+import time
 from pathlib import Path
 
+import pytest
+
+from gpt2lab.run_state import read_metrics
 from gpt2lab.train_config import TrainConfig, load_config
 
 # A model small enough that a step takes milliseconds; the vocabulary (50257) still dominates.
@@ -38,5 +44,27 @@ def tiny_args(corpus: Path, out: Path, *overrides: str) -> list[str]:
 
 
 def logged_losses(run_dir: Path) -> dict[int, float]:
-    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
-    return {r["step"]: r["loss"] for r in rows if "loss" in r}
+    """Step -> training loss from the run's metrics (a row being written right now is left out)."""
+    return {r["step"]: r["loss"] for r in read_metrics(run_dir) if "loss" in r}
+
+
+def start_training(corpus: Path, out: Path, *overrides: str, resume: bool = False) -> subprocess.Popen:
+    """``gpt2lab train`` of the tiny config in a subprocess on one thread, running until stopped."""
+    cmd = [sys.executable, "-m", "gpt2lab", "train", *tiny_args(corpus, out, "max_iters=100000", *overrides)]
+    cmd += ["--resume"] if resume else []
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    return subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+def wait_for_step(proc: subprocess.Popen, out: Path, step: int, timeout: float = 600) -> None:
+    """Until ``out``'s metrics log a training step >= ``step``; fails if the training exits first."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            pytest.fail(f"training exited early: {proc.stderr.read()[-2000:]}")
+        metrics = out / "metrics.jsonl"
+        if metrics.is_file() and max(logged_losses(out), default=0) >= step:
+            return
+        time.sleep(0.05)
+    proc.kill()
+    pytest.fail("training did not reach the step in time")

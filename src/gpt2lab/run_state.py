@@ -187,11 +187,13 @@ RESUMABLE_CHANGES = (
 )  # fmt: skip
 
 
-def resume_checkpoint(cfg: TrainConfig, data_meta: dict, config: GPTConfig, allow_changes: bool) -> dict:
+def resume_checkpoint(cfg: TrainConfig, data_meta: dict, config: GPTConfig, allow_changes: bool) -> dict | None:
     """The run's checkpoint, refused when it holds another model, or was trained on other data or settings
-    than the config describes (unless ``allow_changes``)."""
+    than the config describes (unless ``allow_changes``); None for a run killed before its first one."""
     run_dir = Path(cfg.out_dir)
     ckpt_path = run_dir / CKPT_NAME
+    if not ckpt_path.is_file() and holds_run(run_dir):
+        return None  # killed before its first checkpoint: nothing to lose, it starts from step 0
     if not ckpt_path.is_file():
         raise GPT2LabError(f"nothing to resume: {ckpt_path} does not exist")
     state = load_checkpoint(ckpt_path)

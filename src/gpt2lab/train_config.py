@@ -181,6 +181,9 @@ class TrainConfig:
             )
         if self.convert_n_kv_head is not None and self.init_from is None:
             raise GPT2LabError("config: convert_n_kv_head converts a pretrained model; set init_from too")
+        if self.init_from is None:  # the model's fields are checked now, not after the data is read
+            fields = {k: v for k, v in self.model.items() if k != "vocab_size"}
+            GPTConfig.from_preset(self.preset, **fields) if self.preset else GPTConfig.from_dict(fields)
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)

@@ -337,13 +337,14 @@ def train(cfg: TrainConfig, resume: bool = False, overwrite: bool = False, allow
     """
     run_dir = Path(cfg.out_dir)
     check_run_folder(run_dir, resume, overwrite)
-    dist = setup(cfg.device)
-    lock = RunLock(run_dir) if dist.master else None
+    dist, lock = setup(cfg.device), None
     try:
+        trainer = Trainer(cfg, dist, resume, allow_changes)  # reads the data (and checkpoint); writes nothing
+        lock = RunLock(run_dir) if dist.master else None
         if overwrite and dist.master:
             clear_run(run_dir)
         dist.barrier()
-        return Trainer(cfg, dist, resume, allow_changes).run()
+        return trainer.run()
     finally:
         if lock is not None:
             lock.release()
