@@ -70,7 +70,7 @@ def test_generate_reads_the_prompt_from_stdin_and_is_seeded(model_dir):
     "args,message",
     [
         (["--top-p", "1.5"], "top_p must be in (0, 1]"),
-        (["--temperature", "-0.5"], "temperature must be >= 0"),
+        (["--temperature", "-0.5"], "temperature must be a finite number >= 0"),
         (["--max-new-tokens", "200"], "longer than the context"),
     ],
 )

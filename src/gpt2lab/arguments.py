@@ -39,7 +39,7 @@ def nonnegative_int(name: str) -> Callable[[str], int]:
 
 
 def nonnegative_float(name: str, note: str = "") -> Callable[[str], float]:
-    return _typed(name, float, f">= 0{note}", lambda v: v >= 0)
+    return _typed(name, float, f"a finite number >= 0{note}", lambda v: v >= 0)
 
 
 def probability(name: str) -> Callable[[str], float]:
