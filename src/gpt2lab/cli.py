@@ -146,7 +146,35 @@ def add_train(sub) -> None:
         "--allow-changes", action="store_true", help="with --resume: accept settings that differ from the run's"
     )
     p.add_argument("--out", default=None, help="run folder (overrides run.out_dir)")
+    p.add_argument("--plan", action="store_true", help="train nothing: print the run's tokens, FLOPs, memory, time")
+    _add_plan_options(p)
     p.set_defaults(func=cmd_train)
+
+
+def _add_plan_options(p) -> None:
+    p.add_argument("--gpus", type=arg.positive_int("gpus"), default=1, help="plan: number of GPUs (default 1)")
+    p.add_argument("--gpu", action="append", default=None, help="plan: A100, H100 or H200 (repeatable; default all)")
+    p.add_argument("--mfu", type=arg.fraction("mfu"), default=0.4, help="plan: model FLOPs utilisation (default 0.4)")
+    p.add_argument("--json", action="store_true", help="plan: print it as JSON")
+
+
+def add_plan(sub) -> None:
+    p = sub.add_parser("plan", help="a training config's tokens, FLOPs, memory per GPU and wall time; trains nothing")
+    p.add_argument("--config", default=None, help="TOML file (configs/*.toml); defaults are the demo")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a key (repeatable)")
+    _add_plan_options(p)
+    p.set_defaults(func=cmd_plan)
+
+
+def cmd_plan(args) -> int:
+    import json
+
+    from .plan import format_plan, plan
+    from .train_config import load_config
+
+    result = plan(load_config(args.config, args.set), gpus=args.gpus, mfu=args.mfu, gpu_names=args.gpu)
+    print(json.dumps(result, indent=2) if args.json else format_plan(result))
+    return 0
 
 
 def _report_run(summary: dict) -> int:
@@ -168,6 +196,8 @@ def cmd_train(args) -> int:
     from .train_config import load_config
     from .training import train
 
+    if args.plan:
+        return cmd_plan(args)
     cfg = load_config(args.config, args.set)
     if args.out:
         cfg.out_dir = args.out
@@ -232,9 +262,7 @@ def add_demo(sub) -> None:
 def cmd_demo(args) -> int:
     from .demo import run_demo
 
-    return run_demo(
-        args.out, args.data, args.pretrained, args.max_iters, prompt=args.prompt, overwrite=args.overwrite
-    )
+    return run_demo(args.out, args.data, args.pretrained, args.max_iters, prompt=args.prompt, overwrite=args.overwrite)
 
 
 # ---------------------------------------------------------------------------------------- study
@@ -278,7 +306,7 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-COMMANDS = [add_generate, add_convert, add_info, add_prepare, add_train, add_eval, add_demo, add_study]
+COMMANDS = [add_generate, add_convert, add_info, add_prepare, add_train, add_plan, add_eval, add_demo, add_study]
 
 
 def main(argv: list[str] | None = None) -> int:
