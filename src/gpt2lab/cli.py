@@ -208,9 +208,11 @@ def cmd_train(args) -> int:
 
 
 def add_eval(sub) -> None:
-    p = sub.add_parser("eval", help="loss, perplexity and bits per byte of a model on held-out text")
+    p = sub.add_parser("eval", help="loss, perplexity and bits per byte on held-out text; HellaSwag accuracy")
     p.add_argument("--model", required=True, help="run folder, training checkpoint, or any model generate reads")
-    p.add_argument("--data", required=True, help="a text file, or a prepared folder (its val split)")
+    p.add_argument("--data", default=None, help="a text file, or a prepared folder (its val split)")
+    p.add_argument("--hellaswag", default=None, help="HellaSwag jsonl file, or 'val' (the official one, downloaded)")
+    p.add_argument("--max-examples", type=arg.positive_int("max_examples"), default=None, help="HellaSwag: at most N")
     p.add_argument(
         "--context",
         type=arg.positive_int("context"),
@@ -233,7 +235,13 @@ def cmd_eval(args) -> int:
     from .evaluation import evaluate, load_tokens, write_by_position
     from .run_state import load_model
 
+    if args.data is None and args.hellaswag is None:
+        raise GPT2LabError("eval needs --data, --hellaswag, or both")
     model = load_model(args.model, device=args.device)
+    if args.hellaswag is not None:
+        _eval_hellaswag(model, args.hellaswag, args.max_examples)
+    if args.data is None:
+        return 0
     tokens, n_bytes, source = load_tokens(args.data)
     result = evaluate(model, tokens, args.context, args.batch_size, args.max_tokens)
     print(f"data: {source} ({len(tokens):,} tokens, {n_bytes:,} bytes); evaluated {result.tokens:,} tokens")
@@ -243,6 +251,17 @@ def cmd_eval(args) -> int:
         csv_path, png_path = write_by_position(result, out, trained_context=model.config.block_size)
         print(f"loss by position: {csv_path}, {png_path}")
     return 0
+
+
+def _eval_hellaswag(model, source: str, limit: int | None) -> None:
+    from .hellaswag import accuracies, evaluate_hellaswag, load_examples
+
+    examples = load_examples(source, limit)
+    result = accuracies(evaluate_hellaswag(model, examples, model.config.block_size, progress=True))
+    print(
+        f"hellaswag: acc_norm {result['hellaswag_acc_norm']:.4f} (lowest mean loss per ending token, llm.c's style)  "
+        f"acc {result['hellaswag_acc']:.4f} (lowest summed loss)  on {len(examples):,} examples"
+    )
 
 
 # ---------------------------------------------------------------------------------------- demo

@@ -141,6 +141,8 @@ class TrainConfig:
     compile: bool = _opt("run", False)
     device: str = _opt("run", "auto")
     strategy: str = _opt("run", "ddp")  # ddp | fsdp, used under torchrun
+    hellaswag_interval: int = _opt("run", 0)  # score HellaSwag every N steps (and at the end); 0: never
+    hellaswag_file: str = _opt("run", "val")  # a HellaSwag jsonl, or "val": the official file, downloaded
 
     def validate(self) -> None:
         """Every value's type and range, with one line naming the first wrong one."""
@@ -161,7 +163,7 @@ class TrainConfig:
             raise GPT2LabError(f"config: betas must be a list of two numbers in [0, 1), got {self.betas!r}")
         for beta in self.betas:
             check_number("config: each of betas", beta, low=0.0, high=1.0)
-        for name in ("data_dir", "out_dir", "device", "preset", "init_from"):
+        for name in ("data_dir", "out_dir", "device", "preset", "init_from", "hellaswag_file"):
             value = getattr(self, name)
             if not (isinstance(value, str) and value) and not (value is None and name in ("preset", "init_from")):
                 raise GPT2LabError(f"config: {name} must be a non-empty string, got {value!r}")
@@ -193,7 +195,7 @@ _CHOICES = {"dtype": ("auto", "float32", "bfloat16"), "strategy": ("ddp", "fsdp"
 _INTEGERS = {  # field: smallest value
     **dict.fromkeys(("max_iters", "batch_size", "block_size", "grad_accum", "eval_iters"), 1),
     **dict.fromkeys(("eval_interval", "ckpt_interval", "log_interval"), 1),
-    **dict.fromkeys(("warmup_iters", "seed"), 0),
+    **dict.fromkeys(("warmup_iters", "seed", "hellaswag_interval"), 0),
 }
 _NUMBERS = {"lr": (0.0, True), "min_lr": (0.0, False), "weight_decay": (0.0, False), "grad_clip": (0.0, False)}
 
