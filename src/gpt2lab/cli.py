@@ -107,28 +107,48 @@ def cmd_info(args) -> int:
 
 
 def add_prepare(sub) -> None:
-    p = sub.add_parser("prepare", help="tokenize text into train.bin/val.bin for training")
-    p.add_argument("source", nargs="+", help="text file(s), a folder of text files, or a dataset: pydoc, shakespeare")
-    p.add_argument("--out", required=True, help="folder for train.bin, val.bin and meta.json")
+    p = sub.add_parser("prepare", help="tokenize text into train/val token files (shards for large corpora)")
     p.add_argument(
-        "--val-fraction",
-        type=arg.fraction("val_fraction"),
-        default=0.1,
-        help="tail of the token stream held out for validation",
+        "source",
+        nargs="+",
+        help="text file(s) or folder, pydoc, shakespeare; .parquet/.jsonl/.arrow files or folders; hf:NAME",
+    )
+    p.add_argument("--out", required=True, help="folder for the token files and meta.json")
+    p.add_argument(
+        "--val-fraction", type=arg.fraction("val_fraction"), default=None, help="text sources: tail held out (0.1)"
     )
     p.add_argument(
-        "--threads", type=arg.positive_int("threads"), default=None, help="tokenizer threads (default: all cores)"
+        "--threads", type=arg.positive_int("threads"), default=None, help="tokenizer threads/processes (all cores)"
     )
+    shards = p.add_argument_group("corpora at scale (parquet, jsonl, arrow, hf:NAME, or --shard-tokens)")
+    shards.add_argument("--text-column", default="text", help="the column holding the text (default: text)")
+    shards.add_argument("--hf-config", default=None, help="hf: the dataset's configuration (e.g. sample-10BT)")
+    shards.add_argument("--split", default="train", help="hf: the dataset split (default: train)")
+    shards.add_argument("--shard-tokens", type=arg.positive_int("shard_tokens"), default=None, help="(100,000,000)")
+    shards.add_argument("--val-tokens", type=arg.positive_int("val_tokens"), default=None, help="(10,000,000)")
     p.set_defaults(func=cmd_prepare)
 
 
 def cmd_prepare(args) -> int:
-    from .data import prepare
+    from .corpus_sources import SourceOptions, is_table_source
 
-    meta = prepare(args.source, args.out, val_fraction=args.val_fraction, num_threads=args.threads)
+    if any(map(is_table_source, args.source)) or args.shard_tokens or args.val_tokens:
+        from .shards import SHARD_TOKENS, VAL_TOKENS, prepare_shards
+
+        if args.val_fraction is not None:
+            raise GPT2LabError("a sharded prepare holds out --val-tokens (the first documents), not --val-fraction")
+        options = SourceOptions(args.text_column, args.hf_config, args.split)
+        sizes = dict(shard_tokens=args.shard_tokens or SHARD_TOKENS, val_tokens=args.val_tokens or VAL_TOKENS)
+        meta = prepare_shards(args.source, args.out, options, workers=args.threads, **sizes)
+        shards = f" in {len(meta['shards']['train'])} train shard(s) + {len(meta['shards']['val'])} val"
+    else:
+        from .data import prepare
+
+        meta = prepare(args.source, args.out, val_fraction=args.val_fraction or 0.1, num_threads=args.threads)
+        shards = ""
     print(
         f"{meta['documents']:,} documents, {meta['tokens']:,} tokens: "
-        f"train {meta['train_tokens']:,}, val {meta['val_tokens']:,} -> {args.out}"
+        f"train {meta['train_tokens']:,}, val {meta['val_tokens']:,}{shards} -> {args.out}"
     )
     return 0
 
