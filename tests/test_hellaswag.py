@@ -114,3 +114,16 @@ def test_training_logs_hellaswag(corpus, tmp_path):
     expected = evaluate_hellaswag(final, load_examples(tmp_path / "hs.jsonl"), final.config.block_size)
     assert math.isclose(rows[-1]["hellaswag_acc_norm"], expected["correct_norm"] / 5)
     assert summary["hellaswag_acc_norm"] == rows[-1]["hellaswag_acc_norm"]
+
+
+def test_reference_printed_beside_val_loss(corpus, tmp_path, capsys):
+    ref = ["reference={name='pub', source='a paper', points=[[64, 9.5], [1000, 3.0]]}"]
+    cfg = tiny_config(corpus, tmp_path / "run", "max_iters=4", "eval_interval=2", *ref)
+    assert cfg.reference_at(64) == (64, 9.5) and cfg.reference_at(65) == (1000, 3.0)
+    assert cfg.reference_at(10**6) == (1000, 3.0)
+    train(cfg)
+    out = capsys.readouterr().out
+    # 2 x 2 x 16 = 64 tokens per step: step 2 has seen 128 tokens, so the next point is the 1000-token one
+    assert "val" in out and "(reference pub: val 3.00 at 1,000 tokens)" in out
+    with pytest.raises(GPT2LabError, match="in order of tokens"):
+        tiny_config(corpus, tmp_path / "r2", "reference={name='a', source='b', points=[[5, 1.0], [2, 1.0]]}")

@@ -138,3 +138,13 @@ def test_resume_after_kill(corpus_files, tmp_path):
     assert not list(out.glob(".*.tmp"))
     with pytest.raises(GPT2LabError, match="other sources or settings"):
         prepare_shards([corpus_files / "c.parquet"], out, None, 301, 200, workers=1)
+
+
+def test_hf_source_streams_a_local_dataset(corpus_files, tmp_path):
+    """``hf:`` goes through datasets.load_dataset(streaming=True); a local folder of parquet stands in for the hub."""
+    pytest.importorskip("datasets")
+    folder = tmp_path / "hub"
+    folder.mkdir()
+    (folder / "train.parquet").write_bytes((corpus_files / "c.parquet").read_bytes())
+    meta = prepare_shards([f"hf:{folder}"], tmp_path / "o", None, 1500, 400, workers=1)
+    assert np.array_equal(_all_tokens(tmp_path / "o"), _expected_tokens(TEXTS)) and meta["documents"] == 399

@@ -124,6 +124,7 @@ def add_prepare(sub) -> None:
     shards.add_argument("--text-column", default="text", help="the column holding the text (default: text)")
     shards.add_argument("--hf-config", default=None, help="hf: the dataset's configuration (e.g. sample-10BT)")
     shards.add_argument("--split", default="train", help="hf: the dataset split (default: train)")
+    shards.add_argument("--hf-revision", default=None, help="hf: a branch or commit, e.g. refs/convert/parquet")
     shards.add_argument("--shard-tokens", type=arg.positive_int("shard_tokens"), default=None, help="(100,000,000)")
     shards.add_argument("--val-tokens", type=arg.positive_int("val_tokens"), default=None, help="(10,000,000)")
     p.set_defaults(func=cmd_prepare)
@@ -137,7 +138,7 @@ def cmd_prepare(args) -> int:
 
         if args.val_fraction is not None:
             raise GPT2LabError("a sharded prepare holds out --val-tokens (the first documents), not --val-fraction")
-        options = SourceOptions(args.text_column, args.hf_config, args.split)
+        options = SourceOptions(args.text_column, args.hf_config, args.split, args.hf_revision)
         sizes = dict(shard_tokens=args.shard_tokens or SHARD_TOKENS, val_tokens=args.val_tokens or VAL_TOKENS)
         meta = prepare_shards(args.source, args.out, options, workers=args.threads, **sizes)
         shards = f" in {len(meta['shards']['train'])} train shard(s) + {len(meta['shards']['val'])} val"

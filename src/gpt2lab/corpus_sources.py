@@ -27,6 +27,7 @@ class SourceOptions:
     text_column: str = "text"
     hf_config: str | None = None
     split: str = "train"
+    hf_revision: str | None = None  # e.g. refs/convert/parquet: the hub's parquet export of a script dataset
 
 
 def is_table_source(source: str | Path) -> bool:
@@ -114,7 +115,9 @@ def _hf_dataset(name: str, options: SourceOptions):
     except ImportError:
         raise GPT2LabError("hf: datasets need the datasets library: pip install 'gpt2lab[corpora]'") from None
     try:
-        return datasets.load_dataset(name, options.hf_config, split=options.split, streaming=True)
+        return datasets.load_dataset(
+            name, options.hf_config, split=options.split, revision=options.hf_revision, streaming=True
+        )
     except Exception as e:  # the hub, the network and the dataset's own code raise many kinds
         raise GPT2LabError(f"cannot open {HF_PREFIX}{name} ({type(e).__name__}: {str(e).splitlines()[0]})") from None
 

@@ -184,6 +184,7 @@ def check_run_folder(run_dir: Path, resume: bool, overwrite: bool) -> None:
 RESUMABLE_CHANGES = (
     "max_iters", "eval_interval", "eval_iters", "log_interval", "ckpt_interval",
     "out_dir", "device", "compile", "strategy", "skip_nonfinite", "hellaswag_interval", "hellaswag_file",
+    "reference",
 )  # fmt: skip
 
 

@@ -272,7 +272,19 @@ class Trainer:
         self.last_eval = result = self.evaluate()
         self.log({"step": self.step, **result})
         if bar is not None:
-            bar.write(f"step {self.step}: train {result['train_loss']:.4f}, val {result['val_loss']:.4f}")
+            line = f"step {self.step}: train {result['train_loss']:.4f}, val {result['val_loss']:.4f}"
+            bar.write(line + self._reference_note())
+
+    def _reference_note(self) -> str:
+        """`` (reference NAME: val X at N tokens)``: the published loss nearest ahead of the tokens seen so far."""
+        cfg = self.cfg
+        point = cfg.reference_at(self.step * cfg.grad_accum * cfg.batch_size * cfg.block_size)
+        if point is None:
+            return ""
+        tokens = next(
+            (f"{point[0] / scale:.3g}{unit}" for scale, unit in ((1e9, "B"), (1e6, "M")) if point[0] >= scale), None
+        )
+        return f" (reference {cfg.reference['name']}: val {point[1]:.2f} at {tokens or f'{point[0]:,}'} tokens)"
 
     def _hellaswag(self, bar: tqdm) -> None:
         """Score HellaSwag, each rank a share of the examples; log and print the accuracies."""
