@@ -79,3 +79,14 @@ def test_train_plan_trains_nothing(tiny, tmp_path, capsys):
     assert json.loads(capsys.readouterr().out)["total_tokens"] == 320
     assert main(["plan", "--gpus", "3", *args]) == 2
     assert "multiple of the number of GPUs" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("name", ["fineweb-edu-124m", "openwebtext-124m"])
+def test_recipes_load_and_plan(name):
+    from pathlib import Path
+
+    cfg = load_config(Path(__file__).resolve().parents[1] / "configs" / f"{name}.toml")
+    p = plan(cfg, gpus=8)
+    assert p["params"] == 124_439_808 and p["total_tokens"] == 524_288 * 19_073
+    assert cfg.reference["source"] and cfg.reference_at(p["total_tokens"]) is not None
+    assert cfg.hellaswag_interval > 0

@@ -148,3 +148,13 @@ def test_hf_source_streams_a_local_dataset(corpus_files, tmp_path):
     (folder / "train.parquet").write_bytes((corpus_files / "c.parquet").read_bytes())
     meta = prepare_shards([f"hf:{folder}"], tmp_path / "o", None, 1500, 400, workers=1)
     assert np.array_equal(_all_tokens(tmp_path / "o"), _expected_tokens(TEXTS)) and meta["documents"] == 399
+
+
+def test_prepare_cli_routes_tables_to_shards(corpus_files, capsys):
+    out = corpus_files / "cli"
+    args = ["prepare", str(corpus_files / "c.parquet"), "--out", str(out), "--shard-tokens", "1500"]
+    assert main([*args, "--val-tokens", "400", "--threads", "1"]) == 0
+    printed = capsys.readouterr().out
+    assert "399 documents" in printed and "train shard(s) + 1 val" in printed
+    assert np.array_equal(_all_tokens(out), _expected_tokens(TEXTS))
+    assert main([*args, "--val-tokens", "400", "--threads", "1"]) == 0  # already complete: nothing redone

@@ -156,6 +156,13 @@ def count_documents(sources: list[str | Path], options: SourceOptions) -> int | 
     """How many documents the sources hold, where that is cheap to know (for the ETA); else None."""
     total = 0
     for source in sources:
+        if str(source).startswith(HF_PREFIX):
+            splits = _hf_dataset(str(source)[len(HF_PREFIX) :], options).info.splits  # the card's metadata
+            split = splits.get(options.split) if splits else None
+            if split is None or not split.num_examples:
+                return None
+            total += split.num_examples
+            continue
         path = Path(source)
         files = _table_files(path) if path.is_dir() else [path]
         for file in files:
