@@ -93,6 +93,7 @@ def test_bad_inputs_are_one_line(corpus_files):
         prepare_shards([corpus_files / "c.parquet"], corpus_files / "o1", SourceOptions("body"), workers=1)
     with pytest.raises(GPT2LabError, match="holds int64, not text"):
         prepare_shards([corpus_files / "c.parquet"], corpus_files / "o1", SourceOptions("id"), workers=1)
+    assert not (corpus_files / "o1").exists()  # a failed first prepare leaves no folder behind
     with pytest.raises(GPT2LabError, match="line 1: no 'text' field"):
         prepare_shards([corpus_files / "c.jsonl"], corpus_files / "o2", workers=1)
     with pytest.raises(GPT2LabError, match="all of them in the validation shard"):

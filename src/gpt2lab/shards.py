@@ -20,7 +20,7 @@ import os
 import time
 from collections import deque
 from collections.abc import Iterator
-from contextlib import ExitStack
+from contextlib import ExitStack, nullcontext
 from pathlib import Path
 
 import numpy as np
@@ -50,23 +50,29 @@ def encode_chunk(texts: list[str]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     return tokens, lengths, np.array([len(t.encode("utf-8")) for t in texts], dtype=np.int64)
 
 
-def encoded_chunks(texts: Iterator[str], workers: int, chunk_docs: int) -> Iterator[tuple]:
-    """Chunks of ``chunk_docs`` documents encoded by ``workers`` processes, in order, with at most two
-    chunks per process in flight (``Pool.imap`` would read the whole corpus ahead into memory)."""
-    chunks = iter(lambda: list(itertools.islice(texts, chunk_docs)), [])
+def worker_pool(workers: int):
+    """A pool of ``workers`` tokenizing processes (none for one worker). Made before any progress bar,
+    so no thread exists when the workers are forked."""
     if workers == 1:
+        return nullcontext(None)
+    load_tokenizer()  # built once here; forked workers inherit it
+    return mp.get_context("fork" if "fork" in mp.get_all_start_methods() else "spawn").Pool(workers)
+
+
+def encoded_chunks(texts: Iterator[str], pool, workers: int, chunk_docs: int) -> Iterator[tuple]:
+    """Chunks of ``chunk_docs`` documents encoded by ``pool``'s processes (or here), in order, with at most
+    two chunks per process in flight (``Pool.imap`` would read the whole corpus ahead into memory)."""
+    chunks = iter(lambda: list(itertools.islice(texts, chunk_docs)), [])
+    if pool is None:
         yield from map(encode_chunk, chunks)
         return
-    load_tokenizer()  # built once here; forked workers inherit it
-    context = mp.get_context("fork" if "fork" in mp.get_all_start_methods() else "spawn")
-    with context.Pool(workers) as pool:
-        pending: deque = deque()
-        for chunk in chunks:
-            pending.append(pool.apply_async(encode_chunk, (chunk,)))
-            if len(pending) >= 2 * workers:
-                yield pending.popleft().get()
-        while pending:
+    pending: deque = deque()
+    for chunk in chunks:
+        pending.append(pool.apply_async(encode_chunk, (chunk,)))
+        if len(pending) >= 2 * workers:
             yield pending.popleft().get()
+    while pending:
+        yield pending.popleft().get()
 
 
 # ---------------------------------------------------------------------------------------- writing
@@ -183,29 +189,39 @@ def prepare_shards(
     options = options or SourceOptions()
     _check_sizes(shard_tokens, val_tokens, workers, chunk_docs)
     out = Path(out_dir)
+    created = not out.exists()
     settings = {"sources": [str(s) for s in sources], **vars(options), "tokenizer": TOKENIZER_NAME}
     manifest = _start(out, settings | {"shard_tokens": shard_tokens, "val_tokens": val_tokens})
     if manifest["complete"]:
         return read_json(out / "meta.json")
-    done = _documents_done(manifest)
-    texts = itertools.islice((t for t in iter_texts(sources, options) if t.strip()), done, None)
-    total = count_documents(sources, options)
-    writer = ShardWriter(out, manifest)
-    new_tokens, started = 0, time.perf_counter()
-    bar = tqdm(total=total, initial=done, unit="doc", desc="tokenizing", dynamic_ncols=True)
-    try:
-        for tokens, lengths, n_bytes in encoded_chunks(texts, workers or os.cpu_count() or 1, chunk_docs):
-            writer.add(tokens, lengths, n_bytes)
-            new_tokens += len(tokens)
-            bar.update(len(lengths))
-            bar.set_postfix(tokens=f"{new_tokens:,}", tok_s=f"{new_tokens / (time.perf_counter() - started):,.0f}")
-        writer.close_shard()
-    except BaseException:
-        writer.abort()
-        raise
-    finally:
-        bar.close()
+    workers = workers or os.cpu_count() or 1
+    with worker_pool(workers) as pool:  # first: the hub reader below may start threads
+        done = _documents_done(manifest)
+        texts = itertools.islice((t for t in iter_texts(sources, options) if t.strip()), done, None)
+        bar = tqdm(total=count_documents(sources, options), initial=done, unit="doc", desc="tokenizing")
+        writer, new_tokens, started = ShardWriter(out, manifest), 0, time.perf_counter()
+        try:
+            for tokens, lengths, n_bytes in encoded_chunks(texts, pool, workers, chunk_docs):
+                writer.add(tokens, lengths, n_bytes)
+                new_tokens += len(tokens)
+                bar.update(len(lengths))
+                bar.set_postfix(tokens=f"{new_tokens:,}", tok_s=f"{new_tokens / (time.perf_counter() - started):,.0f}")
+            writer.close_shard()
+        except BaseException:
+            writer.abort()
+            _drop_if_empty(out, manifest, created)
+            raise
+        finally:
+            bar.close()
     return _finish(out, manifest)
+
+
+def _drop_if_empty(out: Path, manifest: dict, created: bool) -> None:
+    """A prepare that failed before its first shard leaves nothing: no manifest, and no folder it made."""
+    if not manifest["shards"]:
+        (out / MANIFEST).unlink(missing_ok=True)
+        if created and not any(out.iterdir()):
+            out.rmdir()
 
 
 def _finish(out: Path, manifest: dict) -> dict:
