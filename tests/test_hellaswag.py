@@ -102,6 +102,12 @@ def test_bad_files_are_one_line(tmp_path, line, message):
         load_examples(tmp_path / "bad.jsonl")
 
 
+def test_a_model_with_another_tokenizer_is_refused(tmp_path):
+    _write(tmp_path / "hs.jsonl", [0] * 5)
+    with pytest.raises(GPT2LabError, match="GPT-2 tokenizer .50257 tokens.; this model has 65"):
+        load_examples(tmp_path / "hs.jsonl", vocab_size=65)
+
+
 def test_training_logs_hellaswag(corpus, tmp_path):
     _write(tmp_path / "hs.jsonl", [0, 1, 2, 3, 0])
     cfg = tiny_config(

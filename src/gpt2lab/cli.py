@@ -277,7 +277,7 @@ def cmd_eval(args) -> int:
 def _eval_hellaswag(model, source: str, limit: int | None) -> None:
     from .hellaswag import accuracies, evaluate_hellaswag, load_examples
 
-    examples = load_examples(source, limit)
+    examples = load_examples(source, limit, vocab_size=model.config.vocab_size)
     result = accuracies(evaluate_hellaswag(model, examples, model.config.block_size, progress=True))
     print(
         f"hellaswag: acc_norm {result['hellaswag_acc_norm']:.4f} (lowest mean loss per ending token, llm.c's style)  "

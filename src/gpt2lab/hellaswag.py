@@ -81,10 +81,15 @@ def _parse_line(line: str, where: str) -> tuple[str, list[str], int]:
     return ctx, endings, label
 
 
-def load_examples(path: str | Path, limit: int | None = None) -> list[Example]:
-    """The examples of a HellaSwag jsonl file, tokenized; a malformed line is one error naming it."""
-    path = resolve_file(path)
+def load_examples(path: str | Path, limit: int | None = None, vocab_size: int | None = None) -> list[Example]:
+    """The examples of a HellaSwag jsonl file, tokenized with GPT-2's BPE; a malformed line is one error naming
+    it. ``vocab_size`` is the model's: a model with another tokenizer cannot be scored."""
     enc = load_tokenizer()
+    if vocab_size is not None and vocab_size < enc.n_vocab:
+        raise GPT2LabError(
+            f"HellaSwag is scored with the GPT-2 tokenizer ({enc.n_vocab} tokens); this model has {vocab_size}"
+        )
+    path = resolve_file(path)
     examples = []
     with open(path, encoding="utf-8") as f:
         for number, line in enumerate(f, 1):

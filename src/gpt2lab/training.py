@@ -145,7 +145,8 @@ class Trainer:
         self.saved_step = self.step if self.resumed else 0  # step of the last checkpoint written
         self.last_eval: dict[str, float] = {}
         # read (or downloaded) before training starts, so a missing file fails at once
-        self.hellaswag = load_examples(cfg.hellaswag_file) if cfg.hellaswag_interval else None
+        vocab = self.model_config.vocab_size
+        self.hellaswag = load_examples(cfg.hellaswag_file, vocab_size=vocab) if cfg.hellaswag_interval else None
 
     # -------------------------------------------------------------- pieces
     def autocast(self):
@@ -296,7 +297,8 @@ class Trainer:
         result = accuracies(dict(zip(counts, (summed * self.dist.world).round().tolist(), strict=True)))
         self.last_eval.update(result)
         self.log({"step": self.step, **result})
-        bar.write(f"step {self.step}: hellaswag acc_norm {result['hellaswag_acc_norm']:.4f}")
+        if self.dist.master:
+            bar.write(f"step {self.step}: hellaswag acc_norm {result['hellaswag_acc_norm']:.4f}")
 
     def _loop(self, bar: tqdm) -> tuple[bool, dict | None]:
         """Train to ``max_iters`` or to a signal; returns (stopped by a signal, last saved model state)."""
