@@ -162,3 +162,12 @@ def test_prepare_cli_routes_tables_to_shards(corpus_files, capsys):
     assert "399 documents" in printed and "train shard(s) + 1 val" in printed
     assert np.array_equal(_all_tokens(out), _expected_tokens(TEXTS))
     assert main([*args, "--val-tokens", "400", "--threads", "1"]) == 0  # already complete: nothing redone
+
+
+def test_lone_surrogates_are_replaced_not_fatal(tmp_path):
+    """JSON may escape a lone surrogate (\\ud800), which no UTF-8 text holds: it becomes '?'."""
+    lines = ['{"text": "broken \\ud800 here ' + "and more words " * 20 + '"}'] * 3
+    (tmp_path / "s.jsonl").write_text("\n".join(lines) + "\n")
+    meta = prepare_shards([tmp_path / "s.jsonl"], tmp_path / "o", None, 10, 10, workers=1)
+    text = load_tokenizer().decode(np.asarray(TokenData.open(tmp_path / "o").val).tolist())
+    assert meta["documents"] == 3 and text.startswith("broken ? here")

@@ -44,10 +44,20 @@ VAL_TOKENS = 10_000_000
 def encode_chunk(texts: list[str]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """(tokens, tokens per document, UTF-8 bytes per document); each document ends with <|endoftext|>."""
     enc = load_tokenizer()
+    texts, n_bytes = zip(*map(_utf8, texts), strict=True)
     docs = [enc.encode_ordinary(text) + [enc.eot_token] for text in texts]
     lengths = np.array([len(d) for d in docs], dtype=np.int64)
     tokens = np.fromiter(itertools.chain.from_iterable(docs), dtype=DTYPE, count=int(lengths.sum()))
-    return tokens, lengths, np.array([len(t.encode("utf-8")) for t in texts], dtype=np.int64)
+    return tokens, lengths, np.array(n_bytes, dtype=np.int64)
+
+
+def _utf8(text: str) -> tuple[str, int]:
+    """The text and its UTF-8 length; a lone surrogate (a JSON "\\ud800" escape, not UTF-8 text) becomes "?"."""
+    try:
+        return text, len(text.encode("utf-8"))
+    except UnicodeEncodeError:
+        text = text.encode("utf-8", "replace").decode("utf-8")
+        return text, len(text.encode("utf-8"))
 
 
 def worker_pool(workers: int):
