@@ -107,28 +107,49 @@ def cmd_info(args) -> int:
 
 
 def add_prepare(sub) -> None:
-    p = sub.add_parser("prepare", help="tokenize text into train.bin/val.bin for training")
-    p.add_argument("source", nargs="+", help="text file(s), a folder of text files, or a dataset: pydoc, shakespeare")
-    p.add_argument("--out", required=True, help="folder for train.bin, val.bin and meta.json")
+    p = sub.add_parser("prepare", help="tokenize text into train/val token files (shards for large corpora)")
     p.add_argument(
-        "--val-fraction",
-        type=arg.fraction("val_fraction"),
-        default=0.1,
-        help="tail of the token stream held out for validation",
+        "source",
+        nargs="+",
+        help="text file(s) or folder, pydoc, shakespeare; .parquet/.jsonl/.arrow files or folders; hf:NAME",
+    )
+    p.add_argument("--out", required=True, help="folder for the token files and meta.json")
+    p.add_argument(
+        "--val-fraction", type=arg.fraction("val_fraction"), default=None, help="text sources: tail held out (0.1)"
     )
     p.add_argument(
-        "--threads", type=arg.positive_int("threads"), default=None, help="tokenizer threads (default: all cores)"
+        "--threads", type=arg.positive_int("threads"), default=None, help="tokenizer threads/processes (all cores)"
     )
+    shards = p.add_argument_group("corpora at scale (parquet, jsonl, arrow, hf:NAME, or --shard-tokens)")
+    shards.add_argument("--text-column", default="text", help="the column holding the text (default: text)")
+    shards.add_argument("--hf-config", default=None, help="hf: the dataset's configuration (e.g. sample-10BT)")
+    shards.add_argument("--split", default="train", help="hf: the dataset split (default: train)")
+    shards.add_argument("--hf-revision", default=None, help="hf: a branch or commit, e.g. refs/convert/parquet")
+    shards.add_argument("--shard-tokens", type=arg.positive_int("shard_tokens"), default=None, help="(100,000,000)")
+    shards.add_argument("--val-tokens", type=arg.positive_int("val_tokens"), default=None, help="(10,000,000)")
     p.set_defaults(func=cmd_prepare)
 
 
 def cmd_prepare(args) -> int:
-    from .data import prepare
+    from .corpus_sources import SourceOptions, is_table_source
 
-    meta = prepare(args.source, args.out, val_fraction=args.val_fraction, num_threads=args.threads)
+    if any(map(is_table_source, args.source)) or args.shard_tokens or args.val_tokens:
+        from .shards import SHARD_TOKENS, VAL_TOKENS, prepare_shards
+
+        if args.val_fraction is not None:
+            raise GPT2LabError("a sharded prepare holds out --val-tokens (the first documents), not --val-fraction")
+        options = SourceOptions(args.text_column, args.hf_config, args.split, args.hf_revision)
+        sizes = dict(shard_tokens=args.shard_tokens or SHARD_TOKENS, val_tokens=args.val_tokens or VAL_TOKENS)
+        meta = prepare_shards(args.source, args.out, options, workers=args.threads, **sizes)
+        shards = f" in {len(meta['shards']['train'])} train shard(s) + {len(meta['shards']['val'])} val"
+    else:
+        from .data import prepare
+
+        meta = prepare(args.source, args.out, val_fraction=args.val_fraction or 0.1, num_threads=args.threads)
+        shards = ""
     print(
         f"{meta['documents']:,} documents, {meta['tokens']:,} tokens: "
-        f"train {meta['train_tokens']:,}, val {meta['val_tokens']:,} -> {args.out}"
+        f"train {meta['train_tokens']:,}, val {meta['val_tokens']:,}{shards} -> {args.out}"
     )
     return 0
 
@@ -146,7 +167,35 @@ def add_train(sub) -> None:
         "--allow-changes", action="store_true", help="with --resume: accept settings that differ from the run's"
     )
     p.add_argument("--out", default=None, help="run folder (overrides run.out_dir)")
+    p.add_argument("--plan", action="store_true", help="train nothing: print the run's tokens, FLOPs, memory, time")
+    _add_plan_options(p)
     p.set_defaults(func=cmd_train)
+
+
+def _add_plan_options(p) -> None:
+    p.add_argument("--gpus", type=arg.positive_int("gpus"), default=1, help="plan: number of GPUs (default 1)")
+    p.add_argument("--gpu", action="append", default=None, help="plan: A100, H100 or H200 (repeatable; default all)")
+    p.add_argument("--mfu", type=arg.fraction("mfu"), default=0.4, help="plan: model FLOPs utilisation (default 0.4)")
+    p.add_argument("--json", action="store_true", help="plan: print it as JSON")
+
+
+def add_plan(sub) -> None:
+    p = sub.add_parser("plan", help="a training config's tokens, FLOPs, memory per GPU and wall time; trains nothing")
+    p.add_argument("--config", default=None, help="TOML file (configs/*.toml); defaults are the demo")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a key (repeatable)")
+    _add_plan_options(p)
+    p.set_defaults(func=cmd_plan)
+
+
+def cmd_plan(args) -> int:
+    import json
+
+    from .plan import format_plan, plan
+    from .train_config import load_config
+
+    result = plan(load_config(args.config, args.set), gpus=args.gpus, mfu=args.mfu, gpu_names=args.gpu)
+    print(json.dumps(result, indent=2) if args.json else format_plan(result))
+    return 0
 
 
 def _report_run(summary: dict) -> int:
@@ -168,6 +217,8 @@ def cmd_train(args) -> int:
     from .train_config import load_config
     from .training import train
 
+    if args.plan:
+        return cmd_plan(args)
     cfg = load_config(args.config, args.set)
     if args.out:
         cfg.out_dir = args.out
@@ -178,9 +229,11 @@ def cmd_train(args) -> int:
 
 
 def add_eval(sub) -> None:
-    p = sub.add_parser("eval", help="loss, perplexity and bits per byte of a model on held-out text")
+    p = sub.add_parser("eval", help="loss, perplexity and bits per byte on held-out text; HellaSwag accuracy")
     p.add_argument("--model", required=True, help="run folder, training checkpoint, or any model generate reads")
-    p.add_argument("--data", required=True, help="a text file, or a prepared folder (its val split)")
+    p.add_argument("--data", default=None, help="a text file, or a prepared folder (its val split)")
+    p.add_argument("--hellaswag", default=None, help="HellaSwag jsonl file, or 'val' (the official one, downloaded)")
+    p.add_argument("--max-examples", type=arg.positive_int("max_examples"), default=None, help="HellaSwag: at most N")
     p.add_argument(
         "--context",
         type=arg.positive_int("context"),
@@ -203,7 +256,13 @@ def cmd_eval(args) -> int:
     from .evaluation import evaluate, load_tokens, write_by_position
     from .run_state import load_model
 
+    if args.data is None and args.hellaswag is None:
+        raise GPT2LabError("eval needs --data, --hellaswag, or both")
     model = load_model(args.model, device=args.device)
+    if args.hellaswag is not None:
+        _eval_hellaswag(model, args.hellaswag, args.max_examples)
+    if args.data is None:
+        return 0
     tokens, n_bytes, source = load_tokens(args.data)
     result = evaluate(model, tokens, args.context, args.batch_size, args.max_tokens)
     print(f"data: {source} ({len(tokens):,} tokens, {n_bytes:,} bytes); evaluated {result.tokens:,} tokens")
@@ -213,6 +272,17 @@ def cmd_eval(args) -> int:
         csv_path, png_path = write_by_position(result, out, trained_context=model.config.block_size)
         print(f"loss by position: {csv_path}, {png_path}")
     return 0
+
+
+def _eval_hellaswag(model, source: str, limit: int | None) -> None:
+    from .hellaswag import accuracies, evaluate_hellaswag, load_examples
+
+    examples = load_examples(source, limit, vocab_size=model.config.vocab_size)
+    result = accuracies(evaluate_hellaswag(model, examples, model.config.block_size, progress=True))
+    print(
+        f"hellaswag: acc_norm {result['hellaswag_acc_norm']:.4f} (lowest mean loss per ending token, llm.c's style)  "
+        f"acc {result['hellaswag_acc']:.4f} (lowest summed loss)  on {len(examples):,} examples"
+    )
 
 
 # ---------------------------------------------------------------------------------------- demo
@@ -232,9 +302,7 @@ def add_demo(sub) -> None:
 def cmd_demo(args) -> int:
     from .demo import run_demo
 
-    return run_demo(
-        args.out, args.data, args.pretrained, args.max_iters, prompt=args.prompt, overwrite=args.overwrite
-    )
+    return run_demo(args.out, args.data, args.pretrained, args.max_iters, prompt=args.prompt, overwrite=args.overwrite)
 
 
 # ---------------------------------------------------------------------------------------- study
@@ -278,7 +346,7 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-COMMANDS = [add_generate, add_convert, add_info, add_prepare, add_train, add_eval, add_demo, add_study]
+COMMANDS = [add_generate, add_convert, add_info, add_prepare, add_train, add_plan, add_eval, add_demo, add_study]
 
 
 def main(argv: list[str] | None = None) -> int:

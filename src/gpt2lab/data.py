@@ -22,6 +22,7 @@ from tqdm import tqdm
 
 from .config import GPT2LabError, check_number, closest_hint, is_int
 from .files import atomic_file, read_json, scratch_file, write_json
+from .sharded_tokens import ShardedTokens
 from .tokenizer import load_tokenizer
 
 TOKENIZER_NAME = "gpt2"
@@ -214,7 +215,7 @@ class TokenData:
                 f"{path} has a vocabulary of {meta['vocab_size']} tokens but the model has {vocab_size}; "
                 "it was made with another tokenizer"
             )
-        splits = {name: _open_split(path / f"{name}.bin", meta["dtype"]) for name in ("train", "val")}
+        splits = {name: _open_named_split(path, meta, name) for name in ("train", "val")}
         for name, tokens in splits.items():
             top = max_token_id(tokens)
             if top >= meta["vocab_size"]:
@@ -243,6 +244,22 @@ def _read_meta(path: Path) -> dict:
     if not is_int(meta.get("vocab_size")) or meta["vocab_size"] < 1 or meta.get("dtype") not in ("uint16", "uint32"):
         raise GPT2LabError(f"{path}/meta.json is damaged (vocab_size or dtype missing or wrong); prepare it again")
     return meta
+
+
+def _open_named_split(path: Path, meta: dict, name: str) -> np.ndarray | ShardedTokens:
+    """``NAME.bin``, or the split's shards as one array when the folder was prepared in shards."""
+    if "shards" not in meta:
+        return _open_split(path / f"{name}.bin", meta["dtype"])
+    files = meta["shards"].get(name) if isinstance(meta["shards"], dict) else None
+    if not files:
+        raise GPT2LabError(f"{path}/meta.json names no {name} shards; prepare it again")
+    tokens = ShardedTokens([_open_split(path / f, meta["dtype"]) for f in files])
+    if len(tokens) != meta.get(f"{name}_tokens"):
+        raise GPT2LabError(
+            f"the {name} shards of {path} hold {len(tokens):,} tokens, not the {meta.get(f'{name}_tokens')} "
+            "meta.json records: damaged; prepare it again"
+        )
+    return tokens
 
 
 def _open_split(file: Path, dtype: str) -> np.ndarray:

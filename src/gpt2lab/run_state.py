@@ -183,7 +183,8 @@ def check_run_folder(run_dir: Path, resume: bool, overwrite: bool) -> None:
 # and how it computes. Anything else (data, model, batch, schedule, seed, precision) changes the result.
 RESUMABLE_CHANGES = (
     "max_iters", "eval_interval", "eval_iters", "log_interval", "ckpt_interval",
-    "out_dir", "device", "compile", "strategy", "skip_nonfinite",
+    "out_dir", "device", "compile", "strategy", "skip_nonfinite", "hellaswag_interval", "hellaswag_file",
+    "reference",
 )  # fmt: skip
 
 

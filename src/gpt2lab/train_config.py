@@ -141,6 +141,10 @@ class TrainConfig:
     compile: bool = _opt("run", False)
     device: str = _opt("run", "auto")
     strategy: str = _opt("run", "ddp")  # ddp | fsdp, used under torchrun
+    hellaswag_interval: int = _opt("run", 0)  # score HellaSwag every N steps (and at the end); 0: never
+    hellaswag_file: str = _opt("run", "val")  # a HellaSwag jsonl, or "val": the official file, downloaded
+    # [reference]: published validation losses printed beside the run's own (name, source, points)
+    reference: dict = field(default_factory=dict, metadata={"section": "reference"})
 
     def validate(self) -> None:
         """Every value's type and range, with one line naming the first wrong one."""
@@ -161,7 +165,7 @@ class TrainConfig:
             raise GPT2LabError(f"config: betas must be a list of two numbers in [0, 1), got {self.betas!r}")
         for beta in self.betas:
             check_number("config: each of betas", beta, low=0.0, high=1.0)
-        for name in ("data_dir", "out_dir", "device", "preset", "init_from"):
+        for name in ("data_dir", "out_dir", "device", "preset", "init_from", "hellaswag_file"):
             value = getattr(self, name)
             if not (isinstance(value, str) and value) and not (value is None and name in ("preset", "init_from")):
                 raise GPT2LabError(f"config: {name} must be a non-empty string, got {value!r}")
@@ -169,6 +173,30 @@ class TrainConfig:
             if not isinstance(getattr(self, name), bool):
                 raise GPT2LabError(f"config: {name} must be true or false, got {getattr(self, name)!r}")
         self._validate_model()
+        self._validate_reference()
+
+    def _validate_reference(self) -> None:
+        """``[reference]``: a ``name``, a ``source`` and ``points`` = [[tokens seen, val loss], ...] by tokens."""
+        ref = self.reference
+        if not ref:
+            return
+        if not isinstance(ref, dict) or not all(isinstance(ref.get(k), str) and ref[k] for k in ("name", "source")):
+            raise GPT2LabError("config: [reference] needs a name and a source (where its numbers come from)")
+        points = ref.get("points")
+        ok = isinstance(points, list) and points and all(isinstance(p, list) and len(p) == 2 for p in points)
+        if ok:
+            for tokens, loss in points:
+                check_number("config: reference tokens", tokens, low=0.0, low_open=True)
+                check_number("config: reference val loss", loss, low=0.0, low_open=True)
+        if not ok or [p[0] for p in points] != sorted(p[0] for p in points):
+            raise GPT2LabError("config: [reference] points must be [[tokens seen, val loss], ...] in order of tokens")
+
+    def reference_at(self, tokens: int) -> tuple[float, float] | None:
+        """The first reference point at or past ``tokens`` seen (else the last): (tokens, val loss)."""
+        points = self.reference.get("points") if self.reference else None
+        if not points:
+            return None
+        return next((tuple(p) for p in points if p[0] >= tokens), tuple(points[-1]))
 
     def _validate_model(self) -> None:
         if not isinstance(self.model, dict):
@@ -193,7 +221,7 @@ _CHOICES = {"dtype": ("auto", "float32", "bfloat16"), "strategy": ("ddp", "fsdp"
 _INTEGERS = {  # field: smallest value
     **dict.fromkeys(("max_iters", "batch_size", "block_size", "grad_accum", "eval_iters"), 1),
     **dict.fromkeys(("eval_interval", "ckpt_interval", "log_interval"), 1),
-    **dict.fromkeys(("warmup_iters", "seed"), 0),
+    **dict.fromkeys(("warmup_iters", "seed", "hellaswag_interval"), 0),
 }
 _NUMBERS = {"lr": (0.0, True), "min_lr": (0.0, False), "weight_decay": (0.0, False), "grad_clip": (0.0, False)}
 
@@ -204,12 +232,15 @@ def _keys() -> dict[str, dict[str, str]]:
     """section → {TOML key: field name}."""
     sections: dict[str, dict[str, str]] = {}
     for f in dataclasses.fields(TrainConfig):
-        if f.name != "model":
+        if f.name not in ("model", "reference"):
             sections.setdefault(f.metadata["section"], {})[f.metadata["key"] or f.name] = f.name
     return sections
 
 
 def _set(cfg: TrainConfig, section: str | None, key: str, value: Any) -> None:
+    if section == "reference" or (section is None and key == "reference"):  # a table of its own
+        cfg.reference = value if section is None else {**cfg.reference, key: value}
+        return
     sections = _keys()
     if section is not None and section not in sections:
         raise GPT2LabError(f"config: unknown section [{section}]{closest_hint(section, sections)}")

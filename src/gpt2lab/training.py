@@ -24,6 +24,7 @@ from .config import GPT2LabError, GPTConfig
 from .data import TokenData, gather_batch, sample_offsets
 from .distributed import Dist, gather_state, load_state, setup, sync_context, teardown, wrap_model
 from .files import write_json
+from .hellaswag import accuracies, evaluate_hellaswag, load_examples
 from .model import GPT
 from .optim import lr_at, make_optimizer
 from .plots import plot_losses
@@ -143,6 +144,9 @@ class Trainer:
         self.skipped = 0  # steps skipped for a non-finite loss or gradient (skip_nonfinite)
         self.saved_step = self.step if self.resumed else 0  # step of the last checkpoint written
         self.last_eval: dict[str, float] = {}
+        # read (or downloaded) before training starts, so a missing file fails at once
+        vocab = self.model_config.vocab_size
+        self.hellaswag = load_examples(cfg.hellaswag_file, vocab_size=vocab) if cfg.hellaswag_interval else None
 
     # -------------------------------------------------------------- pieces
     def autocast(self):
@@ -269,7 +273,32 @@ class Trainer:
         self.last_eval = result = self.evaluate()
         self.log({"step": self.step, **result})
         if bar is not None:
-            bar.write(f"step {self.step}: train {result['train_loss']:.4f}, val {result['val_loss']:.4f}")
+            line = f"step {self.step}: train {result['train_loss']:.4f}, val {result['val_loss']:.4f}"
+            bar.write(line + self._reference_note())
+
+    def _reference_note(self) -> str:
+        """`` (reference NAME: val X at N tokens)``: the published loss nearest ahead of the tokens seen so far."""
+        cfg = self.cfg
+        point = cfg.reference_at(self.step * cfg.grad_accum * cfg.batch_size * cfg.block_size)
+        if point is None:
+            return ""
+        tokens = next(
+            (f"{point[0] / scale:.3g}{unit}" for scale, unit in ((1e9, "B"), (1e6, "M")) if point[0] >= scale), None
+        )
+        return f" (reference {cfg.reference['name']}: val {point[1]:.2f} at {tokens or f'{point[0]:,}'} tokens)"
+
+    def _hellaswag(self, bar: tqdm) -> None:
+        """Score HellaSwag, each rank a share of the examples; log and print the accuracies."""
+        with self.autocast():
+            counts = evaluate_hellaswag(
+                self.wrapped, self.hellaswag, self.model_config.block_size, self.dist.rank, self.dist.world
+            )
+        summed = self.dist.mean(torch.tensor(list(counts.values()), dtype=torch.float64, device=self.dist.device))
+        result = accuracies(dict(zip(counts, (summed * self.dist.world).round().tolist(), strict=True)))
+        self.last_eval.update(result)
+        self.log({"step": self.step, **result})
+        if self.dist.master:
+            bar.write(f"step {self.step}: hellaswag acc_norm {result['hellaswag_acc_norm']:.4f}")
 
     def _loop(self, bar: tqdm) -> tuple[bool, dict | None]:
         """Train to ``max_iters`` or to a signal; returns (stopped by a signal, last saved model state)."""
@@ -286,6 +315,8 @@ class Trainer:
             bar.update(1)
             if self.step % cfg.eval_interval == 0 or last:
                 self._evaluate_and_log(bar)
+            if cfg.hellaswag_interval and (self.step % cfg.hellaswag_interval == 0 or last):
+                self._hellaswag(bar)
             stop = self.dist.any(self.stop_signal is not None)
             if stop or self.step % cfg.ckpt_interval == 0 or last:
                 model_state = self.checkpoint()
