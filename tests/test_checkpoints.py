@@ -238,8 +238,8 @@ def test_sharded_safetensors(tmp_path):
     "changes, message",
     [
         (dict(model_type="llama"), "describes a 'llama' model"),
-        (dict(activation_function="gelu"), "activation_function 'gelu'"),
-        (dict(activation_function="relu"), "activation_function 'relu'"),
+        (dict(activation_function="silu"), "activation_function 'silu'"),
+        (dict(activation_function=["relu"]), r"activation_function '\['relu'\]'"),
         (dict(n_inner=100), "n_inner 100"),
         (dict(scale_attn_weights=False), "scale_attn_weights false"),
         (dict(scale_attn_by_inverse_layer_idx=True), "scale_attn_by_inverse_layer_idx"),

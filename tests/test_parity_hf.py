@@ -145,3 +145,18 @@ def test_gpt2_124m_random_matches_transformers(tmp_path):
     assert model.config == GPTConfig.from_preset("gpt2")
     assert_same_logits_and_loss(hf, model, batch(50257, 64))
     assert_same_greedy_generation(hf, model, batch(50257, 8)[:1])
+
+
+@pytest.mark.parametrize("activation, hf_name", [("gelu_tanh", "gelu_new"), ("gelu", "gelu"), ("relu", "relu")])
+def test_each_activation_matches_transformers_both_ways(tmp_path, activation, hf_name):
+    """transformers' GPT-2 with activation_function hf_name loads as gpt2lab's activation, and back."""
+    hf = random_hf(**TINY, activation_function=hf_name)
+    hf.save_pretrained(tmp_path / "from_hf")
+    model = GPT.from_pretrained(tmp_path / "from_hf").eval()
+    assert model.config.activation == activation
+    assert_same_logits_and_loss(hf, model, batch(512, 48))
+
+    model.export_hf(tmp_path / "to_hf")
+    back = transformers.GPT2LMHeadModel.from_pretrained(tmp_path / "to_hf").eval()
+    assert back.config.activation_function == hf_name
+    assert_same_logits_and_loss(back, model, batch(512, 48))
