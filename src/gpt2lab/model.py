@@ -207,12 +207,14 @@ class GPT(nn.Module):
 
         write_gpt2lab(directory, self.config, self._state_to_save())
 
-    def export_hf(self, directory: str | Path) -> None:
-        """Write the Hugging Face hub layout, loadable by ``transformers.GPT2LMHeadModel``; variants that
-        transformers' GPT-2 cannot compute (RoPE, GQA, windows) are refused."""
-        from .checkpoints import write_hf
+    def export_hf(self, directory: str | Path) -> str:
+        """Write the Hugging Face hub layout that ``transformers.AutoModelForCausalLM`` loads with the same
+        logits, and return its model type: ``"gpt2"`` (GQA with repeated K/V heads), ``"gpt_bigcode"`` (MQA)
+        or ``"starcoder2"`` (RoPE). Per-layer windows and learned positions with a window are refused.
+        See :mod:`gpt2lab.checkpoints.hf_variants`."""
+        from .checkpoints import export_hf
 
-        write_hf(directory, self.config, self._state_to_save(), self.lm_head.weight.dtype)
+        return export_hf(directory, self.config, self._state_to_save(), self.lm_head.weight.dtype)
 
     def _state_to_save(self) -> dict[str, torch.Tensor]:
         """The tensors on the CPU, contiguous, with the tied LM head left out (it is wte).

@@ -20,7 +20,7 @@ from ..files import read_json, write_json
 from .names import HF_LAYOUT, collect_state
 from .tensor_files import read_weight_files, write_safetensors
 
-__all__ = ["HF_ACTIVATION", "gpt_config_to_hf", "hf_config_to_gpt", "read_hf", "write_hf"]
+__all__ = ["HF_ACTIVATION", "gpt_config_to_hf", "hf_config_to_gpt", "read_hf", "special_token_id", "write_hf"]
 
 # gpt2lab's activation name -> transformers' ``activation_function`` that computes the same function.
 HF_ACTIVATION = {"gelu_tanh": "gelu_new", "gelu": "gelu", "relu": "relu"}
@@ -72,10 +72,14 @@ def hf_config_to_gpt(hf: Mapping[str, Any], where: str = "config.json") -> GPTCo
     )
 
 
+def special_token_id(config: GPTConfig) -> int | None:
+    """<|endoftext|> as bos/eos, unless the vocabulary is too small: an id outside it would break generate()."""
+    return GPT2_EOT_ID if config.vocab_size > GPT2_EOT_ID else None
+
+
 def gpt_config_to_hf(config: GPTConfig, dtype: torch.dtype = torch.float32) -> dict[str, Any]:
     """transformers' GPT2Config fields for a plain GPT-2 ``config``, as transformers writes them."""
-    # <|endoftext|> as bos/eos, unless the vocabulary is too small: an id outside it would break generate().
-    special = GPT2_EOT_ID if config.vocab_size > GPT2_EOT_ID else None
+    special = special_token_id(config)
     return {
         "activation_function": HF_ACTIVATION[config.activation],
         "add_cross_attention": False,
@@ -142,7 +146,8 @@ def write_hf(
     ``state`` is in gpt2lab's names, on the CPU, without the tied LM head; ``dtype`` is the weights'
     dtype, recorded in the config. Only the plain GPT-2 architecture exists in ``transformers``' GPT-2:
     learned positions, as many key/value heads as query heads, full attention. Anything else is refused
-    rather than exported as a model that would silently compute something different.
+    rather than written as a model that would silently compute something different; :mod:`.hf_variants`
+    maps the variants onto the transformers architectures that compute them.
     """
     _refuse_what_transformers_cannot_compute(config)
     directory = Path(directory)
@@ -163,6 +168,6 @@ def _refuse_what_transformers_cannot_compute(c: GPTConfig) -> None:
         unsupported.append(f"sliding-window attention (window={c.window})")
     if unsupported:
         raise GPT2LabError(
-            "export_hf: only plain GPT-2 (learned positions, multi-head, full attention) exists in transformers; "
-            f"this model has {', '.join(unsupported)}; use save_pretrained for gpt2lab's own format"
+            "write_hf: transformers' GPT-2 is learned positions, multi-head, full attention; "
+            f"this model has {', '.join(unsupported)}; export_hf maps variants to other architectures"
         )
