@@ -11,7 +11,7 @@ import pytest
 import torch
 from training_helpers import logged_losses, tiny_config
 
-from gpt2lab import precision
+from gpt2lab import GPT2LabError, precision
 from gpt2lab.lm_head_loss import LMHeadLoss
 from gpt2lab.run_state import load_checkpoint
 from gpt2lab.training import resolve_dtype, train
@@ -83,3 +83,11 @@ def test_lm_head_loss_gradient_survives_fp16_at_any_loss_scale():
             (LMHeadLoss.apply(hidden, weight, targets) * scale).backward()
         for got, want in zip((hidden.grad, weight.grad), expected, strict=True):
             torch.testing.assert_close(got / scale, want, atol=3e-3 * want.abs().max().item(), rtol=0)
+
+
+def test_a_non_finite_loss_in_float16_is_still_divergence(corpus, tmp_path):
+    """Loss scaling only explains overflowing gradients; a loss that is itself non-finite stops the run."""
+    cfg = tiny_config(corpus, tmp_path, "max_iters=8", "lr=1e6", "warmup_iters=1", "dtype='float16'")
+    with pytest.raises(GPT2LabError, match="training diverged at step"):
+        train_fp16(cfg)
+    assert not (tmp_path / "model.safetensors").exists()
