@@ -28,6 +28,7 @@ def step_rows(run_dir) -> list[dict]:
     return [{k: r[k] for k in ("step", "loss", "loss_scale", "overflow_steps")} for r in rows if "loss" in r]
 
 
+@pytest.mark.slow  # fp16 on a CPU without AMX-FP16: ~2 s a step for the tiny model
 def test_float16_training_follows_float32_training(corpus, tmp_path):
     fp32 = train(tiny_config(corpus, tmp_path / "fp32", "max_iters=12"))["losses"]
     fp16 = train_fp16(tiny_config(corpus, tmp_path / "fp16", "max_iters=12", "dtype='float16'"))["losses"]
@@ -39,6 +40,7 @@ def test_float16_training_follows_float32_training(corpus, tmp_path):
     assert load_checkpoint(tmp_path / "fp16" / "ckpt.pt")["scaler"]["scale"] == 2.0**16
 
 
+@pytest.mark.slow  # fp16 on a CPU without AMX-FP16: ~2 s a step for the tiny model
 def test_overflowing_steps_are_skipped_counted_and_resume_exactly(corpus, tmp_path, monkeypatch):
     # A first scale far too high: the scaled gradients of the first steps overflow fp16 (max 65504).
     monkeypatch.setattr(precision, "FP16_INIT_SCALE", 2.0**20)
@@ -85,6 +87,7 @@ def test_lm_head_loss_gradient_survives_fp16_at_any_loss_scale():
             torch.testing.assert_close(got / scale, want, atol=3e-3 * want.abs().max().item(), rtol=0)
 
 
+@pytest.mark.slow  # fp16 on a CPU without AMX-FP16: ~2 s a step for the tiny model
 def test_a_non_finite_loss_in_float16_is_still_divergence(corpus, tmp_path):
     """Loss scaling only explains overflowing gradients; a loss that is itself non-finite stops the run."""
     cfg = tiny_config(corpus, tmp_path, "max_iters=8", "lr=1e6", "warmup_iters=1", "dtype='float16'")
