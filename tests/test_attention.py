@@ -251,3 +251,21 @@ def test_learned_positions_cannot_run_past_block_size():
         model(torch.zeros(1, 17, dtype=torch.long))
     rope = GPT(tiny_config("rope", block_size=16))
     assert rope.generate(torch.zeros(1, 10, dtype=torch.long), 10).shape == (1, 20)
+
+
+def test_repeating_key_value_heads_gives_multi_head_attention_with_the_same_output():
+    from gpt2lab.convert import pool_kv_heads, repeat_kv_heads
+
+    torch.manual_seed(9)
+    gqa = GPT(tiny_config(n_kv_head=2)).eval()
+    config, state = repeat_kv_heads(gqa.config, gqa.state_dict())
+    assert config.n_kv_head == config.n_head == 4
+    mha = GPT(config).eval()
+    mha.load_state_dict(state)
+    idx = torch.randint(0, 97, (2, 20))
+    torch.testing.assert_close(mha(idx), gqa(idx), atol=1e-6, rtol=0)
+    # Query heads 0-1 read K/V head 0, heads 2-3 head 1: pooling each group back is the identity.
+    _, pooled = pool_kv_heads(config, state, 2)
+    assert torch.equal(
+        pooled["transformer.h.1.attn.c_attn.weight"], gqa.state_dict()["transformer.h.1.attn.c_attn.weight"]
+    )

@@ -194,9 +194,15 @@ def test_hub_layout_folder_and_file_load(tmp_path):
     assert_same_model(GPT.from_pretrained(folder / "config.json"), model)
 
 
-@pytest.mark.parametrize("variant", ["rope-gqa", "mqa-window", "window-per-layer"])
-def test_export_hf_refuses_what_transformers_gpt2_cannot_compute(tmp_path, variant):
-    with pytest.raises(GPT2LabError, match="only plain GPT-2") as excinfo:
+@pytest.mark.parametrize(
+    "variant, message",
+    [
+        ("mqa-window", r"a sliding window \(window=8\) with learned positions exists in no transformers"),
+        ("window-per-layer", r"per-layer windows \(\[4, None\]\) exist in no transformers architecture"),
+    ],
+)
+def test_export_hf_refuses_what_no_transformers_architecture_computes(tmp_path, variant, message):
+    with pytest.raises(GPT2LabError, match=message) as excinfo:
         random_model(**VARIANTS[variant]).export_hf(tmp_path)
     one_line_error(excinfo)
     assert not (tmp_path / "model.safetensors").exists()
@@ -238,8 +244,8 @@ def test_sharded_safetensors(tmp_path):
     "changes, message",
     [
         (dict(model_type="llama"), "describes a 'llama' model"),
-        (dict(activation_function="gelu"), "activation_function 'gelu'"),
-        (dict(activation_function="relu"), "activation_function 'relu'"),
+        (dict(activation_function="silu"), "activation_function 'silu'"),
+        (dict(activation_function=["relu"]), r"activation_function '\['relu'\]'"),
         (dict(n_inner=100), "n_inner 100"),
         (dict(scale_attn_weights=False), "scale_attn_weights false"),
         (dict(scale_attn_by_inverse_layer_idx=True), "scale_attn_by_inverse_layer_idx"),

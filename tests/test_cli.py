@@ -97,3 +97,22 @@ def test_convert_writes_a_gqa_model(model_dir, tmp_path):
     torch.testing.assert_close(converted(idx), expected(idx))
     bad = gpt2lab("convert", "--model", str(model_dir), "--n-kv-head", "3", "--out", str(tmp_path / "x"))
     assert bad.returncode == 2 and "must divide" in bad.stderr
+
+
+def test_export_writes_a_rope_gqa_model_transformers_runs_and_refuses_per_layer_windows(tmp_path):
+    transformers = pytest.importorskip("transformers")
+    torch.manual_seed(0)
+    GPT(GPTConfig.from_preset("tiny", pos_encoding="rope", n_kv_head=2, window=32)).save_pretrained(tmp_path / "m")
+    result = gpt2lab("export", "--model", str(tmp_path / "m"), "--out", str(tmp_path / "hf"))
+    assert result.returncode == 0, result.stderr
+    assert "'starcoder2'" in result.stdout
+    hf = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "hf").eval()
+    model = GPT.from_pretrained(tmp_path / "m").eval()
+    idx = torch.randint(0, 50257, (1, 40))
+    with torch.no_grad():
+        torch.testing.assert_close(hf(idx).logits, model(idx), atol=1e-4, rtol=0)
+
+    GPT(GPTConfig.from_preset("tiny", pos_encoding="rope", window=[8, None])).save_pretrained(tmp_path / "p")
+    bad = gpt2lab("export", "--model", str(tmp_path / "p"), "--out", str(tmp_path / "x"))
+    assert bad.returncode == 2 and bad.stderr.count("\n") == 1 and "per-layer windows" in bad.stderr
+    assert not (tmp_path / "x").exists()

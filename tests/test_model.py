@@ -122,3 +122,22 @@ def test_full_spells_a_global_layer():
     """TOML has no null: "full" stands for a layer (or a model) without a window."""
     assert GPTConfig.from_preset("tiny", window=[8, "full"]).window == [8, None]
     assert GPTConfig.from_preset("tiny", window="full").window is None
+
+
+def test_activation_is_chosen_by_name_and_an_unknown_one_is_one_line():
+    from gpt2lab.config import ACTIVATIONS
+    from gpt2lab.model import ACTIVATION_FUNCTIONS
+
+    assert set(ACTIVATION_FUNCTIONS) == set(ACTIVATIONS)
+    x = torch.linspace(-4, 4, 101)
+    expected = {  # hand-written formulas, independent of torch's implementations
+        "gelu_tanh": 0.5 * x * (1 + torch.tanh(math.sqrt(2 / math.pi) * (x + 0.044715 * x**3))),
+        "gelu": 0.5 * x * (1 + torch.erf(x / math.sqrt(2))),
+        "relu": torch.where(x > 0, x, torch.zeros_like(x)),
+    }
+    for name, want in expected.items():
+        mlp = GPT(GPTConfig.from_preset("tiny", vocab_size=50, activation=name)).transformer.h[0].mlp
+        torch.testing.assert_close(mlp.activation(x), want, atol=1e-6, rtol=0)
+    with pytest.raises(GPT2LabError, match="activation must be one of gelu_tanh, gelu, relu, got 'rleu'") as e:
+        GPTConfig.from_preset("tiny", activation="rleu")
+    assert "\n" not in str(e.value) and "did you mean 'relu'" in str(e.value)

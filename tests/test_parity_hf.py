@@ -145,3 +145,58 @@ def test_gpt2_124m_random_matches_transformers(tmp_path):
     assert model.config == GPTConfig.from_preset("gpt2")
     assert_same_logits_and_loss(hf, model, batch(50257, 64))
     assert_same_greedy_generation(hf, model, batch(50257, 8)[:1])
+
+
+@pytest.mark.parametrize("activation, hf_name", [("gelu_tanh", "gelu_new"), ("gelu", "gelu"), ("relu", "relu")])
+def test_each_activation_matches_transformers_both_ways(tmp_path, activation, hf_name):
+    """transformers' GPT-2 with activation_function hf_name loads as gpt2lab's activation, and back."""
+    hf = random_hf(**TINY, activation_function=hf_name)
+    hf.save_pretrained(tmp_path / "from_hf")
+    model = GPT.from_pretrained(tmp_path / "from_hf").eval()
+    assert model.config.activation == activation
+    assert_same_logits_and_loss(hf, model, batch(512, 48))
+
+    model.export_hf(tmp_path / "to_hf")
+    back = transformers.GPT2LMHeadModel.from_pretrained(tmp_path / "to_hf").eval()
+    assert back.config.activation_function == hf_name
+    assert_same_logits_and_loss(back, model, batch(512, 48))
+
+
+# gpt2lab variant -> the transformers class export_hf writes it as. Sequences are longer than the windows
+# so the window bites, and an off-by-one in its convention would show in the logits.
+EXPORTED_VARIANTS = {
+    "gqa-learned": (dict(n_kv_head=2), "GPT2LMHeadModel"),
+    "mqa-learned": (dict(n_kv_head=1, activation="gelu"), "GPTBigCodeForCausalLM"),
+    "rope-mha": (dict(pos_encoding="rope", rope_theta=500.0), "Starcoder2ForCausalLM"),
+    "rope-gqa-window": (dict(pos_encoding="rope", n_kv_head=2, window=16), "Starcoder2ForCausalLM"),
+    "rope-mqa-window-relu": (
+        dict(pos_encoding="rope", n_kv_head=1, window=[8, 8], activation="relu"),
+        "Starcoder2ForCausalLM",
+    ),
+}
+
+
+def random_gpt2lab(**variant) -> GPT:
+    """A tiny gpt2lab model with every tensor random (LayerNorms around 1, biases non-zero), in eval mode."""
+    torch.manual_seed(0)
+    model = GPT(GPTConfig(n_layer=2, n_head=4, n_embd=64, block_size=64, vocab_size=512, **variant)).eval()
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            p.normal_(1.0 if ".ln_" in name and name.endswith("weight") else 0.0, 0.2 if p.dim() > 1 else 0.1)
+    return model
+
+
+@pytest.mark.parametrize("variant", EXPORTED_VARIANTS)
+def test_exported_variant_loads_in_transformers_with_the_same_logits(tmp_path, variant):
+    fields, hf_class = EXPORTED_VARIANTS[variant]
+    model = random_gpt2lab(**fields)
+    model_type = model.export_hf(tmp_path)
+    hf, info = transformers.AutoModelForCausalLM.from_pretrained(tmp_path, output_loading_info=True)
+    hf.eval()
+    assert type(hf).__name__ == hf_class and hf.config.model_type == model_type
+    assert info["missing_keys"] == set() and info["unexpected_keys"] == set()
+    assert info["mismatched_keys"] == set() and not info["error_msgs"]
+    assert hf.get_output_embeddings().weight.data_ptr() == hf.get_input_embeddings().weight.data_ptr()
+    assert_same_logits_and_loss(hf, model, batch(512, 48))
+    if model.config.window is not None:  # transformers' sliding cache against gpt2lab's ring of W slots
+        assert_same_greedy_generation(hf, model, batch(512, 8)[:1])

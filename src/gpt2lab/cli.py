@@ -74,6 +74,27 @@ def cmd_convert(args) -> int:
     return 0
 
 
+# ---------------------------------------------------------------------------------------- export
+
+
+def add_export(sub) -> None:
+    p = sub.add_parser(
+        "export", help="write a model in the hub layout transformers loads (as GPT-2, GPTBigCode or Starcoder2)"
+    )
+    p.add_argument("--model", required=True, help="run folder, training checkpoint or any model generate reads")
+    p.add_argument("--out", required=True, help="folder for config.json + model.safetensors")
+    p.add_argument("--dtype", choices=DTYPES, default="float32", help="dtype of the exported weights")
+    p.set_defaults(func=cmd_export)
+
+
+def cmd_export(args) -> int:
+    from .run_state import load_model
+
+    model_type = load_model(args.model, dtype=args.dtype).export_hf(args.out)
+    print(f"exported as transformers' '{model_type}' to {args.out}")
+    return 0
+
+
 # ---------------------------------------------------------------------------------------- info
 
 
@@ -346,7 +367,9 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-COMMANDS = [add_generate, add_convert, add_info, add_prepare, add_train, add_plan, add_eval, add_demo, add_study]
+COMMANDS = [
+    add_generate, add_convert, add_export, add_info, add_prepare, add_train, add_plan, add_eval, add_demo, add_study
+]
 
 
 def main(argv: list[str] | None = None) -> int:

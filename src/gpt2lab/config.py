@@ -13,6 +13,9 @@ GPT2_VOCAB_SIZE = 50257
 GPT2_EOT_ID = 50256
 # How a training TOML (which has no null) spells a global layer in a per-layer window list.
 FULL_WINDOW = "full"
+# MLP nonlinearities: GPT-2's tanh approximation of GELU, the exact (erf) GELU, and ReLU (the original
+# Transformer's feed-forward network). model.MLP maps each name to its function.
+ACTIVATIONS = ("gelu_tanh", "gelu", "relu")
 
 
 class GPT2LabError(ValueError):
@@ -57,6 +60,7 @@ class GPTConfig:
 
     * ``pos_encoding``: ``"learned"`` (GPT-2's ``wpe`` table) or ``"rope"`` (rotary, no ``wpe``).
     * ``n_kv_head``: key/value heads; ``None`` means ``n_head`` (multi-head), ``1`` is multi-query.
+    * ``activation``: the MLP's nonlinearity, one of :data:`ACTIVATIONS` (``"gelu_tanh"`` is GPT-2's).
     * ``window``: ``None`` for full causal attention, or W = the number of keys each query sees,
       *itself included* (query i attends to keys i-W+1 .. i). Mistral's ``sliding_window`` uses the
       same count; Longformer's one-sided window w corresponds to W = w + 1. A list gives one value per
@@ -73,6 +77,7 @@ class GPTConfig:
     pos_encoding: str = "learned"
     rope_theta: float = 10000.0
     window: int | list[int | None] | None = None
+    activation: str = "gelu_tanh"
     dropout: float = 0.0
     layer_norm_epsilon: float = 1e-5
 
@@ -99,6 +104,11 @@ class GPTConfig:
             raise GPT2LabError(f"config: pos_encoding must be 'learned' or 'rope', got {self.pos_encoding!r}")
         if self.pos_encoding == "rope" and self.head_dim % 2:
             raise GPT2LabError(f"config: rope needs an even head size, got {self.head_dim}")
+        if self.activation not in ACTIVATIONS:
+            raise GPT2LabError(
+                f"config: activation must be one of {', '.join(ACTIVATIONS)}, got {self.activation!r}"
+                + (closest_hint(self.activation, ACTIVATIONS) if isinstance(self.activation, str) else "")
+            )
         check_number("config: rope_theta", self.rope_theta, low=0.0, low_open=True)
         check_number("config: layer_norm_epsilon", self.layer_norm_epsilon, low=0.0, low_open=True)
         check_number("config: dropout", self.dropout, low=0.0, high=1.0)

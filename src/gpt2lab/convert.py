@@ -35,3 +35,25 @@ def pool_kv_heads(config: GPTConfig, state: dict[str, torch.Tensor], n_kv_head: 
         ]
         pooled_state[name] = torch.cat((q, *pooled), dim=0)
     return config.replace(n_kv_head=n_kv_head), pooled_state
+
+
+@torch.no_grad()
+def repeat_kv_heads(config: GPTConfig, state: dict[str, torch.Tensor]):
+    """``(config, state)`` as multi-head attention that computes exactly the same function.
+
+    Each key/value head is copied for every query head of its group, the broadcast that grouped-query
+    attention performs at run time (query head i reads key/value head i // (n_head / n_kv_head)). The
+    inverse of :func:`pool_kv_heads`; it lets a GQA model run as plain GPT-2.
+    """
+    group, hs, kv_dim = config.n_head // config.n_kv_head, config.head_dim, config.n_kv_head * config.head_dim
+    repeated_state = dict(state)
+    for name, packed in state.items():
+        if not name.endswith(("attn.c_attn.weight", "attn.c_attn.bias")):
+            continue
+        q, k, v = packed.split([config.n_embd, kv_dim, kv_dim], dim=0)
+        # (nkv·hs, ...) -> (nkv, 1, hs, ...) -> (nkv, group, hs, ...) -> (nh·hs, ...)
+        repeated = [
+            t.unflatten(0, (config.n_kv_head, 1, hs)).expand(-1, group, *[-1] * t.dim()).flatten(0, 2) for t in (k, v)
+        ]
+        repeated_state[name] = torch.cat((q, *repeated), dim=0)
+    return config.replace(n_kv_head=config.n_head), repeated_state

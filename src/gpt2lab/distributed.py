@@ -116,14 +116,19 @@ def sync_context(model: torch.nn.Module, last: bool):
 def gather_state(model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> tuple[dict, dict]:
     """Full model and optimizer state dicts on CPU (rank 0 holds them; other ranks get empty dicts).
 
-    A collective under FSDP: every rank must call it.
+    A collective under FSDP: every rank must call it. An optimizer that has not stepped yet (every step so
+    far skipped, as fp16 loss scaling does at first) gives ``{}``: torch would fill its state by stepping it
+    with zero gradients, and AdamW's step count of 1 would change the run's next real update.
     """
     options = StateDictOptions(full_state_dict=True, cpu_offload=True)
-    return get_model_state_dict(model, options=options), get_optimizer_state_dict(model, optimizer, options=options)
+    model_state = get_model_state_dict(model, options=options)  # first: FSDP2's optimizer gathering fails before it
+    optim_state = get_optimizer_state_dict(model, optimizer, options=options) if optimizer.state else {}
+    return model_state, optim_state
 
 
 def load_state(model: torch.nn.Module, optimizer: torch.optim.Optimizer, model_state: dict, optim_state: dict) -> None:
     """Load full state dicts (every rank read the same file) into a bare, DDP or FSDP model."""
     options = StateDictOptions(full_state_dict=True)
     set_model_state_dict(model, model_state, options=options)
-    set_optimizer_state_dict(model, optimizer, optim_state, options=options)
+    if optim_state:  # {}: saved before the optimizer's first step; the fresh one is that state
+        set_optimizer_state_dict(model, optimizer, optim_state, options=options)

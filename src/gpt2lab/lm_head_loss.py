@@ -54,10 +54,12 @@ class LMHeadLoss(torch.autograd.Function):
                 total += ((lse - logits.gather(0, t)[0]) * ok).sum()
                 if not need_grad:
                     continue
-                # d(mean loss)/d(logits) = (softmax - one-hot) / count, zero for ignored targets
+                # d(mean loss)/d(logits) = (softmax - one-hot) / count, zero for ignored targets. The
+                # 1/count is applied in backward, together with the loss scale of fp16 training: values
+                # as small as 1/count would underflow in fp16 before the scale could lift them.
                 grad = logits.sub_(lse).exp_()
                 grad.scatter_add_(0, t, torch.full_like(grad[:1], -1.0))
-                grad.mul_(ok * scale)
+                grad.mul_(ok)
                 g = grad.to(dtype)
                 grad_hidden[start:end] = g.T @ w
                 if dtype == grad_weight.dtype:
@@ -65,12 +67,13 @@ class LMHeadLoss(torch.autograd.Function):
                 else:
                     grad_weight += (g @ h).float()
         if need_grad:
-            ctx.save_for_backward(grad_hidden, grad_weight)
+            ctx.save_for_backward(grad_hidden, grad_weight, scale)
             ctx.weight_dtype = weight.dtype
         # An empty target set gives nan, as F.cross_entropy does.
         return torch.where(count > 0, total * scale, torch.nan)
 
     @staticmethod
     def backward(ctx, grad_loss: torch.Tensor):
-        grad_hidden, grad_weight = ctx.saved_tensors
-        return grad_hidden * grad_loss, (grad_weight * grad_loss).to(ctx.weight_dtype), None
+        grad_hidden, grad_weight, scale = ctx.saved_tensors
+        factor = grad_loss * scale  # the loss's gradient (the loss scale in fp16 training) / count
+        return grad_hidden * factor, (grad_weight * factor).to(ctx.weight_dtype), None

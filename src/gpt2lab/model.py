@@ -10,6 +10,7 @@ memory-saving loss in :mod:`gpt2lab.lm_head_loss`; generation in :mod:`gpt2lab.g
 from __future__ import annotations
 
 import math
+from functools import partial
 from pathlib import Path
 
 import torch
@@ -22,19 +23,27 @@ from .cpu_linear import Linear
 from .kv_cache import KVCache
 from .lm_head_loss import LMHeadLoss
 
+# The MLP's nonlinearity by config name. GPT-2 uses the tanh approximation of GELU; the exact erf form
+# moves 124M logits by ~1e-3, so a checkpoint must be run with the one it was trained with.
+ACTIVATION_FUNCTIONS = {
+    "gelu_tanh": partial(F.gelu, approximate="tanh"),
+    "gelu": F.gelu,
+    "relu": F.relu,
+}
+
 
 class MLP(nn.Module):
-    """Position-wise feed-forward: C -> 4C -> GELU -> C."""
+    """Position-wise feed-forward: C -> 4C -> activation (tanh GELU in GPT-2) -> C."""
 
     def __init__(self, config: GPTConfig) -> None:
         super().__init__()
         self.c_fc = Linear(config.n_embd, 4 * config.n_embd)
+        self.activation = ACTIVATION_FUNCTIONS[config.activation]
         self.c_proj = Linear(4 * config.n_embd, config.n_embd)
         self.dropout = nn.Dropout(config.dropout)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        # GPT-2 uses the tanh approximation of GELU; the exact erf form moves 124M logits by ~1e-3.
-        return self.dropout(self.c_proj(F.gelu(self.c_fc(x), approximate="tanh")))
+        return self.dropout(self.c_proj(self.activation(self.c_fc(x))))
 
 
 class Block(nn.Module):
@@ -198,12 +207,14 @@ class GPT(nn.Module):
 
         write_gpt2lab(directory, self.config, self._state_to_save())
 
-    def export_hf(self, directory: str | Path) -> None:
-        """Write the Hugging Face hub layout, loadable by ``transformers.GPT2LMHeadModel``; variants that
-        transformers' GPT-2 cannot compute (RoPE, GQA, windows) are refused."""
-        from .checkpoints import write_hf
+    def export_hf(self, directory: str | Path) -> str:
+        """Write the Hugging Face hub layout that ``transformers.AutoModelForCausalLM`` loads with the same
+        logits, and return its model type: ``"gpt2"`` (GQA with repeated K/V heads), ``"gpt_bigcode"`` (MQA)
+        or ``"starcoder2"`` (RoPE). Per-layer windows and learned positions with a window are refused.
+        See :mod:`gpt2lab.checkpoints.hf_variants`."""
+        from .checkpoints import export_hf
 
-        write_hf(directory, self.config, self._state_to_save(), self.lm_head.weight.dtype)
+        return export_hf(directory, self.config, self._state_to_save(), self.lm_head.weight.dtype)
 
     def _state_to_save(self) -> dict[str, torch.Tensor]:
         """The tensors on the CPU, contiguous, with the tied LM head left out (it is wte).

@@ -142,7 +142,8 @@ _CHALLENGES_AND_CHOICES = [
     "same prompt alone (tested for every combination).",
     "- **Checkpoint compatibility.** RoPE models have no `wpe`, GQA models a narrower `c_attn`: neither loads "
     "into GPT-2 code. Converting MHA to GQA is a mean-pool of K/V rows (biases included) in GPT-2's packed "
-    "`c_attn`; only plain GPT-2 exports to the Hugging Face layout.",
+    "`c_attn`; `export_hf` writes them as transformers architectures that compute them exactly (GQA as GPT-2 "
+    "with repeated K/V heads, MQA as GPTBigCode, RoPE as Starcoder2); per-layer windows stay in gpt2lab's format.",
     "",
     "## When to choose what",
     "",

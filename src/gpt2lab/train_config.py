@@ -137,7 +137,7 @@ class TrainConfig:
     ckpt_interval: int = _opt("run", 125)
     log_interval: int = _opt("run", 1)
     seed: int = _opt("run", 1337)
-    dtype: str = _opt("run", "auto")  # auto | float32 | bfloat16 (autocast)
+    dtype: str = _opt("run", "auto")  # auto | float32 | bfloat16 | float16 (autocast; fp16 with loss scaling)
     compile: bool = _opt("run", False)
     device: str = _opt("run", "auto")
     strategy: str = _opt("run", "ddp")  # ddp | fsdp, used under torchrun
@@ -217,7 +217,7 @@ class TrainConfig:
         return dataclasses.asdict(self)
 
 
-_CHOICES = {"dtype": ("auto", "float32", "bfloat16"), "strategy": ("ddp", "fsdp")}
+_CHOICES = {"dtype": ("auto", "float32", "bfloat16", "float16"), "strategy": ("ddp", "fsdp")}
 _INTEGERS = {  # field: smallest value
     **dict.fromkeys(("max_iters", "batch_size", "block_size", "grad_accum", "eval_iters"), 1),
     **dict.fromkeys(("eval_interval", "ckpt_interval", "log_interval"), 1),

@@ -2,9 +2,9 @@
 
 One process or many (``torchrun``, DDP or FSDP2) run the same code; see :mod:`gpt2lab.distributed`.
 Resuming is exact: the checkpoint holds the model, the optimizer, the step (the schedule is a pure
-function of it), every RNG state and the batch sampler's own generator, so a stopped and resumed run
-draws the same batches and produces the same losses as one that never stopped. The configuration is
-:mod:`gpt2lab.train_config`; the files a run writes are :mod:`gpt2lab.run_state`.
+function of it), the fp16 loss scaler, every RNG state and the batch sampler's own generator, so a
+stopped and resumed run draws the same batches and produces the same losses as one that never stopped.
+The configuration is :mod:`gpt2lab.train_config`; the files a run writes are :mod:`gpt2lab.run_state`.
 """
 
 from __future__ import annotations
@@ -28,7 +28,7 @@ from .hellaswag import accuracies, evaluate_hellaswag, load_examples
 from .model import GPT
 from .optim import lr_at, make_optimizer
 from .plots import plot_losses
-from .precision import has_native_bf16, parse_dtype
+from .precision import grad_scaler, has_native_bf16, has_native_fp16, parse_dtype
 from .run_state import (
     CKPT_NAME,
     RunLock,
@@ -50,19 +50,20 @@ from .train_config import TrainConfig
 
 
 def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
-    """``auto`` picks bfloat16 autocast where the hardware runs it natively. Elsewhere bf16 runs through
-    generic kernels, many times slower than fp32 (20x for a small GPT on a 2-core AVX2 CPU): asking for
-    it there gives a warning."""
-    native = has_native_bf16(device)
+    """``auto`` picks bfloat16 autocast where the hardware runs it natively. Elsewhere bf16 and fp16 run
+    through generic kernels, many times slower than fp32 (20x for a small GPT on a 2-core AVX2 CPU):
+    asking for them there gives a warning."""
+    native = {torch.bfloat16: has_native_bf16(device), torch.float16: has_native_fp16(device)}
     if name == "auto":
-        return torch.bfloat16 if native else torch.float32
-    if name == "bfloat16" and not native:
+        return torch.bfloat16 if native[torch.bfloat16] else torch.float32
+    dtype = parse_dtype(name)
+    if not native.get(dtype, True):
         warnings.warn(
-            f"bfloat16 autocast on this {device.type} has no native bf16 matrix multiply and runs many times "
+            f"{name} autocast on this {device.type} has no native {name} matrix multiply and runs many times "
             "slower than float32 (dtype = 'auto' picks float32 here)",
             stacklevel=2,
         )
-    return parse_dtype(name)
+    return dtype
 
 
 def build_model(cfg: TrainConfig, vocab_size: int) -> GPT:
@@ -122,6 +123,11 @@ class Trainer:
             torch.backends.cuda.matmul.allow_tf32 = True
             torch.backends.cudnn.allow_tf32 = True
         self.dtype = resolve_dtype(cfg.dtype, device)
+        if self.dtype == torch.float16 and dist.world > 1 and cfg.strategy == "fsdp":
+            raise GPT2LabError(
+                "dtype float16 with strategy fsdp: each process's loss scaler would see only its own gradient "
+                "shards; use bfloat16, or strategy ddp"
+            )
         self.accum = _micro_batches_per_rank(cfg, dist)
         self.data_gen = _seed_everything(cfg.seed)
         self.data = TokenData.open(cfg.data_dir)
@@ -132,16 +138,21 @@ class Trainer:
 
         self.wrapped = wrap_model(model.to(device), dist, cfg.strategy)
         self.optimizer = make_optimizer(self.wrapped, cfg, device)
+        self.scaler = grad_scaler(self.dtype, device)
         self.step = 0
+        self.skipped = 0  # steps skipped for a non-finite loss or gradient (skip_nonfinite)
+        self.overflows = 0  # fp16 steps skipped because the scaled gradients overflowed
         if resume_state is not None:
             load_state(self.wrapped, self.optimizer, resume_state["model"], resume_state["optimizer"])
             restore_rng(resume_state["rng"], self.data_gen)
+            if resume_state.get("scaler"):  # empty when the run was not float16 (resumed with --allow-changes)
+                self.scaler.load_state_dict(resume_state["scaler"])
             self.step = resume_state["step"]
+            self.skipped, self.overflows = resume_state.get("skipped", 0), resume_state.get("overflows", 0)
         self.model = torch.compile(self.wrapped) if cfg.compile else self.wrapped
         self.resumed = resume_state is not None
         self.stop_signal: int | None = None
         self.losses: list[tuple[int, float]] = []
-        self.skipped = 0  # steps skipped for a non-finite loss or gradient (skip_nonfinite)
         self.saved_step = self.step if self.resumed else 0  # step of the last checkpoint written
         self.last_eval: dict[str, float] = {}
         # read (or downloaded) before training starts, so a missing file fails at once
@@ -150,7 +161,7 @@ class Trainer:
 
     # -------------------------------------------------------------- pieces
     def autocast(self):
-        return torch.autocast(self.dist.device.type, dtype=torch.bfloat16, enabled=self.dtype == torch.bfloat16)
+        return torch.autocast(self.dist.device.type, dtype=self.dtype, enabled=self.dtype != torch.float32)
 
     def train_step(self) -> torch.Tensor:
         """One optimizer step on the global batch; returns this rank's mean micro-batch loss (detached).
@@ -171,10 +182,12 @@ class Trainer:
             x, y = (t.to(device) for t in gather_batch(self.data.train, micro, cfg.block_size))
             with sync_context(self.wrapped, last=i == self.accum - 1), self.autocast():
                 _, loss = self.model(x, y, return_logits=False)
-            (loss / self.accum).backward()
+            self.scaler.scale(loss / self.accum).backward()  # fp16: scaled so small gradients survive
             total += loss.detach()
+        self.scaler.unscale_(self.optimizer)  # clipping and the finiteness check see the true gradients
         if self._finite_step(total / self.accum):
-            self.optimizer.step()
+            self.scaler.step(self.optimizer)
+        self.scaler.update()  # fp16: lowers the scale after an overflow, raises it after a clean stretch
         self.optimizer.zero_grad(set_to_none=True)
         self.step += 1
         return total / self.accum
@@ -182,16 +195,21 @@ class Trainer:
     def _finite_step(self, loss: torch.Tensor) -> bool:
         """Clip the gradients; whether the loss and the gradient norm are finite on every rank.
 
-        A non-finite step is skipped (the model is not updated) when ``skip_nonfinite`` is set, and
-        otherwise stops the run with one line, before the update: the last checkpoint stays good.
+        In float16 training a finite loss with overflowing gradients is the loss scale being too high:
+        the step is skipped, counted, and the scaler lowers the scale; that is routine, not divergence.
+        Any other non-finite step is skipped (the model is not updated) when ``skip_nonfinite`` is set,
+        and otherwise stops the run with one line, before the update: the last checkpoint stays good.
         """
         params = [p for p in self.wrapped.parameters() if p.grad is not None]
         clip = self.cfg.grad_clip if self.cfg.grad_clip > 0 else math.inf
         norm = torch.nn.utils.clip_grad_norm_(params, clip)
         norm = norm.full_tensor() if hasattr(norm, "full_tensor") else norm  # FSDP2: a DTensor
-        bad = self.dist.any(not bool(torch.isfinite(loss) & torch.isfinite(norm)))
-        if not bad:
+        bad_loss = self.dist.any(not bool(torch.isfinite(loss)))
+        if not bad_loss and not self.dist.any(not bool(torch.isfinite(norm))):
             return True
+        if not bad_loss and self.scaler.is_enabled():
+            self.overflows += 1
+            return False
         if not self.cfg.skip_nonfinite:
             step = self.saved_step
             saved = f"the last checkpoint (step {step}) is intact" if step else "no checkpoint was written"
@@ -237,6 +255,9 @@ class Trainer:
                 "model_config": self.model_config.to_dict(),
                 "train_config": self.cfg.to_dict(),
                 "rng": capture_rng(self.data_gen),
+                "scaler": self.scaler.state_dict(),  # empty unless float16
+                "skipped": self.skipped,
+                "overflows": self.overflows,
                 "data": data_fingerprint(self.data.meta),
             }
             save_checkpoint(self.out / CKPT_NAME, payload)
@@ -264,7 +285,11 @@ class Trainer:
         dt = time.perf_counter() - started
         self.losses.append((self.step, value))
         row = {"step": self.step, "loss": value, "lr": lr_at(self.step - 1, self.cfg), "dt": dt}
-        self.log(row | ({"skipped_steps": self.skipped} if self.skipped else {}))
+        if self.skipped:
+            row["skipped_steps"] = self.skipped
+        if self.scaler.is_enabled():
+            row |= {"loss_scale": self.scaler.get_scale(), "overflow_steps": self.overflows}
+        self.log(row)
         tokens_per_step = self.cfg.grad_accum * self.cfg.batch_size * self.cfg.block_size
         bar.set_postfix(loss=f"{value:.4f}", tok_s=f"{tokens_per_step / dt:,.0f}")
 

@@ -1,7 +1,8 @@
 """Reading and writing GPT-2 checkpoints in the four formats people actually have.
 
 * **Hugging Face hub ids** and **hub-layout folders** (``config.json`` + ``model.safetensors``, sharded
-  safetensors or ``pytorch_model.bin``): :mod:`.locate` finds them, :mod:`.hf` reads and writes them.
+  safetensors or ``pytorch_model.bin``): :mod:`.locate` finds them, :mod:`.hf` reads and writes them;
+  :mod:`.hf_variants` exports RoPE, GQA and MQA models as the transformers architectures that compute them.
 * **OpenAI's TensorFlow checkpoints** (``hparams.json``, ``model.ckpt.index``, ``model.ckpt.data-*``),
   read without TensorFlow: :mod:`.tf_bundle` decodes the bundle, :mod:`.openai_tf` maps its tensors.
 * **gpt2lab's own format** (:mod:`.native`): ``model.safetensors`` + ``config.json`` holding
@@ -20,6 +21,7 @@ import torch
 
 from ..config import GPTConfig
 from .hf import gpt_config_to_hf, hf_config_to_gpt, read_hf, write_hf
+from .hf_variants import export_hf, hf_architecture
 from .locate import locate
 from .names import gpt_state_shapes
 from .native import read_gpt2lab, write_gpt2lab
@@ -29,8 +31,10 @@ from .tf_bundle import TFCheckpointReader, TFTensorEntry
 __all__ = [
     "TFCheckpointReader",
     "TFTensorEntry",
+    "export_hf",
     "gpt_config_to_hf",
     "gpt_state_shapes",
+    "hf_architecture",
     "hf_config_to_gpt",
     "read_checkpoint",
     "write_gpt2lab",

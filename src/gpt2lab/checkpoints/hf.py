@@ -20,7 +20,12 @@ from ..files import read_json, write_json
 from .names import HF_LAYOUT, collect_state
 from .tensor_files import read_weight_files, write_safetensors
 
-__all__ = ["gpt_config_to_hf", "hf_config_to_gpt", "read_hf", "write_hf"]
+__all__ = ["HF_ACTIVATION", "gpt_config_to_hf", "hf_config_to_gpt", "read_hf", "special_token_id", "write_hf"]
+
+# gpt2lab's activation name -> transformers' ``activation_function`` that computes the same function.
+HF_ACTIVATION = {"gelu_tanh": "gelu_new", "gelu": "gelu", "relu": "relu"}
+# and back; gelu_pytorch_tanh is the same tanh GELU as gelu_new, in one fused kernel.
+ACTIVATION_FROM_HF = {**{hf: gpt for gpt, hf in HF_ACTIVATION.items()}, "gelu_pytorch_tanh": "gelu_tanh"}
 
 # transformers' GPT2Config defaults: a config.json that omits a field means this value to transformers.
 _HF_DEFAULTS = dict(
@@ -42,8 +47,8 @@ def hf_config_to_gpt(hf: Mapping[str, Any], where: str = "config.json") -> GPTCo
         d["n_positions"] = hf["n_ctx"]
     refused = []
     activation = d.get("activation_function", "gelu_new")
-    if activation not in ("gelu_new", "gelu_pytorch_tanh"):
-        refused.append(f"activation_function '{activation}' (gpt2lab uses the tanh GELU, 'gelu_new')")
+    if not isinstance(activation, str) or activation not in ACTIVATION_FROM_HF:
+        refused.append(f"activation_function '{activation}' (gpt2lab has {', '.join(ACTIVATION_FROM_HF)})")
     if d.get("n_inner") not in (None, 4 * d["n_embd"]):
         refused.append(f"n_inner {d['n_inner']} (gpt2lab's MLP is 4 x n_embd = {4 * d['n_embd']})")
     if not d.get("scale_attn_weights", True):
@@ -63,15 +68,20 @@ def hf_config_to_gpt(hf: Mapping[str, Any], where: str = "config.json") -> GPTCo
         n_head=d["n_head"],
         n_embd=d["n_embd"],
         layer_norm_epsilon=float(d["layer_norm_epsilon"]),
+        activation=ACTIVATION_FROM_HF[activation],
     )
+
+
+def special_token_id(config: GPTConfig) -> int | None:
+    """<|endoftext|> as bos/eos, unless the vocabulary is too small: an id outside it would break generate()."""
+    return GPT2_EOT_ID if config.vocab_size > GPT2_EOT_ID else None
 
 
 def gpt_config_to_hf(config: GPTConfig, dtype: torch.dtype = torch.float32) -> dict[str, Any]:
     """transformers' GPT2Config fields for a plain GPT-2 ``config``, as transformers writes them."""
-    # <|endoftext|> as bos/eos, unless the vocabulary is too small: an id outside it would break generate().
-    special = GPT2_EOT_ID if config.vocab_size > GPT2_EOT_ID else None
+    special = special_token_id(config)
     return {
-        "activation_function": "gelu_new",
+        "activation_function": HF_ACTIVATION[config.activation],
         "add_cross_attention": False,
         "architectures": ["GPT2LMHeadModel"],
         "attn_pdrop": config.dropout,
@@ -136,7 +146,8 @@ def write_hf(
     ``state`` is in gpt2lab's names, on the CPU, without the tied LM head; ``dtype`` is the weights'
     dtype, recorded in the config. Only the plain GPT-2 architecture exists in ``transformers``' GPT-2:
     learned positions, as many key/value heads as query heads, full attention. Anything else is refused
-    rather than exported as a model that would silently compute something different.
+    rather than written as a model that would silently compute something different; :mod:`.hf_variants`
+    maps the variants onto the transformers architectures that compute them.
     """
     _refuse_what_transformers_cannot_compute(config)
     directory = Path(directory)
@@ -157,6 +168,6 @@ def _refuse_what_transformers_cannot_compute(c: GPTConfig) -> None:
         unsupported.append(f"sliding-window attention (window={c.window})")
     if unsupported:
         raise GPT2LabError(
-            "export_hf: only plain GPT-2 (learned positions, multi-head, full attention) exists in transformers; "
-            f"this model has {', '.join(unsupported)}; use save_pretrained for gpt2lab's own format"
+            "write_hf: transformers' GPT-2 is learned positions, multi-head, full attention; "
+            f"this model has {', '.join(unsupported)}; export_hf maps variants to other architectures"
         )
