@@ -88,6 +88,11 @@ def add_info(sub) -> None:
     )
     p.add_argument("--dtype", choices=DTYPES, default="float32", help="bytes of weights and cache entries")
     p.add_argument("--json", action="store_true", help="print the report as JSON")
+    p.add_argument(
+        "--kernels",
+        action="store_true",
+        help="measure and list the CPU kernels gpt2lab picks for this config (and the training dtype)",
+    )
     p.set_defaults(func=cmd_info)
 
 
@@ -98,6 +103,12 @@ def cmd_info(args) -> int:
     from .train_config import load_model_config, parse_overrides
 
     config = load_model_config(args.config, parse_overrides(args.set))
+    if args.kernels:
+        from .kernel_report import format_kernel_report, kernel_report
+
+        report = kernel_report(config)
+        print(json.dumps(report, indent=2) if args.json else format_kernel_report(report))
+        return 0
     report = model_report(config, args.seq_len, args.dtype)
     print(json.dumps(report, indent=2) if args.json else format_report(report))
     return 0
@@ -232,9 +243,7 @@ def add_demo(sub) -> None:
 def cmd_demo(args) -> int:
     from .demo import run_demo
 
-    return run_demo(
-        args.out, args.data, args.pretrained, args.max_iters, prompt=args.prompt, overwrite=args.overwrite
-    )
+    return run_demo(args.out, args.data, args.pretrained, args.max_iters, prompt=args.prompt, overwrite=args.overwrite)
 
 
 # ---------------------------------------------------------------------------------------- study

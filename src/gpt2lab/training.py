@@ -24,6 +24,7 @@ from .config import GPT2LabError, GPTConfig
 from .data import TokenData, gather_batch, sample_offsets
 from .distributed import Dist, gather_state, load_state, setup, sync_context, teardown, wrap_model
 from .files import write_json
+from .kernel_choice import faster_training_dtype
 from .model import GPT
 from .optim import lr_at, make_optimizer
 from .plots import plot_losses
@@ -49,13 +50,13 @@ from .train_config import TrainConfig
 
 
 def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
-    """``auto`` picks bfloat16 autocast where the hardware runs it natively. Elsewhere bf16 runs through
-    generic kernels, many times slower than fp32 (20x for a small GPT on a 2-core AVX2 CPU): asking for
-    it there gives a warning."""
-    native = has_native_bf16(device)
+    """``auto`` picks whichever of float32 and bfloat16 autocast a short probe finds faster on this machine
+    (:func:`~gpt2lab.kernel_choice.faster_training_dtype`). Without bf16 matrix instructions bf16 runs
+    through generic kernels, many times slower than fp32 (20x for a small GPT on a 2-core AVX2 CPU):
+    asking for it there gives a warning."""
     if name == "auto":
-        return torch.bfloat16 if native else torch.float32
-    if name == "bfloat16" and not native:
+        return faster_training_dtype(device)
+    if name == "bfloat16" and not has_native_bf16(device):
         warnings.warn(
             f"bfloat16 autocast on this {device.type} has no native bf16 matrix multiply and runs many times "
             "slower than float32 (dtype = 'auto' picks float32 here)",
