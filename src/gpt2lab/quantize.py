@@ -1,9 +1,9 @@
 """int8 weights for CPU inference: every linear layer, the LM head included, becomes PyTorch's dynamically
 quantized linear layer (``torch.ao.nn.quantized.dynamic.Linear``, FBGEMM's int8 product on x86).
 
-Weights are stored as int8 with one scale per output channel (symmetric: a row's largest magnitude maps
-to the end of int8's range), a quarter of fp32's bytes: decoding, which streams every weight once per token, reads 4x fewer
-bytes. Each call quantizes its input rows to int8 on the fly (per tensor, 7 bits as FBGEMM asks, to keep
+Weights are stored as int8 with one scale per output channel (symmetric: a row's largest magnitude maps to
+the end of int8's range), a quarter of fp32's bytes: decoding, which streams every weight once per token,
+reads 4x fewer bytes. Each call quantizes its input rows to int8 on the fly (per tensor, 7 bits as FBGEMM asks, to keep
 its 16-bit intermediate sums from overflowing), multiplies in integers and rescales to fp32. The token
 embedding stays fp32 for the lookup (one row per token); LayerNorms, attention and the KV cache stay fp32.
 Why this library rather than torchao: docs/benchmarks.md (measured decode speed).
