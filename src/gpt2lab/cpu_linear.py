@@ -36,6 +36,7 @@ def _has_fbgemm_fp16() -> bool:
     )
 
 
+@functools.cache
 def _onednn_op():
     """oneDNN's inner-product primitive (the op Inductor's CPU backend uses for linear layers), or None."""
     if not torch.backends.mkldnn.is_available():
@@ -46,7 +47,7 @@ def _onednn_op():
 class Linear(nn.Linear):
     """``nn.Linear`` with faster CPU inference paths; the same function everywhere else.
 
-    When no gradient is needed on a CPU (outside autocast and torch.compile), :func:`cpu_linear` runs
+    When no gradient is needed on a CPU (outside autocast and torch.compile), :func:`_run_fastest` runs
     the fastest of these, measured per shape on first use:
 
     * fp32: ``F.linear`` (MKL), oneDNN's inner product, or MKL's product of the transposes.
@@ -73,25 +74,16 @@ class Linear(nn.Linear):
             or torch.compiler.is_compiling()  # Inductor picks its own kernels
         ):
             return super().forward(x)
-        if torch.is_grad_enabled() and (x.requires_grad or self.weight.requires_grad):
+        weight, bias = self.weight, self.bias
+        if torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad):
             if x.dtype == torch.bfloat16 and not _cpu_has_bf16_matmul():
-                bias = None if self.bias is None else self.bias.float()
-                return F.linear(x.float(), self.weight.float(), bias).to(torch.bfloat16)
+                return F.linear(x.float(), weight.float(), None if bias is None else bias.float()).to(torch.bfloat16)
             return super().forward(x)
         if x.dtype == torch.float32:
-            return cpu_linear(x, self.weight, self.bias)
+            return _run_fastest("linear fp32", FP32_KERNELS, x, weight, bias, self)
         if x.dtype == torch.bfloat16:
-            return self._bf16_inference(x)
+            return _run_fastest("linear bf16", BF16_KERNELS, x, weight, bias, self)
         return super().forward(x)
-
-    def _bf16_inference(self, x: torch.Tensor) -> torch.Tensor:
-        packed = self._packed_fp16_weight()
-        calls = {
-            "linear": lambda v: F.linear(v, self.weight, self.bias),
-            "upcast": lambda v: _upcast_linear(v, self.weight, self.bias),
-            "fbgemm_fp16": None if packed is None else lambda v: _packed_fp16_linear(v, packed, self.out_features),
-        }
-        return _run_fastest("linear bf16", x, self.weight, self.bias, calls)
 
     def _packed_fp16_weight(self):
         """The weight and bias packed for FBGEMM, rebuilt when either changes; None where it cannot be used."""
@@ -109,24 +101,47 @@ class Linear(nn.Linear):
         return super()._apply(fn, recurse)
 
 
-def _run_fastest(operation: str, x, weight, bias, calls: dict) -> torch.Tensor:
-    """``calls[name](x)`` for the candidate measured fastest on this (rows, shape, dtype)."""
+def _run_fastest(operation: str, kernels: dict, x, weight, bias, layer: Linear) -> torch.Tensor:
+    """``kernels[name](x, weight, bias, layer)`` for the kernel measured fastest on this (rows, shape, dtype)."""
     rows, (n_out, n_in) = x.numel() // x.shape[-1], weight.shape
     bucket = rows_bucket(min(rows, MEASURE_ROWS))
     key = (operation, bucket, n_in, n_out, bias is not None)
     name = cached(key)  # the common case, once per layer and token: no measuring, no strings
     if name is None:
         sample = x.reshape(rows, n_in)[:MEASURE_ROWS]
-        trials = {name: None if call is None else functools.partial(call, sample) for name, call in calls.items()}
+        trials = {
+            name: functools.partial(kernel, sample, weight, bias, layer) if _available(name, layer) else None
+            for name, kernel in kernels.items()
+        }
         rows_text = f">={MEASURE_ROWS}" if rows >= MEASURE_ROWS else f"<={bucket}"
         shape = f"{rows_text} rows, {n_in}->{n_out}{'' if bias is None else ' +bias'}"
         name = choose(key, operation, shape, trials, fallback="linear")
-    if calls[name] is None:  # this layer cannot run the choice (weights beyond fp16's range): the next best
-        name = next((n for n in ranked(key) if calls[n] is not None), "linear")
-    return calls[name](x)
+    if not _available(name, layer):  # this layer cannot run the choice (weights beyond fp16's range): the next
+        name = next((n for n in ranked(key) if _available(n, layer)), "linear")
+    return kernels[name](x, weight, bias, layer)
 
 
-def _upcast_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+def _available(name: str, layer: Linear) -> bool:
+    if name == "onednn":
+        return _onednn_op() is not None
+    if name == "fbgemm_fp16":
+        return layer._packed_fp16_weight() is not None
+    return True
+
+
+def _plain_linear(x, weight, bias, layer=None):
+    return F.linear(x, weight, bias)
+
+
+def _onednn_linear(x, weight, bias, layer=None):
+    return _onednn_op()(x, weight, bias, "none", [], "")
+
+
+def _packed_fp16_kernel(x, weight, bias, layer: Linear):
+    return _packed_fp16_linear(x, layer._packed_fp16_weight(), weight.shape[0])
+
+
+def _upcast_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, layer=None) -> torch.Tensor:
     bias = None if bias is None else bias.float()
     return F.linear(x.float(), weight.float(), bias).to(x.dtype)
 
@@ -145,7 +160,7 @@ def _packed_fp16_linear(x: torch.Tensor, packed, n_out: int) -> torch.Tensor:
     return out.view(*x.shape[:-1], n_out)
 
 
-def _transposed_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+def _transposed_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, layer=None) -> torch.Tensor:
     """``weight @ x.T``, returned as a transposed view: MKL computes a vocabulary projection this way about
     1.4x faster on a 2-core Zen 3 (GPT-2's head on 1,024 rows: 0.53 vs 0.77 s)."""
     x2 = x.reshape(-1, x.shape[-1])
@@ -153,12 +168,6 @@ def _transposed_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor
     return y.T.view(*x.shape[:-1], weight.shape[0])
 
 
-def cpu_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
-    """``F.linear`` in fp32 on CPU without autograd, through the kernel measured fastest for the shape."""
-    onednn = _onednn_op()
-    calls = {
-        "linear": lambda v: F.linear(v, weight, bias),
-        "onednn": None if onednn is None else lambda v: onednn(v, weight, bias, "none", [], ""),
-        "transposed": lambda v: _transposed_linear(v, weight, bias),
-    }
-    return _run_fastest("linear fp32", x, weight, bias, calls)
+# The candidates of each operation, called as (x, weight, bias, layer); "linear" is the fallback of both.
+FP32_KERNELS = {"linear": _plain_linear, "onednn": _onednn_linear, "transposed": _transposed_linear}
+BF16_KERNELS = {"linear": _plain_linear, "upcast": _upcast_linear, "fbgemm_fp16": _packed_fp16_kernel}
