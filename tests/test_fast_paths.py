@@ -53,6 +53,20 @@ def test_bf16_linear_matches_the_plain_bf16_product(rows, bias, kernel, monkeypa
         torch.testing.assert_close(y, plain, atol=1e-2, rtol=2**-7)
 
 
+@pytest.mark.parametrize("kernel", ["linear", "upcast", "fbgemm_fp16"])
+def test_fp16_linear_candidates_match_the_fp32_product_rounded_once(kernel, monkeypatch):
+    if kernel == "fbgemm_fp16" and not cpu_linear._has_fbgemm_fp16():
+        pytest.skip("this PyTorch build has no FBGEMM")
+    _pin(monkeypatch, kernel)
+    layer = Linear(64, 48).to(torch.float16)
+    x = torch.randn(3, 5, 64).to(torch.float16)
+    with torch.no_grad():
+        y = layer(x)
+    expected = F.linear(x.float(), layer.weight.float(), layer.bias.float())
+    assert y.dtype == torch.float16 and [d.operation for d in kernel_choice.decisions()] == ["linear fp16"]
+    torch.testing.assert_close(y.float(), expected, atol=1e-3, rtol=2**-10)
+
+
 def test_bf16_packed_weights_follow_the_parameters(monkeypatch):
     """The FBGEMM copy is rebuilt when the weights change in place (loading) and dropped by .to(); a weight
     beyond fp16's range is not saturated: that layer computes from upcast weights instead."""

@@ -59,6 +59,8 @@ class Linear(nn.Linear):
       bf16 instructions PyTorch's own bf16 product is a generic kernel about 50x slower than fp32, and
       this one about 2x faster than fp32. The packed copy costs 2 bytes per weight.
 
+    fp16 weights have the same candidates (the packed copy then holds the weights exactly as they are).
+
     With gradients, bf16 on a CPU without bf16 instructions computes in fp32 through autograd; fp32 is
     nn.Linear.
     """
@@ -83,6 +85,8 @@ class Linear(nn.Linear):
             return _run_fastest("linear fp32", FP32_KERNELS, x, weight, bias, self)
         if x.dtype == torch.bfloat16:
             return _run_fastest("linear bf16", BF16_KERNELS, x, weight, bias, self)
+        if x.dtype == torch.float16:  # the same candidates; the packed copy is the weights themselves
+            return _run_fastest("linear fp16", BF16_KERNELS, x, weight, bias, self)
         return super().forward(x)
 
     def _packed_fp16_weight(self):
@@ -147,7 +151,7 @@ def _upcast_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | N
 
 
 def _packed_fp16_linear(x: torch.Tensor, packed, n_out: int) -> torch.Tensor:
-    """bf16 ``x`` times FBGEMM-packed weights, in fp32, rounded once to bf16.
+    """16-bit ``x`` times FBGEMM-packed weights, in fp32, rounded once to ``x``'s dtype.
 
     Rows go through in groups whose fp32 result stays under ``PACKED_RESULT_BYTES``: a forward pass
     over 1,024 tokens would otherwise hold GPT-2's logits in fp32 (206 MB) beside their bf16 copy.
