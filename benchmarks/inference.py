@@ -91,9 +91,10 @@ def read_bandwidth(repeats: int = 5) -> float:
     return BANDWIDTH_BYTES / best
 
 
-def decode_weights(model) -> int:
-    """Weights of the linear layers (LM head included), which one decoding step reads: an unquantized model."""
-    return sum(m.weight.numel() for m in model.modules() if isinstance(m, torch.nn.Linear))
+def decode_weights(reference) -> int:
+    """Weights one decoding step reads: every matrix of the reference (its Conv1D blocks and the tied token
+    embedding, which is the LM head), except the position embedding, of which it reads one row."""
+    return sum(p.numel() for name, p in reference.named_parameters() if p.dim() == 2 and "wpe" not in name)
 
 
 # ---------------------------------------------------------------------------------------- main
