@@ -4,13 +4,19 @@ Measures, alternating the contenders round by round (see common.py for why):
 
 * forward latency (all-position logits, no cache) at B=1, T=1024 and B=8, T=128;
 * greedy generation throughput (prompt 16, 128 new tokens, KV cache) at B=1 and B=8, with gpt2lab
-  in fp32 and in bf16 weights, always against the fp32 reference;
+  in fp32, bf16 and int8 weights, always against the fp32 reference;
+* each gpt2lab dtype's fraction of the memory-bandwidth floor of decoding: a step must read every weight
+  once, so tokens/s cannot exceed B x (read bandwidth / weight bytes); the read bandwidth is measured
+  here (the best of several sums over a 512 MiB tensor, far beyond the caches);
 * peak resident memory of each workload, each in a fresh process (see common.py).
+
+Records the CPU model, its instruction-set flags that matter for products, and the kernels gpt2lab
+measured and picked in this run (gpt2lab.kernel_choice).
 
 Prints medians and ratios (reference time / gpt2lab time: above 1 means gpt2lab is faster).
 Default run: about 5 minutes on an idle machine. ``--quick`` for a smoke run.
 
-    python benchmarks/inference.py [--repeats 5] [--gen-repeats 3] [--dtype bfloat16] [--no-memory]
+    python benchmarks/inference.py [--repeats 5] [--gen-repeats 3] [--dtype int8] [--no-memory]
 """
 
 from __future__ import annotations
@@ -21,6 +27,9 @@ import tempfile
 from pathlib import Path
 
 import torch
+
+from gpt2lab.kernel_choice import decisions
+from gpt2lab.kernel_report import cpu_description
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import (  # noqa: E402
@@ -38,7 +47,11 @@ from common import (  # noqa: E402
 FORWARD_SHAPES = [(1, 1024), (8, 128)]
 GEN_BATCHES = [1, 8]
 PROMPT = 16
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "int8": None}  # int8: quantized after loading
+# Bytes a decoding step reads per weight of the linear layers: the bf16 product reads its fp16-packed copy
+# or the bf16 weights (both 2 bytes), int8 its int8 weights (plus one fp32 scale per row: negligible).
+WEIGHT_BYTES = {"float32": 4, "bfloat16": 2, "int8": 1}
+BANDWIDTH_BYTES = 512 * 2**20
 
 
 def tokens(batch: int, length: int) -> torch.Tensor:
@@ -64,7 +77,24 @@ def generate_fn(impl: str, model, batch: int, new_tokens: int):
 
 
 def load(directory: Path, impl: str, dtype: str):
-    return load_reference(directory) if impl == "reference" else load_gpt2lab(directory, DTYPES[dtype])
+    if impl == "reference":
+        return load_reference(directory)
+    if dtype == "int8":
+        return load_gpt2lab(directory).quantize("int8")
+    return load_gpt2lab(directory, DTYPES[dtype])
+
+
+def read_bandwidth(repeats: int = 5) -> float:
+    """Bytes per second the cores read from memory: the best of ``repeats`` sums over a 512 MiB tensor."""
+    data = torch.ones(BANDWIDTH_BYTES // 4)
+    best = min(alternate({"sum": data.sum}, repeats)["sum"])
+    return BANDWIDTH_BYTES / best
+
+
+def decode_weights(reference) -> int:
+    """Weights one decoding step reads: every matrix of the reference (its Conv1D blocks and the tied token
+    embedding, which is the LM head), except the position embedding, of which it reads one row."""
+    return sum(p.numel() for name, p in reference.named_parameters() if p.dim() == 2 and "wpe" not in name)
 
 
 # ---------------------------------------------------------------------------------------- main
@@ -110,9 +140,13 @@ def main() -> None:
         return memory_child(args.memory_child, args.dir, args.new_tokens, args.threads)
     if args.quick:
         args.repeats, args.gen_repeats, args.new_tokens = 1, 1, 16
-    dtypes = args.dtype or ["float32", "bfloat16"]
+    dtypes = args.dtype or list(DTYPES)
     setup(args.threads)
+    cpu = cpu_description()
+    print(f"CPU: {cpu['model']}; flags: {' '.join(cpu['flags'])}")
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, load average at start: {load_average()}")
+    bandwidth = read_bandwidth()
+    print(f"memory read bandwidth (sum over {BANDWIDTH_BYTES >> 20} MiB, best of 5): {bandwidth / 1e9:.1f} GB/s")
 
     with tempfile.TemporaryDirectory() as tmp:
         directory = Path(tmp)
@@ -120,6 +154,7 @@ def main() -> None:
         pairs = contenders(dtypes)
         models = {pair: load(directory, *pair) for pair in pairs}
         ref = models[pairs[0]]
+        n_weights = decode_weights(ref)
         check = tokens(2, 64)
         with torch.no_grad():
             diff = (ref(check).logits - models[("gpt2lab", "float32")](check)).abs().max() if "float32" in dtypes else 0
@@ -140,16 +175,19 @@ def main() -> None:
                 alternate({label(*p): generate_fn(p[0], models[p], batch, 8) for p in pairs}, repeats=0)
                 fns = {label(*p): generate_fn(p[0], models[p], batch, args.new_tokens) for p in pairs}
                 times = alternate(fns, args.gen_repeats, warmup=0)
+                floor = {label(*p): batch * bandwidth / (n_weights * WEIGHT_BYTES[p[1]]) for p in pairs[1:]}
                 rows.append(
                     dict(
                         name=f"generate B={batch}",
                         shape=f"generate:{batch}",
                         times=times,
                         tokens=batch * args.new_tokens,
+                        floor=floor,
                     )
                 )
                 print_row(rows[-1])
             agreement(models, pairs, args.new_tokens)
+        print_kernel_choices()
 
         if not args.no_memory:
             print(
@@ -182,8 +220,18 @@ def print_row(row: dict) -> None:
         m = median(ts)
         speed = f"{row['tokens'] / m:,.1f} tok/s" if "tokens" in row else f"{m * 1000:,.0f} ms"
         ratio = "" if lab == ref_label else f" ({ref / m:.2f}x)"
+        if lab in row.get("floor", {}):  # measured tokens/s over the bandwidth floor's
+            ratio += f" [{row['tokens'] / m / row['floor'][lab]:.0%} of the bandwidth floor]"
         cells.append(f"{lab}: {speed}{ratio}")
     print(f"  {row['name']:<22} " + " | ".join(cells))
+
+
+def print_kernel_choices() -> None:
+    """The kernels gpt2lab measured and picked in this run (what `gpt2lab info --kernels` shows)."""
+    print("\nkernels gpt2lab picked (ms per call of each candidate):")
+    for d in decisions():
+        times = " | ".join(f"{n} {t * 1e3:.3f}" for n, t in sorted(d.times.items(), key=lambda item: item[1]))
+        print(f"  {d.operation:<12} {d.shape:<30} {d.picked:<12} {d.how:<9} {times}")
 
 
 def agreement(models, pairs, new_tokens) -> None:

@@ -142,9 +142,9 @@ def main() -> None:
         return child(args)
 
     setup()
-    from gpt2lab.training import resolve_dtype
+    from gpt2lab.precision import has_native_bf16
 
-    native_bf16 = resolve_dtype("auto", torch.device("cpu")) == torch.bfloat16  # the trainer's own test
+    native_bf16 = has_native_bf16("cpu")  # bf16 autocast rows only where the CPU has bf16 instructions
     settings = [("fp32", False, False)]
     if not args.no_compile:
         settings.append(("fp32 + compile", False, True))

@@ -15,6 +15,7 @@ import pytest
 import torch
 from training_helpers import logged_losses, start_training, tiny_args, tiny_config, wait_for_step
 
+import gpt2lab.kernel_choice as kernel_choice
 from gpt2lab.cli import main
 from gpt2lab.config import GPT2LabError, GPTConfig
 from gpt2lab.model import GPT
@@ -134,16 +135,41 @@ def test_bfloat16_autocast_runs(corpus, tmp_path):
 
 
 @pytest.mark.parametrize("native", [True, False])
-def test_dtype_auto_follows_the_hardware_and_slow_bfloat16_warns(native, monkeypatch):
+def test_slow_bfloat16_warns(native, monkeypatch):
     monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda: native)
     monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: False)
     cpu = torch.device("cpu")
-    assert resolve_dtype("auto", cpu) == (torch.bfloat16 if native else torch.float32)
     assert resolve_dtype("float32", cpu) == torch.float32
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         assert resolve_dtype("bfloat16", cpu) == torch.bfloat16
     assert [str(w.message).split(" has ")[0] for w in caught] == ([] if native else ["bfloat16 autocast on this cpu"])
+
+
+@pytest.mark.parametrize("faster", ["fp32", "bf16_autocast"])
+def test_dtype_auto_picks_the_faster_by_measurement(faster, monkeypatch):
+    """``auto`` runs both candidates once and takes the one with the smaller time (here a fake clock makes
+    ``faster`` win); the choice is cached; GPT2LAB_KERNEL pins it without measuring."""
+    monkeypatch.delenv(kernel_choice.ENV, raising=False)
+    kernel_choice.forget()
+    ran = []
+    real_measure = kernel_choice.measure
+
+    def fake_measure(candidates):
+        real = real_measure(candidates)  # both really run: bf16 autocast must work here
+        ran.append(sorted(real))
+        return {name: 1.0 if name == faster else 2.0 for name in real}
+
+    monkeypatch.setattr(kernel_choice, "measure", fake_measure)
+    cpu = torch.device("cpu")
+    expected = torch.float32 if faster == "fp32" else torch.bfloat16
+    assert resolve_dtype("auto", cpu) == expected and resolve_dtype("auto", cpu) == expected
+    assert ran == [["bf16_autocast", "fp32"]]
+    other = "bf16_autocast" if faster == "fp32" else "fp32"
+    monkeypatch.setenv(kernel_choice.ENV, other)
+    kernel_choice.forget()
+    assert resolve_dtype("auto", cpu) != expected and len(ran) == 1
+    kernel_choice.forget()
 
 
 def test_finetune_and_gqa_uptraining(corpus, tmp_path):
@@ -278,7 +304,7 @@ def test_per_layer_window_list_in_toml_trains_and_loads(corpus, tmp_path):
     overrides = ["block_size=16", "batch_size=2", "eval_iters=1", "max_iters=2", "dtype='float32'"]
     cfg = load_config(path, [*overrides, f"data.dir='{corpus}'", f"out_dir='{run}'"])
     assert cfg.model["window"] == [8, "full"]
-    assert load_config(None, ['n_layer=2', 'window=[8, "full"]']).model["window"] == [8, "full"]
+    assert load_config(None, ["n_layer=2", 'window=[8, "full"]']).model["window"] == [8, "full"]
     train(cfg)
     assert GPT.from_pretrained(run).config.window == [8, None]
     assert load_checkpoint(run / "ckpt.pt")["model_config"]["window"] == [8, None]

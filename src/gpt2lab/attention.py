@@ -67,14 +67,14 @@ class CausalSelfAttention(nn.Module):
                 return causal_attention(q, k, v, dropout_p)
             return sliding_window_attention(q, k, v, self.window, dropout_p)
         T = q.shape[2]
-        query_index = torch.arange(start, start + T, device=q.device)
-        if cache is None:
-            keys, values, key_index, key_valid = k, v, query_index, valid
-        else:
+        if cache is not None:
             keys, values, key_index, key_valid = cache.update(k, v, valid)
             if T == 1 and not cache.has_padding:  # one new token: every stored key is visible to it
                 return F.scaled_dot_product_attention(q, keys, values, enable_gqa=self.n_head != self.n_kv_head)
             key_valid = key_valid if cache.has_padding else None
+        query_index = torch.arange(start, start + T, device=q.device)
+        if cache is None:
+            keys, values, key_index, key_valid = k, v, query_index, valid
         return masked_attention(q, keys, values, query_index, key_index, key_valid, self.window, dropout_p)
 
 

@@ -11,6 +11,16 @@ from . import arguments as arg
 from .config import GPT2LabError
 
 DTYPES = ("float32", "bfloat16")  # names gpt2lab.precision.parse_dtype reads
+INFERENCE_DTYPES = (*DTYPES, "int8")  # int8: weights quantized after loading (gpt2lab.quantize)
+
+
+def load_for_inference(path: str, dtype: str, device: str):
+    """The model at ``path`` in ``dtype``: a float dtype casts it, "int8" quantizes its fp32 weights."""
+    from .run_state import load_model
+
+    if dtype == "int8":
+        return load_model(path, device=device).quantize("int8")
+    return load_model(path, dtype=dtype, device=device)
 
 
 # ---------------------------------------------------------------------------------------- generate
@@ -30,19 +40,18 @@ def add_generate(sub) -> None:
     p.add_argument(
         "--stop", type=arg.stop_string, action="append", default=None, help=r"stop string (repeatable; \n, \t escapes)"
     )
-    p.add_argument("--dtype", choices=DTYPES, default="float32", help="weight dtype for inference")
+    p.add_argument("--dtype", choices=INFERENCE_DTYPES, default="float32", help="weight dtype (int8: CPU only)")
     p.add_argument("--device", type=arg.device, default="cpu")
     p.set_defaults(func=cmd_generate)
 
 
 def cmd_generate(args) -> int:
     from .generation import stream_text
-    from .run_state import load_model
     from .tokenizer import load_tokenizer
 
     sampling = dict(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, seed=args.seed)
     prompt = sys.stdin.read() if args.prompt == "-" else args.prompt
-    model = load_model(args.model, dtype=args.dtype, device=args.device)
+    model = load_for_inference(args.model, args.dtype, args.device)
     pieces = stream_text(model, load_tokenizer(), prompt, args.max_new_tokens, stop=args.stop, **sampling)
     sys.stdout.write(prompt)
     for piece in pieces:
@@ -109,6 +118,11 @@ def add_info(sub) -> None:
     )
     p.add_argument("--dtype", choices=DTYPES, default="float32", help="bytes of weights and cache entries")
     p.add_argument("--json", action="store_true", help="print the report as JSON")
+    p.add_argument(
+        "--kernels",
+        action="store_true",
+        help="measure and list the CPU kernels gpt2lab picks for this config (and the training dtype)",
+    )
     p.set_defaults(func=cmd_info)
 
 
@@ -119,6 +133,12 @@ def cmd_info(args) -> int:
     from .train_config import load_model_config, parse_overrides
 
     config = load_model_config(args.config, parse_overrides(args.set))
+    if args.kernels:
+        from .kernel_report import format_kernel_report, kernel_report
+
+        report = kernel_report(config)
+        print(json.dumps(report, indent=2) if args.json else format_kernel_report(report))
+        return 0
     report = model_report(config, args.seq_len, args.dtype)
     print(json.dumps(report, indent=2) if args.json else format_report(report))
     return 0
@@ -267,6 +287,7 @@ def add_eval(sub) -> None:
     )
     p.add_argument("--by-position", action="store_true", help="write loss_by_position.csv/.png")
     p.add_argument("--out", default=None, help="folder for the by-position files (default: the model folder or .)")
+    p.add_argument("--dtype", choices=INFERENCE_DTYPES, default="float32", help="weight dtype (int8: CPU only)")
     p.add_argument("--device", type=arg.device, default="cpu")
     p.set_defaults(func=cmd_eval)
 
@@ -275,11 +296,10 @@ def cmd_eval(args) -> int:
     from pathlib import Path
 
     from .evaluation import evaluate, load_tokens, write_by_position
-    from .run_state import load_model
 
     if args.data is None and args.hellaswag is None:
         raise GPT2LabError("eval needs --data, --hellaswag, or both")
-    model = load_model(args.model, device=args.device)
+    model = load_for_inference(args.model, args.dtype, args.device)
     if args.hellaswag is not None:
         _eval_hellaswag(model, args.hellaswag, args.max_examples)
     if args.data is None:

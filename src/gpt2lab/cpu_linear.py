@@ -1,8 +1,9 @@
-"""``Linear``: ``nn.Linear`` with the faster CPU kernel for each shape and dtype when no gradient is needed.
+"""``Linear``: ``nn.Linear`` with the fastest CPU kernel for each shape and dtype when no gradient is needed.
 
 The model builds every projection from this class; training, autocast and torch.compile see a plain
 ``nn.Linear``. The kernels are PyTorch's own, some reached through internal operators (oneDNN's inner
-product, FBGEMM's 16-bit-weight product); each is feature-checked, with ``F.linear`` as the fallback.
+product, FBGEMM's 16-bit-weight product); each is feature-checked, and which one runs is measured on
+this machine (:mod:`gpt2lab.kernel_choice`), with ``F.linear`` always among the candidates.
 """
 
 from __future__ import annotations
@@ -13,7 +14,14 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .kernel_choice import cached, choose, ranked, rows_bucket
 from .precision import has_native_bf16
+
+FP16_MAX = 65504.0  # FBGEMM saturates larger weights to this
+PACKED_RESULT_BYTES = 32 * 2**20
+# Products of more rows are timed on their first MEASURE_ROWS rows and share one choice: the candidates
+# are all compute-bound there, and timing GPT-2's head on 8,192 rows would cost seconds.
+MEASURE_ROWS = 256
 
 
 def _cpu_has_bf16_matmul() -> bool:
@@ -28,33 +36,33 @@ def _has_fbgemm_fp16() -> bool:
     )
 
 
-# oneDNN's inner-product primitive (the op Inductor's CPU backend uses for linear layers), reached
-# directly. PyTorch's own fp32 CPU matmul goes to MKL, whose few-row products are slow: on a 2-core Zen 3,
-# GPT-2's head takes 28 ms for 8 rows (13 ms through oneDNN) and a 768x2304 layer 1.1 ms (0.65 ms).
-_onednn_linear = getattr(torch.ops.mkldnn, "_linear_pointwise", None) if torch.backends.mkldnn.is_available() else None
-FEW_ROWS = 64  # up to here oneDNN is as fast or faster for every GPT-2 layer shape; beyond, MKL catches up
-FP16_MAX = 65504.0  # FBGEMM saturates larger weights to this
-PACKED_RESULT_BYTES = 32 * 2**20
+@functools.cache
+def _onednn_op():
+    """oneDNN's inner-product primitive (the op Inductor's CPU backend uses for linear layers), or None."""
+    if not torch.backends.mkldnn.is_available():
+        return None
+    return getattr(torch.ops.mkldnn, "_linear_pointwise", None)
 
 
 class Linear(nn.Linear):
     """``nn.Linear`` with faster CPU inference paths; the same function everywhere else.
 
-    When no gradient is needed on a CPU (outside autocast and torch.compile):
+    When no gradient is needed on a CPU (outside autocast and torch.compile), :func:`_run_fastest` runs
+    the fastest of these, measured per shape on first use:
 
-    * fp32: :func:`cpu_linear` picks the faster kernel for the shape.
-    * bf16 weights on a CPU without bf16 matrix instructions. There PyTorch multiplies bf16 matrices with
-      a generic kernel about 50x slower than fp32 (about 1 vs 55 GFLOP/s on a 2-core Zen 3), and
-      upcasting the weights on every call costs more than the halved reads save. Instead, the product
-      runs in FBGEMM's 16-bit-weight kernel, which converts weights to fp32 in registers: a copy of the
-      weights packed as fp16, built on first use, holds every bf16 value exactly (fp16 has 3 more
-      mantissa bits; only magnitudes below 2^-17, which fp16 stores as subnormals, round, by at most
-      2^-25). Inputs are widened to fp32 and the fp32-accumulated result is rounded once to bf16: what
-      a bf16 kernel computes, about 2x faster than fp32 here. The packed copy costs 2 bytes per weight
-      on top of the bf16 parameters. Without FBGEMM, several rows are computed in fp32 from upcast
-      weights and one row keeps bf16's vectorised matrix-vector kernel.
+    * fp32: ``F.linear`` (MKL), oneDNN's inner product, or MKL's product of the transposes.
+    * bf16 weights: ``F.linear`` in bf16, weights upcast to fp32, or FBGEMM's 16-bit-weight kernel,
+      which converts weights to fp32 in registers: a copy of the weights packed as fp16, built on first
+      use, holds every bf16 value exactly (fp16 has 3 more mantissa bits; only magnitudes below 2^-17,
+      which fp16 stores as subnormals, round, by at most 2^-25). Inputs are widened to fp32 and the
+      fp32-accumulated result is rounded once to bf16: what a bf16 kernel computes. On CPUs without
+      bf16 instructions PyTorch's own bf16 product is a generic kernel about 50x slower than fp32, and
+      this one about 2x faster than fp32. The packed copy costs 2 bytes per weight.
 
-    With gradients, bf16 on such a CPU computes in fp32 through autograd; fp32 is nn.Linear.
+    fp16 weights have the same candidates (the packed copy then holds the weights exactly as they are).
+
+    With gradients, bf16 on a CPU without bf16 instructions computes in fp32 through autograd; fp32 is
+    nn.Linear.
     """
 
     _fp16_pack: tuple | None = None  # (weight identity and version, FBGEMM-packed weight or None)
@@ -63,21 +71,22 @@ class Linear(nn.Linear):
         if (
             not x.is_cpu
             or x.dtype != self.weight.dtype
+            or type(self.weight) is not nn.Parameter  # a tensor subclass (torchao, ...) brings its own kernel
             or torch.is_autocast_enabled("cpu")
             or torch.compiler.is_compiling()  # Inductor picks its own kernels
         ):
             return super().forward(x)
-        needs_grad = torch.is_grad_enabled() and (x.requires_grad or self.weight.requires_grad)
-        if x.dtype == torch.bfloat16 and not _cpu_has_bf16_matmul():
-            packed = None if needs_grad else self._packed_fp16_weight()
-            if packed is not None:
-                return _packed_fp16_linear(x, packed, self.out_features)
-            if x.numel() > x.shape[-1]:
-                bias = None if self.bias is None else self.bias.float()
-                return F.linear(x.float(), self.weight.float(), bias).to(torch.bfloat16)
+        weight, bias = self.weight, self.bias
+        if torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad):
+            if x.dtype == torch.bfloat16 and not _cpu_has_bf16_matmul():
+                return F.linear(x.float(), weight.float(), None if bias is None else bias.float()).to(torch.bfloat16)
             return super().forward(x)
-        if x.dtype == torch.float32 and not needs_grad:
-            return cpu_linear(x, self.weight, self.bias)
+        if x.dtype == torch.float32:
+            return _run_fastest("linear fp32", FP32_KERNELS, x, weight, bias, self)
+        if x.dtype == torch.bfloat16:
+            return _run_fastest("linear bf16", BF16_KERNELS, x, weight, bias, self)
+        if x.dtype == torch.float16:  # the same candidates; the packed copy is the weights themselves
+            return _run_fastest("linear fp16", BF16_KERNELS, x, weight, bias, self)
         return super().forward(x)
 
     def _packed_fp16_weight(self):
@@ -96,8 +105,53 @@ class Linear(nn.Linear):
         return super()._apply(fn, recurse)
 
 
+def _run_fastest(operation: str, kernels: dict, x, weight, bias, layer: Linear) -> torch.Tensor:
+    """``kernels[name](x, weight, bias, layer)`` for the kernel measured fastest on this (rows, shape, dtype)."""
+    rows, (n_out, n_in) = x.numel() // x.shape[-1], weight.shape
+    bucket = rows_bucket(min(rows, MEASURE_ROWS))
+    key = (operation, bucket, n_in, n_out, bias is not None)
+    name = cached(key)  # the common case, once per layer and token: no measuring, no strings
+    if name is None:
+        sample = x.reshape(rows, n_in)[:MEASURE_ROWS]
+        trials = {
+            name: functools.partial(kernel, sample, weight, bias, layer) if _available(name, layer) else None
+            for name, kernel in kernels.items()
+        }
+        rows_text = f">={MEASURE_ROWS}" if rows >= MEASURE_ROWS else f"<={bucket}"
+        shape = f"{rows_text} rows, {n_in}->{n_out}{'' if bias is None else ' +bias'}"
+        name = choose(key, operation, shape, trials, fallback="linear")
+    if not _available(name, layer):  # this layer cannot run the choice (weights beyond fp16's range): the next
+        name = next((n for n in ranked(key) if _available(n, layer)), "linear")
+    return kernels[name](x, weight, bias, layer)
+
+
+def _available(name: str, layer: Linear) -> bool:
+    if name == "onednn":
+        return _onednn_op() is not None
+    if name == "fbgemm_fp16":
+        return layer._packed_fp16_weight() is not None
+    return True
+
+
+def _plain_linear(x, weight, bias, layer=None):
+    return F.linear(x, weight, bias)
+
+
+def _onednn_linear(x, weight, bias, layer=None):
+    return _onednn_op()(x, weight, bias, "none", [], "")
+
+
+def _packed_fp16_kernel(x, weight, bias, layer: Linear):
+    return _packed_fp16_linear(x, layer._packed_fp16_weight(), weight.shape[0])
+
+
+def _upcast_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, layer=None) -> torch.Tensor:
+    bias = None if bias is None else bias.float()
+    return F.linear(x.float(), weight.float(), bias).to(x.dtype)
+
+
 def _packed_fp16_linear(x: torch.Tensor, packed, n_out: int) -> torch.Tensor:
-    """bf16 ``x`` times FBGEMM-packed weights, in fp32, rounded once to bf16.
+    """16-bit ``x`` times FBGEMM-packed weights, in fp32, rounded once to ``x``'s dtype.
 
     Rows go through in groups whose fp32 result stays under ``PACKED_RESULT_BYTES``: a forward pass
     over 1,024 tokens would otherwise hold GPT-2's logits in fp32 (206 MB) beside their bf16 copy.
@@ -110,15 +164,14 @@ def _packed_fp16_linear(x: torch.Tensor, packed, n_out: int) -> torch.Tensor:
     return out.view(*x.shape[:-1], n_out)
 
 
-def cpu_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
-    """``F.linear`` in fp32 on CPU without autograd, with the faster kernel for the shape."""
-    rows, (n_out, n_in) = x.numel() // x.shape[-1], weight.shape
-    if _onednn_linear is not None and rows <= FEW_ROWS:
-        return _onednn_linear(x, weight, bias, "none", [], "")
-    if n_out >= 16 * n_in:
-        # A vocabulary projection: MKL computes its transpose, weight @ x.T, about 1.4x faster
-        # (GPT-2's head on 1,024 rows: 0.53 vs 0.77 s). The result is returned as a transposed view.
-        x2 = x.reshape(rows, n_in)
-        y = torch.mm(weight, x2.T) if bias is None else torch.addmm(bias[:, None], weight, x2.T)
-        return y.T.view(*x.shape[:-1], n_out)
-    return F.linear(x, weight, bias)
+def _transposed_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, layer=None) -> torch.Tensor:
+    """``weight @ x.T``, returned as a transposed view: MKL computes a vocabulary projection this way about
+    1.4x faster on a 2-core Zen 3 (GPT-2's head on 1,024 rows: 0.53 vs 0.77 s)."""
+    x2 = x.reshape(-1, x.shape[-1])
+    y = torch.mm(weight, x2.T) if bias is None else torch.addmm(bias[:, None], weight, x2.T)
+    return y.T.view(*x.shape[:-1], weight.shape[0])
+
+
+# The candidates of each operation, called as (x, weight, bias, layer); "linear" is the fallback of both.
+FP32_KERNELS = {"linear": _plain_linear, "onednn": _onednn_linear, "transposed": _transposed_linear}
+BF16_KERNELS = {"linear": _plain_linear, "upcast": _upcast_linear, "fbgemm_fp16": _packed_fp16_kernel}

@@ -154,8 +154,9 @@ def stream_generate(
             idx, cache=cache, attention_mask=mask, position_ids=_positions(pad, 0, T, device), last_only=True
         )
         for step in range(max_new_tokens):
-            finished = torch.tensor(stops.finished, device=device)
-            tokens = torch.where(finished, fill, sampler(logits[:, -1], generator))
+            tokens = sampler(logits[:, -1], generator)
+            if any(stops.finished):  # rows that stopped repeat the fill token (no work while none has)
+                tokens = torch.where(torch.tensor(stops.finished, device=device), fill, tokens)
             stops.update(tokens.tolist())
             yield tokens, list(stops.finished)
             if all(stops.finished) or step == max_new_tokens - 1:

@@ -29,7 +29,12 @@ class KVCache:
         self.window = window
         self.k = torch.zeros(batch, n_kv_head, size, head_dim, dtype=dtype, device=device)  # (B, nkv, slots, hs)
         self.v = torch.zeros_like(self.k)
-        self.key_index = torch.full((size,), -1, dtype=torch.long, device=device)  # sequence index; -1: empty
+        # The sequence index of each slot (-1: empty in a ring). A linear buffer's slot i always holds token i,
+        # so its index is written once here, and a decoding step only copies its keys and values.
+        if window is None:
+            self.key_index = torch.arange(size, device=device)
+        else:
+            self.key_index = torch.full((size,), -1, dtype=torch.long, device=device)
         self.key_valid = torch.ones(batch, size, dtype=torch.bool, device=device)  # False: a padding token
         self.length = 0  # tokens written so far = sequence index of the next token
         self.has_padding = False  # whether any stored token is padding (then key_valid must be applied)
@@ -44,21 +49,22 @@ class KVCache:
     def _write(self, k: torch.Tensor, v: torch.Tensor, valid: torch.Tensor | None) -> None:
         T = k.shape[2]
         start = self.length
-        if self.window is None:
+        if self.window is None:  # slot i holds token i: its index and validity (True) are preset
             if start + T > self.capacity:
                 raise RuntimeError(f"KV cache is full ({self.capacity} tokens)")
             slots = slice(start, start + T)
-            index = torch.arange(start, start + T, device=k.device)
+            if valid is not None:
+                self.key_valid[:, slots] = valid
         else:
             keep = min(T, self.capacity)  # only the last W tokens can ever be attended again
             k, v = k[:, :, T - keep :], v[:, :, T - keep :]
             valid = None if valid is None else valid[:, T - keep :]
             index = torch.arange(start + T - keep, start + T, device=k.device)
             slots = index % self.capacity
+            self.key_index[slots] = index
+            self.key_valid[:, slots] = True if valid is None else valid
         self.k[:, :, slots] = k
         self.v[:, :, slots] = v
-        self.key_index[slots] = index
-        self.key_valid[:, slots] = True if valid is None else valid
         self.length += T
 
     def update(self, k: torch.Tensor, v: torch.Tensor, valid: torch.Tensor | None):

@@ -62,6 +62,8 @@ class Block(nn.Module):
 
 
 class GPT(nn.Module):
+    quantized: str | None = None  # "int8" once quantize() has run: inference only
+
     def __init__(self, config: GPTConfig) -> None:
         super().__init__()
         self.config = config
@@ -130,7 +132,7 @@ class GPT(nn.Module):
             x = x[:, -1:]
         if targets is None:
             return self.lm_head(x)  # (B, T, vocab)
-        if not return_logits:
+        if not return_logits and self.quantized is None:
             return None, LMHeadLoss.apply(x.flatten(0, 1), self.lm_head.weight, targets.flatten())
         logits = self.lm_head(x)
         return logits, F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten(), ignore_index=-1)
@@ -139,7 +141,7 @@ class GPT(nn.Module):
         self, batch: int, capacity: int, dtype: torch.dtype | None = None, device: torch.device | str | None = None
     ) -> list[KVCache]:
         """One KV cache per layer, for up to ``capacity`` tokens (ring of W slots for windowed layers)."""
-        ref = self.lm_head.weight
+        ref = self.transformer.wte.weight
         c = self.config
         return [
             KVCache(
@@ -160,7 +162,23 @@ class GPT(nn.Module):
 
     @property
     def device(self) -> torch.device:
-        return self.lm_head.weight.device
+        return self.transformer.wte.weight.device
+
+    def quantize(self, scheme: str = "int8") -> GPT:
+        """Make every linear layer int8 (per-output-channel scales), in place, for CPU inference; returns the
+        model, which then refuses training. See :mod:`gpt2lab.quantize`."""
+        from .quantize import quantize_model
+
+        quantize_model(self, scheme)
+        self.quantized = scheme
+        return self.eval()
+
+    def train(self, mode: bool = True) -> GPT:
+        if mode and self.quantized is not None:
+            raise GPT2LabError(
+                f"this model has {self.quantized} weights and cannot be trained: train the float model, then quantize"
+            )
+        return super().train(mode)
 
     def generate(self, prompts, max_new_tokens: int, **options):
         """Sample up to ``max_new_tokens`` after each prompt: see :func:`gpt2lab.generation.generate`."""
@@ -221,6 +239,8 @@ class GPT(nn.Module):
 
         A torch.compile'd model needs no unwrapping: its wrapper forwards these methods to the model.
         """
+        if self.quantized is not None:
+            raise GPT2LabError(f"a model with {self.quantized} weights cannot be saved: save the float model")
         if self.lm_head.weight is not self.transformer.wte.weight:
             raise GPT2LabError(
                 "lm_head is no longer tied to transformer.wte: GPT-2 checkpoints store one shared matrix"

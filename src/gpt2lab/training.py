@@ -25,6 +25,7 @@ from .data import TokenData, gather_batch, sample_offsets
 from .distributed import Dist, gather_state, load_state, setup, sync_context, teardown, wrap_model
 from .files import write_json
 from .hellaswag import accuracies, evaluate_hellaswag, load_examples
+from .kernel_choice import faster_training_dtype
 from .model import GPT
 from .optim import lr_at, make_optimizer
 from .plots import plot_losses
@@ -50,13 +51,14 @@ from .train_config import TrainConfig
 
 
 def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
-    """``auto`` picks bfloat16 autocast where the hardware runs it natively. Elsewhere bf16 and fp16 run
-    through generic kernels, many times slower than fp32 (20x for a small GPT on a 2-core AVX2 CPU):
+    """``auto`` picks whichever of float32 and bfloat16 autocast a short probe finds faster on this machine
+    (:func:`~gpt2lab.kernel_choice.faster_training_dtype`). Without native matrix instructions bf16 and fp16
+    run through generic kernels, many times slower than fp32 (20x for a small GPT on a 2-core AVX2 CPU):
     asking for them there gives a warning."""
-    native = {torch.bfloat16: has_native_bf16(device), torch.float16: has_native_fp16(device)}
     if name == "auto":
-        return torch.bfloat16 if native[torch.bfloat16] else torch.float32
+        return faster_training_dtype(device)
     dtype = parse_dtype(name)
+    native = {torch.bfloat16: has_native_bf16(device), torch.float16: has_native_fp16(device)}
     if not native.get(dtype, True):
         warnings.warn(
             f"{name} autocast on this {device.type} has no native {name} matrix multiply and runs many times "
