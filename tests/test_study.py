@@ -50,9 +50,10 @@ max_tokens = 1024
 [uptrain]
 n_kv_heads = [2]
 fractions = [0, 0.5]
-first_head_fraction = 0.5
+first_head_fraction = 0
 
 [probe]
+variants = ["baseline", "window"]
 steps = 3
 batch_size = 4
 samples = 8
@@ -93,7 +94,15 @@ def test_tiny_suite_end_to_end(tmp_path, shared_data):
     report = run_study(suite, out, log=lambda *_: None).read_text()
     for name in ("results", "runs", "comparisons", "bands", "references", "uptrain", "probe", "extrapolation"):
         assert (out / f"{name}.csv").is_file(), name
-    for name in ("loss_curves", "loss_by_position", "quality_vs_kv", "comparisons", "probe", "extrapolation", "uptrain"):
+    for name in (
+        "loss_curves",
+        "loss_by_position",
+        "quality_vs_kv",
+        "comparisons",
+        "probe",
+        "extrapolation",
+        "uptrain",
+    ):
         assert (out / f"{name}.png").is_file(), name
 
     # Every run is scored on the same tokens: the study's evaluation span, recomputed here.
@@ -101,24 +110,25 @@ def test_tiny_suite_end_to_end(tmp_path, shared_data):
     expected = eval_tokens(str(out / "data"), 32, 1024)
     assert {(r["eval_sha"], int(r["eval_tokens"])) for r in runs} == {(fingerprint_tokens(expected), len(expected) - 1)}
 
-    # The report's results table is results.csv, cell by cell.
+    # The report's results table is results.csv, cell by cell; the command reproducing it names the suite file.
     rows = _rows(out / "results.csv")
-    table = [line for line in report.splitlines() if line.startswith("| baseline |") or line.startswith("| rope |")]
-    assert table[0] == "| " + " | ".join(num(rows[0][c], p) for c, _, p in RESULT_COLUMNS) + " |"
+    for row in rows:
+        assert "| " + " | ".join(num(row[c], p) for c, _, p in RESULT_COLUMNS) + " |" in report.splitlines()
+    assert f"gpt2lab study --suite {tmp_path / 'tiny.toml'} --data" in report
 
     # Paired differences: the window variant against rope, seed by seed, as the runs say.
     loss = {(r["variant"], int(r["seed"])): float(r["val_loss"]) for r in runs}
     window = next(r for r in _rows(out / "comparisons.csv") if r["variant"] == "window")
     assert window["reference"] == "rope"
     diffs = [loss[("window", s)] - loss[("rope", s)] for s in (1, 2)]
-    assert float(window["mean_diff"]) == pytest.approx(np.mean(diffs), abs=1e-5)
+    assert float(window["mean_diff"]) == pytest.approx(np.mean(diffs), abs=2e-4)  # CSVs keep 6 digits
 
     # The probe sees the key exactly within reach 2 * (8 - 1) = 14; full attention everywhere.
     probe = _rows(out / "probe.csv")
     for r in probe:
         expect = r["variant"] != "window" or int(r["distance"]) <= 14
         assert r["key_visible"] == str(expect), r
-    assert {14, 15} <= {int(r["distance"]) for r in probe}
+    assert {14, 15} <= {int(r["distance"]) for r in probe} and {r["variant"] for r in probe} == {"baseline", "window"}
 
     # RoPE runs at 1x/2x/4x; learned positions at 1x and with the sliding comparator only.
     methods = {(r["variant"], r["method"]) for r in _rows(out / "extrapolation.csv")}
@@ -128,7 +138,7 @@ def test_tiny_suite_end_to_end(tmp_path, shared_data):
     # Uptraining: the control at fraction 0 is the baseline itself; converted cells have a paired row.
     up = _rows(out / "uptrain.csv")
     zero = {int(r["seed"]): float(r["val_loss"]) for r in up if r["method"] == "control" and float(r["fraction"]) == 0}
-    assert zero == {s: pytest.approx(loss[("baseline", s)], abs=1e-5) for s in (1, 2)}
+    assert zero == {s: pytest.approx(loss[("baseline", s)], abs=2e-4) for s in (1, 2)}
     assert {r["method"] for r in _rows(out / "uptrain_pairs.csv")} == {"mean", "first"}
 
     # A second call keeps every finished run; another suite into the same folder is refused.
@@ -142,8 +152,15 @@ def test_tiny_suite_end_to_end(tmp_path, shared_data):
 
 @pytest.mark.parametrize(
     ("p", "df", "expected"),  # textbook values of Student's t
-    [(0.975, 1, 12.7062), (0.975, 2, 4.3027), (0.975, 4, 2.7764), (0.975, 10, 2.2281), (0.975, 30, 2.0423),
-     (0.8, 2, 1.0607), (0.025, 5, -2.5706)],  # fmt: skip
+    [
+        (0.975, 1, 12.7062),
+        (0.975, 2, 4.3027),
+        (0.975, 4, 2.7764),
+        (0.975, 10, 2.2281),
+        (0.975, 30, 2.0423),
+        (0.8, 2, 1.0607),
+        (0.025, 5, -2.5706),
+    ],  # fmt: skip
 )
 def test_t_quantile_matches_tables(p, df, expected):
     assert t_quantile(p, df) == pytest.approx(expected, abs=2e-4)

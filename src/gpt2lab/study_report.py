@@ -68,7 +68,7 @@ def _header(out: Path, suite: Suite, context: int, rows: list[dict[str, str]]) -
         "Reproduce with:",
         "",
         "```bash",
-        f"gpt2lab study --suite configs/study/{suite.name}.toml --data {suite.data} --out {out}"
+        f"gpt2lab study --suite {suite.source} --data {suite.data} --out {out}"
         + "".join(f" --set {shlex.quote(item)}" for item in suite.overrides),
         "```",
         "",
@@ -97,9 +97,11 @@ def _references_and_context(out: Path, suite: Suite, rows: list[dict[str, str]])
         f"{num(base['val_loss'])}.",
         "",
         f"Does the baseline use its context? Its loss on the first {early} positions is {num(base['loss_first'])} "
-        f"and on the second half of the window {num(base['loss_late'])}: "
+        f"and on the second half of the window {num(base['loss_late'])}, a gain of {gain:.3f} nats from context: "
         + (
-            f"{gain:.3f} nats lower with more context"
-            + (" (at least 0.3, as this study needs)." if gain >= 0.3 else ", less than the 0.3 this study needs.")
+            "at least the 0.3 this study needs to tell position encodings and windows apart."
+            if gain >= 0.3
+            else "LESS than the 0.3 this study needs; its models barely use context, so differences between "
+            "position encodings or windows cannot show here."
         ),
     ]

@@ -33,6 +33,7 @@ class Suite:
     extrapolation: dict[str, Any] | None
     cost: dict[str, Any]
     overrides: list[str] = dataclasses.field(default_factory=list)  # the --set items applied to the file
+    source: str = ""  # the suite file, as given
 
     def variant_config(self, variant: dict[str, Any], vocab_size: int = GPT2_VOCAB_SIZE) -> GPTConfig:
         fields = {k: v for k, v in variant.items() if k not in VARIANT_KEYS}
@@ -122,6 +123,7 @@ def load_suite(path: str | Path, data: str | None = None, overrides: list[str] |
         extrapolation=doc.get("extrapolation"),
         cost={"benchmarks": "docs/study/benchmark_costs.csv", **doc.get("cost", {})},
         overrides=list(overrides or []),
+        source=str(path),
     )
     for v in suite.variants:
         suite.variant_config(v)  # fail now, with the config's own one-line error, not after an hour

@@ -8,6 +8,7 @@ stopped earlier. At one fraction the first-head initialisation (GQA) is trained 
 
 from __future__ import annotations
 
+import functools
 from typing import Any
 
 import numpy as np
@@ -19,20 +20,22 @@ DEFAULTS = {"n_kv_heads": [2, 1], "fractions": [0.0, 0.025, 0.05, 0.1, 0.2], "fi
 
 
 @torch.no_grad()
-def converted_loss(base_dir: str, n_kv_head: int, init: str, data_dir: str, context: int, max_tokens) -> float:
-    """Evaluation loss of a trained baseline right after its K/V heads are merged, before any training."""
+def converted_losses(base_dirs: list[str], n_kv_head: int, init: str, data_dir: str, context: int, max_tokens):
+    """Evaluation loss of each trained baseline right after its K/V heads are merged, before any training."""
     from .evaluation import evaluate
     from .run_state import load_model
 
-    model = load_model(base_dir).convert_to_gqa(n_kv_head, init=init)
-    return evaluate(model, eval_tokens(data_dir, context, max_tokens), context=context).loss
+    tokens = eval_tokens(data_dir, context, max_tokens)
+    models = (load_model(d).convert_to_gqa(n_kv_head, init=init) for d in base_dirs)
+    return [evaluate(model, tokens, context=context).loss for model in models]
 
 
-def _fields(base_dir: str, steps: int, n_kv_head: int | None, init: str) -> dict[str, Any]:
+def _fields(base_dirs: dict[int, str], steps: int, n_kv_head: int | None, init: str, seed: int) -> dict[str, Any]:
+    """TrainConfig fields of one continuation of ``seed``'s baseline (converted unless ``n_kv_head`` is None)."""
     return {
         "preset": None,
         "model": {},
-        "init_from": base_dir,
+        "init_from": base_dirs[seed],
         "convert_n_kv_head": n_kv_head,
         "convert_kv_init": init,
         "max_iters": steps,
@@ -52,6 +55,7 @@ def run_uptraining(suite, runs: Runs, base_losses: dict[int, float], context: in
     total = int(suite.train["max_iters"])
     base_dir = {seed: str(runs.runs_dir / f"baseline-s{seed}") for seed in suite.seeds}
     data_dir, max_tokens = runs.base_fields["data_dir"], suite.eval["max_tokens"]
+    settings = {**runs.settings, "extrapolation": None}  # uptrained models are scored at the trained context
     rows: list[dict] = []
 
     def add(method: str, n_kv: int | None, fraction: float, steps: int, losses: list[float]) -> None:
@@ -67,30 +71,22 @@ def run_uptraining(suite, runs: Runs, base_losses: dict[int, float], context: in
                 }
             )
 
-    plan = [("mean", n, f) for f in up["fractions"] for n in up["n_kv_heads"]]
+    plan = [("control", None, f) for f in up["fractions"]]
+    plan += [("mean", n, f) for f in up["fractions"] for n in up["n_kv_heads"]]
     plan.append(("first", up["n_kv_heads"][0], up["first_head_fraction"]))  # GQA's K/V init, at one fraction
-    for fraction in up["fractions"]:
-        steps = round(fraction * total)
-        if steps == 0:
-            add("control", None, fraction, 0, [base_losses[s] for s in suite.seeds])
-        else:
-            log(f"[study] uptraining control: baseline + {steps} steps")
-            done = runs.seeds(
-                f"continue-{steps}", suite.seeds, lambda s, k=steps: _fields(base_dir[s], k, None, "mean")
-            )
-            add("control", None, fraction, steps, [r["val_loss"] for r in done])
     for method, n_kv, fraction in plan:
         steps = round(fraction * total)
-        if steps == 0:
-            losses = [
-                runs.isolated(converted_loss, base_dir[s], n_kv, method, data_dir, context, max_tokens)
-                for s in suite.seeds
-            ]
+        if steps == 0 and method == "control":
+            losses = [base_losses[s] for s in suite.seeds]  # the baseline itself
+        elif steps == 0:
+            dirs = [base_dir[s] for s in suite.seeds]
+            losses = runs.isolated(converted_losses, dirs, n_kv, method, data_dir, context, max_tokens)
         else:
-            log(f"[study] uptraining {method}-pooled to {n_kv} K/V heads + {steps} steps")
-            name = f"uptrain-{method}-kv{n_kv}-{steps}"
-            done = runs.seeds(name, suite.seeds, lambda s, k=steps, n=n_kv, m=method: _fields(base_dir[s], k, n, m))
-            losses = [r["val_loss"] for r in done]
+            log(f"[study] uptraining: {method} K/V init, {n_kv or 'all'} K/V heads, {steps} steps")
+            name = f"continue-{steps}" if method == "control" else f"uptrain-{method}-kv{n_kv}-{steps}"
+            init = "mean" if method == "control" else method
+            fields = functools.partial(_fields, base_dir, steps, n_kv, init)
+            losses = [r["val_loss"] for r in runs.seeds(name, suite.seeds, fields, settings)]
         add(method, n_kv, fraction, steps, losses)
     return rows
 
