@@ -251,6 +251,7 @@ def test_set_overrides_the_suite_tables(tmp_path):
         ("model.n_head=5", "n_embd (32) must be divisible by n_head (5)"),
         ("train.max_iters", "--set expects key=value"),
         ("tokenizer=words", "tokenizer must be 'gpt2' or 'char'"),
+        ('probe.variants=["rope", "wndow"]', "[probe] variants ['wndow'] are not variants of the suite"),
     ],
 )
 def test_set_errors_are_one_line(tmp_path, item, message):

@@ -103,7 +103,7 @@ def probe_settings(suite: Suite) -> dict:
         "context": suite.model.get("block_size", 256),
         "steps": 300,
         "batch_size": 32,
-        "lr": 1e-3,
+        "lr": 3e-3,
         "samples": 256,
         "seeds": suite.seeds[:1],
         **(suite.probe or {}),

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
+from tqdm import tqdm
 
 from .config import GPTConfig
 
@@ -43,7 +44,7 @@ def _answer_logits(model, x: torch.Tensor) -> torch.Tensor:
     return model(x, last_only=True)[:, -1, FILLERS : FILLERS + KEYS]
 
 
-def train_probe(config: GPTConfig, settings: dict, seed: int, log=None):
+def train_probe(config: GPTConfig, settings: dict, seed: int):
     """A fresh model of ``config`` (probe vocabulary) trained on passkeys at distances 1..context-1."""
     from .model import GPT
 
@@ -53,15 +54,15 @@ def train_probe(config: GPTConfig, settings: dict, seed: int, log=None):
     optimizer = torch.optim.AdamW(model.parameters(), lr=settings["lr"], weight_decay=0.0)
     gen = torch.Generator().manual_seed(seed)
     model.train()
-    for step in range(settings["steps"]):
+    bar = tqdm(range(settings["steps"]), desc="probe", unit="step")
+    for _ in bar:
         d = sample_distances(settings["batch_size"], context, gen)
         x, keys = passkey_batch(settings["batch_size"], context, d, gen)
         loss = F.cross_entropy(_answer_logits(model, x), keys - FILLERS)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
-        if log is not None and step % 50 == 0:
-            log(f"probe step {step}: loss {loss.item():.3f}")
+        bar.set_postfix(loss=f"{loss.item():.3f}")
     return model.eval()
 
 

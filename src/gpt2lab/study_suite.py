@@ -94,6 +94,9 @@ def _check(doc: dict[str, Any], path: Path) -> None:
     for v in variants:
         if v.get("compare_to", "baseline") not in names:
             raise GPT2LabError(f"{path}: variant {v['name']!r} compares to {v['compare_to']!r}, which is no variant")
+    unknown = [n for n in doc.get("probe", {}).get("variants", []) if n not in names]
+    if unknown:
+        raise GPT2LabError(f"{path}: [probe] variants {unknown} are not variants of the suite")
     if doc.get("tokenizer", "gpt2") not in ("gpt2", "char"):
         raise GPT2LabError(f"{path}: tokenizer must be 'gpt2' or 'char', got {doc['tokenizer']!r}")
     if len(doc.get("seeds", [1])) < 1:
