@@ -142,9 +142,10 @@ def test_tiny_suite_end_to_end(tmp_path, shared_data):
     assert {r["method"] for r in _rows(out / "uptrain_pairs.csv")} == {"mean", "first"}
 
     # A second call keeps every finished run; another suite into the same folder is refused.
-    mtime = (out / "runs" / "baseline-s1" / "result.json").stat().st_mtime
+    kept = [out / "runs" / "baseline-s1" / "result.json", out / "runs" / "probe-window-s1.json"]
+    mtimes = [p.stat().st_mtime for p in kept]
     run_study(suite, out, log=lambda *_: None)
-    assert (out / "runs" / "baseline-s1" / "result.json").stat().st_mtime == mtime
+    assert [p.stat().st_mtime for p in kept] == mtimes
     other = load_suite(tmp_path / "tiny.toml", data=str(tmp_path / "corpus.txt"), overrides=["train.max_iters=5"])
     with pytest.raises(GPT2LabError, match="holds a study of other settings"):
         run_study(other, out, log=lambda *_: None)

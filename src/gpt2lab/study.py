@@ -87,9 +87,9 @@ def run_study(suite: Suite, out_dir: str | Path, log=print) -> Path:
         rows = run_uptraining(suite, runs, base, context, log)
         write_csv(out / "uptrain.csv", rows)
         write_csv(out / "uptrain_pairs.csv", uptrain_pairs(rows))
-    runs.close()
     if suite.probe:
         _run_probe(out, suite, vocab, runs, log)
+    runs.close()
     _write_tables(out, suite, results, vocab, context)
     from .study_plots import write_plots
     from .study_report import write_report
@@ -111,26 +111,42 @@ def probe_settings(suite: Suite) -> dict:
 
 
 def _run_probe(out: Path, suite: Suite, vocab: int, runs: Runs, log) -> None:
-    from .study_probe import probe_distances, run_probe
+    from .study_probe import probe_distances
 
     settings = probe_settings(suite)
     configs = {v["name"]: suite.variant_config(v, vocab) for v in suite.variants}
     names = settings.get("variants") or list(configs)
     distances = probe_distances(settings, [receptive_reach(configs[n]) for n in names])
-    rows = []
-    for name in names:
+    jobs = [(name, seed) for name in names for seed in settings["seeds"]]
+
+    def probe(job: tuple[str, int]) -> dict:
+        name, seed = job
         # the probe may narrow the model ([probe.model]); depth, heads and windows stay the variant's
         fields = {k: v for k, v in configs[name].to_dict().items() if k != "vocab_size"} | settings.get("model", {})
+        return _cached_probe(runs, out / "runs" / f"probe-{name}-s{seed}.json", fields, settings, seed, distances, log)
+
+    rows = []
+    for (name, seed), measured in zip(jobs, runs.pool.map(probe, jobs), strict=True):
         reach = receptive_reach(configs[name])
-        for seed in settings["seeds"]:
-            log(f"[study] receptive-field probe: {name} seed {seed}")
-            measured = runs.isolated(run_probe, fields, settings, seed, distances)
-            for d, acc, seen in zip(distances, measured["accuracy"], measured["visible"], strict=True):
-                rows.append(
-                    {"variant": name, "seed": seed, "distance": d, "reach": "full" if reach is None else reach,
-                     "within_reach": reach is None or d <= reach, "key_visible": seen, "accuracy": acc}
-                )  # fmt: skip
+        for d, acc, seen in zip(distances, measured["accuracy"], measured["visible"], strict=True):
+            rows.append(
+                {"variant": name, "seed": seed, "distance": d, "reach": "full" if reach is None else reach,
+                 "within_reach": reach is None or d <= reach, "key_visible": seen, "accuracy": acc}
+            )  # fmt: skip
     write_csv(out / "probe.csv", rows)
+
+
+def _cached_probe(runs: Runs, path: Path, fields: dict, settings: dict, seed: int, distances: list[int], log) -> dict:
+    """One probe's measurements, kept in ``path`` with what made them: an interrupted study keeps finished probes."""
+    from .study_probe import run_probe
+
+    made_by = json.loads(json.dumps({"fields": fields, "settings": settings, "seed": seed, "distances": distances}))
+    if path.is_file() and (kept := read_json(path))["made_by"] == made_by:
+        return kept
+    log(f"[study] receptive-field probe: {path.stem}")
+    measured = runs.isolated(run_probe, fields, settings, seed, distances)
+    write_text(path, json.dumps({"made_by": made_by, **measured}) + "\n")
+    return measured
 
 
 def _write_tables(out: Path, suite: Suite, results: list[dict], vocab: int, context: int) -> None:
