@@ -267,3 +267,18 @@ def test_compare_to_must_name_a_variant(tmp_path):
     path.write_text(SUITE.replace('compare_to = "rope"', 'compare_to = "ropee"'))
     with pytest.raises(GPT2LabError, match="compares to 'ropee', which is no variant"):
         load_suite(path)
+
+
+def test_default_suite_can_tell_the_variants_apart():
+    """Issue 12's regime: characters, context >= 256, >= 3 seeds, one window binding well inside the
+    context and one whose stacked reach passes it, every probed window within the probe's context."""
+    from pathlib import Path
+
+    suite = load_suite(Path(__file__).resolve().parents[1] / "configs" / "study" / "default.toml")
+    context = suite.model["block_size"]
+    assert suite.tokenizer == "char" and context >= 256 and len(suite.seeds) >= 3
+    configs = {v["name"]: suite.variant_config(v, 65) for v in suite.variants}
+    reaches = [r for r in map(receptive_reach, configs.values()) if r is not None]
+    assert min(reaches) <= context // 2 and max(reaches) > context
+    for name in suite.probe["variants"]:
+        assert (configs[name].window or 0) <= suite.probe["context"]
