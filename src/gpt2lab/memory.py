@@ -1,7 +1,7 @@
 """Peak resident memory of this process, as the operating system sees it (Linux).
 
 PyTorch keeps no allocator statistics for CPU tensors and tracemalloc does not see them, so the
-study and the benchmarks measure the resident set instead: :func:`reset_peak_memory` starts a
+benchmarks measure the resident set instead: :func:`reset_peak_memory` starts a
 measurement, :func:`peak_memory` reads the highest resident size since then (``VmHWM``).
 
 Freed memory that glibc keeps for reuse stays resident and would hide the next workload's

@@ -186,12 +186,13 @@ class GPT(nn.Module):
 
         return generate(self, prompts, max_new_tokens, **options)
 
-    def convert_to_gqa(self, n_kv_head: int) -> GPT:
-        """A copy with ``n_kv_head`` key/value heads, each the mean of its group's heads: the starting
-        point of GQA uptraining. See :func:`gpt2lab.convert.pool_kv_heads`."""
+    def convert_to_gqa(self, n_kv_head: int, init: str = "mean") -> GPT:
+        """A copy with ``n_kv_head`` key/value heads, each the mean of its group's heads (or, with
+        ``init="first"``, the group's first head): the starting point of GQA uptraining.
+        See :func:`gpt2lab.convert.pool_kv_heads`."""
         from .convert import pool_kv_heads
 
-        config, state = pool_kv_heads(self.config, self.state_dict(), n_kv_head)
+        config, state = pool_kv_heads(self.config, self.state_dict(), n_kv_head, init)
         new = GPT(config).to(device=self.device, dtype=self.lm_head.weight.dtype)
         new.load_state_dict(state)
         return new

@@ -12,14 +12,16 @@ from .config import GPT2_VOCAB_SIZE, GPT2LabError, GPTConfig, closest_hint
 from .files import atomic_file
 from .train_config import TRAIN_FIELDS, parse_set, read_toml
 
-SUITE_TABLES = ("model", "train", "eval", "uptrain", "cost")
-SUITE_SECTIONS = {"name", "data", "seeds", "parallel", "variants", *SUITE_TABLES}
+SUITE_TABLES = ("model", "train", "eval", "uptrain", "probe", "extrapolation", "cost")
+SUITE_SECTIONS = {"name", "data", "tokenizer", "seeds", "parallel", "variants", *SUITE_TABLES}
+VARIANT_KEYS = ("name", "compare_to")  # a variant's keys that are not GPTConfig fields
 
 
 @dataclasses.dataclass
 class Suite:
     name: str
     data: str
+    tokenizer: str  # how the study prepares its data: "gpt2" (BPE) or "char"
     seeds: list[int]
     parallel: int  # runs trained at once, each on an equal share of the CPU threads
     model: dict[str, Any]
@@ -27,12 +29,38 @@ class Suite:
     variants: list[dict[str, Any]]
     eval: dict[str, Any]
     uptrain: dict[str, Any] | None
+    probe: dict[str, Any] | None
+    extrapolation: dict[str, Any] | None
     cost: dict[str, Any]
     overrides: list[str] = dataclasses.field(default_factory=list)  # the --set items applied to the file
+    source: str = ""  # the suite file, as given
 
-    def variant_config(self, variant: dict[str, Any]) -> GPTConfig:
-        fields = {k: v for k, v in variant.items() if k != "name"}
-        return GPTConfig.from_dict({"vocab_size": GPT2_VOCAB_SIZE, **self.model, **fields})
+    def variant_config(self, variant: dict[str, Any], vocab_size: int = GPT2_VOCAB_SIZE) -> GPTConfig:
+        fields = {k: v for k, v in variant.items() if k not in VARIANT_KEYS}
+        return GPTConfig.from_dict({"vocab_size": vocab_size, **self.model, **fields})
+
+    def reference_of(self, variant: dict[str, Any]) -> str:
+        """The variant a variant's paired differences are taken against (``compare_to``, else the baseline)."""
+        return variant.get("compare_to", "baseline")
+
+    def fingerprint(self) -> dict[str, Any]:
+        """Everything that decides what the runs compute: a study folder holds the runs of one fingerprint."""
+        return {
+            k: getattr(self, k)
+            for k in ("data", "tokenizer", "model", "train", "variants", "eval", "uptrain", "probe", "extrapolation")
+        }
+
+
+def receptive_reach(config: GPTConfig) -> int | None:
+    """How many tokens back the last layer can see through stacked windows, or None (unlimited).
+
+    Layer i with window W_i (query included) adds W_i - 1 tokens of reach, so a token at distance d can
+    reach a query iff d <= sum(W_i - 1) (n_layer * (W - 1) for one W). One formula, used everywhere.
+    """
+    windows = [config.layer_window(i) for i in range(config.n_layer)]
+    if any(w is None for w in windows):
+        return None
+    return sum(w - 1 for w in windows)
 
 
 def _apply_overrides(doc: dict[str, Any], overrides: list[str]) -> None:
@@ -63,6 +91,16 @@ def _check(doc: dict[str, Any], path: Path) -> None:
         raise GPT2LabError(f"{path}: needs [[variants]] with unique names")
     if names[0] != "baseline":
         raise GPT2LabError(f"{path}: the first variant must be the 'baseline' the others are compared with")
+    for v in variants:
+        if v.get("compare_to", "baseline") not in names:
+            raise GPT2LabError(f"{path}: variant {v['name']!r} compares to {v['compare_to']!r}, which is no variant")
+    unknown = [n for n in doc.get("probe", {}).get("variants", []) if n not in names]
+    if unknown:
+        raise GPT2LabError(f"{path}: [probe] variants {unknown} are not variants of the suite")
+    if doc.get("tokenizer", "gpt2") not in ("gpt2", "char"):
+        raise GPT2LabError(f"{path}: tokenizer must be 'gpt2' or 'char', got {doc['tokenizer']!r}")
+    if len(doc.get("seeds", [1])) < 1:
+        raise GPT2LabError(f"{path}: seeds must list at least one seed")
 
 
 def load_suite(path: str | Path, data: str | None = None, overrides: list[str] | None = None) -> Suite:
@@ -76,21 +114,19 @@ def load_suite(path: str | Path, data: str | None = None, overrides: list[str] |
     suite = Suite(
         name=doc.get("name", path.stem),
         data=data or doc.get("data", "shakespeare"),
+        tokenizer=doc.get("tokenizer", "gpt2"),
         seeds=list(doc.get("seeds", [1])),
         parallel=int(doc.get("parallel", 1)),
         model=doc.get("model", {}),
         train=doc.get("train", {}),
         variants=doc["variants"],
-        eval={
-            "long_context": 0,
-            "decode_tokens": 32,
-            "sample_prompt": "\n",
-            "sample_tokens": 60,
-            **doc.get("eval", {}),
-        },
+        eval={"max_tokens": None, "early_positions": 8, **doc.get("eval", {})},
         uptrain=doc.get("uptrain"),
-        cost={"lengths": [], "window": 256, "n_head": 12, "head_dim": 64, "repeats": 2, **doc.get("cost", {})},
+        probe=doc.get("probe"),
+        extrapolation=doc.get("extrapolation"),
+        cost={"benchmarks": "docs/study/benchmark_costs.csv", **doc.get("cost", {})},
         overrides=list(overrides or []),
+        source=str(path),
     )
     for v in suite.variants:
         suite.variant_config(v)  # fail now, with the config's own one-line error, not after an hour

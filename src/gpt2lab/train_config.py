@@ -113,6 +113,7 @@ class TrainConfig:
     preset: str | None = _opt("model", "tiny")
     init_from: str | None = _opt("model", None)  # pretrained checkpoint: fine-tune instead of init
     convert_n_kv_head: int | None = _opt("model", None)  # GQA uptraining: pool K/V heads of init_from
+    convert_kv_init: str = _opt("model", "mean")  # mean: each group's K/V heads averaged; first: its first head
     model: dict = field(default_factory=lambda: {"n_layer": 4, "n_embd": 128}, metadata={"section": "model"})
     # [data]
     data_dir: str = _opt("data", "data/pydoc", key="dir")
@@ -217,7 +218,11 @@ class TrainConfig:
         return dataclasses.asdict(self)
 
 
-_CHOICES = {"dtype": ("auto", "float32", "bfloat16", "float16"), "strategy": ("ddp", "fsdp")}
+_CHOICES = {
+    "dtype": ("auto", "float32", "bfloat16", "float16"),
+    "strategy": ("ddp", "fsdp"),
+    "convert_kv_init": ("mean", "first"),
+}
 _INTEGERS = {  # field: smallest value
     **dict.fromkeys(("max_iters", "batch_size", "block_size", "grad_accum", "eval_iters"), 1),
     **dict.fromkeys(("eval_interval", "ckpt_interval", "log_interval"), 1),

@@ -73,7 +73,7 @@ def build_model(cfg: TrainConfig, vocab_size: int) -> GPT:
     if cfg.init_from is not None:
         model = load_model(cfg.init_from)
         if cfg.convert_n_kv_head is not None:
-            model = model.convert_to_gqa(cfg.convert_n_kv_head)
+            model = model.convert_to_gqa(cfg.convert_n_kv_head, init=cfg.convert_kv_init)
         return model
     fields = {"vocab_size": vocab_size, **cfg.model}
     config = GPTConfig.from_preset(cfg.preset, **fields) if cfg.preset else GPTConfig.from_dict(fields)

@@ -1,0 +1,209 @@
+"""The sections of a variant study's ``report.md`` after its results table, each from its own CSV."""
+
+from __future__ import annotations
+
+import statistics
+from pathlib import Path
+
+from .study_suite import Suite, read_csv
+
+_PAIRED_HEADER = ["Δ loss (mean)", "95% interval", "detection limit", "verdict"]
+
+
+def num(value: str, pattern: str = "{:.3f}") -> str:
+    """A CSV cell as the report prints it (blank cells print as 'n/a', words as they are)."""
+    if value == "":
+        return "n/a"
+    try:
+        return pattern.format(float(value))
+    except ValueError:
+        return value
+
+
+def table(header: list[str], rows: list[list[str]]) -> list[str]:
+    return ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"] + [
+        "| " + " | ".join(r) + " |" for r in rows
+    ]
+
+
+def comparison_cells(row: dict[str, str]) -> list[str]:
+    interval = "n/a" if row["low"] == "" else f"[{num(row['low'], '{:+.4f}')}, {num(row['high'], '{:+.4f}')}]"
+    return [num(row["mean_diff"], "{:+.4f}"), interval, num(row["detection_limit"], "{:.4f}"), row["verdict"]]
+
+
+def comparisons_section(out: Path, suite: Suite) -> list[str]:
+    path = out / "comparisons.csv"
+    if not path.is_file():
+        return []
+    rows = read_csv(path)
+    limits = [float(r["detection_limit"]) for r in rows if r["detection_limit"] != ""]
+    n = len(suite.seeds)
+    text = [
+        "## Paired differences",
+        "",
+        f"Each variant minus its reference, seed by seed (same data order, same evaluation tokens), over {n} "
+        f"seeds; the interval is mean ± t(0.975, {n - 1}) · sd/√{n}. A variant is called lower or higher only "
+        "when its interval excludes zero. The detection limit is the true difference this design would find "
+        "with 80 % power given the observed paired spread, (t(0.975) + t(0.8)) · sd/√n: smaller differences "
+        "can exist unseen.",
+        "",
+        *table(
+            ["variant", "reference", *_PAIRED_HEADER],
+            [[r["variant"], r["reference"], *comparison_cells(r)] for r in rows],
+        ),
+        "",
+    ]
+    if limits:
+        text += [
+            f"Across comparisons the detection limit runs from {min(limits):.4f} to {max(limits):.4f} nats "
+            f"(median {statistics.median(limits):.4f}).",
+            "",
+        ]
+    return text + ["![paired differences](comparisons.png) ![quality vs KV cache](quality_vs_kv.png)", ""]
+
+
+def probe_section(out: Path) -> list[str]:
+    path = out / "probe.csv"
+    if not path.is_file():
+        return []
+    rows = read_csv(path)
+    from .study_probe import KEYS
+
+    def mean_acc(variant: str, distance: int) -> str:
+        got = [float(r["accuracy"]) for r in rows if r["variant"] == variant and int(r["distance"]) == distance]
+        return f"{statistics.fmean(got):.2f}" if got else "n/a"
+
+    body = []
+    for name in dict.fromkeys(r["variant"] for r in rows):
+        mine = [r for r in rows if r["variant"] == name]
+        reach = mine[0]["reach"]
+        visible_ok = all((r["key_visible"] == "True") == (r["within_reach"] == "True") for r in mine)
+        distances = sorted({int(r["distance"]) for r in mine})
+        at = [d for d in distances if reach == "full" or d <= int(reach)]
+        past = [d for d in distances if reach != "full" and d > int(reach)]
+        body.append(
+            [
+                name,
+                reach,
+                f"{mean_acc(name, at[-1])} (d={at[-1]})" if at else "n/a",
+                f"{mean_acc(name, past[0])} (d={past[0]})" if past else "n/a",
+                "yes" if visible_ok else "NO",
+            ]
+        )
+    header = [
+        "variant",
+        "reach",
+        "accuracy at the furthest d within reach",
+        "just beyond reach",
+        "key visible ⇔ d ≤ reach",
+    ]
+    return [
+        "## Receptive-field probe",
+        "",
+        "Each variant's shape is trained from scratch on a passkey task: one key symbol at distance d before a "
+        f"query marker, filler elsewhere; chance is 1/{KEYS}. The last column checks the window convention exactly "
+        "on the trained model: changing the key changes the answer's logits if and only if d ≤ reach.",
+        "",
+        *table(header, body),
+        "",
+        "![receptive-field probe](probe.png)",
+        "",
+    ]
+
+
+def extrapolation_section(out: Path, context: int) -> list[str]:
+    path = out / "extrapolation.csv"
+    if not path.is_file():
+        return []
+    rows = read_csv(path)
+    bands = list(dict.fromkeys(r["band"] for r in rows))
+    cells = {(r["variant"], r["method"], r["band"]): r["loss"] for r in rows}
+    keys = list(dict.fromkeys((r["variant"], r["method"]) for r in rows))
+    body = [[v, m, *[num(cells.get((v, m, b), "")) for b in bands]] for v, m in keys]
+    return [
+        "## Length extrapolation",
+        "",
+        f"The same held-out tokens scored in windows of 1x, 2x and 4x the trained context ({context}); "
+        "learned positions only at 1x and, as comparator, with a sliding context (each token sees at most "
+        f"{context} before it). Mean loss (nats/token) over bands of positions in the window:",
+        "",
+        *table(["variant", "method", *[f"positions {b}" for b in bands]], body),
+        "",
+        "![length extrapolation](extrapolation.png)",
+        "",
+    ]
+
+
+def uptrain_section(out: Path, suite: Suite) -> list[str]:
+    path = out / "uptrain_pairs.csv"
+    if not path.is_file():
+        return []
+    rows = read_csv(path)
+    total = int(suite.train["max_iters"])
+    body = [
+        [
+            f"{r['method']}-init",
+            r["n_kv_head"],
+            f"{float(r['fraction']):.1%} ({r['steps']} steps)",
+            num(r["val_loss"], "{:.4f}"),
+            *comparison_cells(r),
+        ]  # fmt: skip
+        for r in rows
+    ]
+    return [
+        "## Uptraining",
+        "",
+        f"Each seed's baseline (trained {total} steps) is converted to fewer K/V heads (mean of each group, or "
+        "its first head) and trained on; the control continues the unconverted baseline for the same steps "
+        "with the same schedule. Δ is converted minus control, seed by seed.",
+        "",
+        *table(["init", "K/V heads", "uptraining", "val loss", *_PAIRED_HEADER], body),
+        "",
+        "![uptraining](uptrain.png)",
+        "",
+    ]
+
+
+def cost_section(out: Path, suite: Suite, rows: list[dict[str, str]], context: int) -> list[str]:
+    text = ["## Costs", ""]
+    kv = ", ".join(f"{r['variant']} {num(r['kv_kib_at_ctx'], '{:,.0f}')} KiB" for r in rows)
+    text += [f"KV cache of one sequence at the trained context ({context} tokens, fp32, from results.csv): {kv}.", ""]
+    path = Path(suite.cost["benchmarks"])
+    if not path.is_file():
+        return text + [
+            f"Speed at the GPT-2 124M shape: no benchmark CSV at `{path}`. Run `python benchmarks/attention.py`, "
+            "record its figures there (columns measure, variant, length, value, unit, machine, recorded, source) "
+            "and re-run `gpt2lab study` to fill this table.",
+            "",
+        ]
+    bench = read_csv(path)
+    body = [[b["measure"], b["variant"], b["length"], f"{b['value']} {b['unit']}"] for b in bench]
+    machines = sorted({f"{b['machine']} ({b['recorded']}, {b['source']})" for b in bench})
+    return text + [
+        "At the GPT-2 124M shape (12 layers, 12 heads of 64), from the benchmarks, not from this study's runs: "
+        + "; ".join(machines)
+        + ". Measured on a CPU: the ratios carry over to other machines better than the absolute figures.",
+        "",
+        *table(["measure", "variant", "T or context", "value"], body),
+        "",
+    ]
+
+
+def can_and_cannot(out: Path, suite: Suite, context: int) -> list[str]:
+    n = len(suite.seeds)
+    return [
+        "## What this study can and cannot show",
+        "",
+        f"- It can show differences larger than its detection limits between small models ({suite.model}) "
+        f"trained briefly on one corpus with {n} seeds each; it cannot rank variants whose intervals include "
+        "zero, and a difference it does not detect may still exist.",
+        "- It measures the variants at one small scale and one budget. Published claims (RoFormer, GQA, "
+        "Longformer, Mistral) concern models and budgets orders of magnitude larger; agreement or disagreement "
+        "here is evidence about this regime only.",
+        "- The receptive-field probe shows what each shape can learn on a synthetic task; it cannot say "
+        "whether natural text at this context needs that reach.",
+        f"- Extrapolation covers 4x the trained context ({4 * context} tokens) on held-out Shakespeare only.",
+        "- Speeds come from CPU benchmarks on a shared machine; accelerators change absolute figures and "
+        "possibly the ranking of kernels.",
+        "",
+    ]
