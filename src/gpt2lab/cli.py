@@ -37,13 +37,12 @@ def add_generate(sub) -> None:
 
 def cmd_generate(args) -> int:
     from .generation import stream_text
-    from .run_state import load_model
-    from .tokenizer import load_tokenizer
+    from .run_state import load_model_and_tokenizer
 
     sampling = dict(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, seed=args.seed)
     prompt = sys.stdin.read() if args.prompt == "-" else args.prompt
-    model = load_model(args.model, dtype=args.dtype, device=args.device)
-    pieces = stream_text(model, load_tokenizer(), prompt, args.max_new_tokens, stop=args.stop, **sampling)
+    model, tokenizer = load_model_and_tokenizer(args.model, dtype=args.dtype, device=args.device)
+    pieces = stream_text(model, tokenizer, prompt, args.max_new_tokens, stop=args.stop, **sampling)
     sys.stdout.write(prompt)
     for piece in pieces:
         sys.stdout.write(piece)
@@ -64,11 +63,13 @@ def add_convert(sub) -> None:
 
 
 def cmd_convert(args) -> int:
-    from .run_state import load_model
+    from .run_state import load_model_and_tokenizer
+    from .tokenizer import save_tokenizer
 
-    model = load_model(args.model)
+    model, tokenizer = load_model_and_tokenizer(args.model)
     converted = model.convert_to_gqa(args.n_kv_head)
     converted.save_pretrained(args.out)
+    save_tokenizer(tokenizer, args.out)
     heads = f"{model.config.n_kv_head} -> {args.n_kv_head} key/value heads"
     print(f"converted {heads}; {model.num_params():,} -> {converted.num_params():,} parameters; saved to {args.out}")
     return 0
@@ -119,15 +120,26 @@ def add_prepare(sub) -> None:
     p.add_argument(
         "--threads", type=arg.positive_int("threads"), default=None, help="tokenizer threads (default: all cores)"
     )
+    from .tokenizer import TOKENIZERS
+
+    p.add_argument(
+        "--tokenizer",
+        choices=TOKENIZERS,
+        default="gpt2",
+        help="gpt2: GPT-2's BPE; char: one token per character of the corpus",
+    )
     p.set_defaults(func=cmd_prepare)
 
 
 def cmd_prepare(args) -> int:
     from .data import prepare
 
-    meta = prepare(args.source, args.out, val_fraction=args.val_fraction, num_threads=args.threads)
+    meta = prepare(
+        args.source, args.out, val_fraction=args.val_fraction, num_threads=args.threads, tokenizer=args.tokenizer
+    )
     print(
-        f"{meta['documents']:,} documents, {meta['tokens']:,} tokens: "
+        f"{meta['documents']:,} documents, {meta['tokens']:,} tokens ({meta['tokenizer']}, vocabulary "
+        f"{meta['vocab_size']:,}): "
         f"train {meta['train_tokens']:,}, val {meta['val_tokens']:,} -> {args.out}"
     )
     return 0
@@ -201,11 +213,11 @@ def cmd_eval(args) -> int:
     from pathlib import Path
 
     from .evaluation import evaluate, load_tokens, write_by_position
-    from .run_state import load_model
+    from .run_state import load_model_and_tokenizer
 
-    model = load_model(args.model, device=args.device)
-    tokens, n_bytes, source = load_tokens(args.data)
-    result = evaluate(model, tokens, args.context, args.batch_size, args.max_tokens)
+    model, tokenizer = load_model_and_tokenizer(args.model, device=args.device)
+    tokens, n_bytes, source = load_tokens(args.data, tokenizer)
+    result = evaluate(model, tokens, args.context, args.batch_size, args.max_tokens, tokenizer=tokenizer)
     print(f"data: {source} ({len(tokens):,} tokens, {n_bytes:,} bytes); evaluated {result.tokens:,} tokens")
     print(f"loss {result.loss:.4f}  perplexity {result.perplexity:.2f}  bits/byte {result.bits_per_byte:.4f}")
     if args.by_position:
@@ -232,9 +244,7 @@ def add_demo(sub) -> None:
 def cmd_demo(args) -> int:
     from .demo import run_demo
 
-    return run_demo(
-        args.out, args.data, args.pretrained, args.max_iters, prompt=args.prompt, overwrite=args.overwrite
-    )
+    return run_demo(args.out, args.data, args.pretrained, args.max_iters, prompt=args.prompt, overwrite=args.overwrite)
 
 
 # ---------------------------------------------------------------------------------------- study
