@@ -11,12 +11,12 @@ last ``val_fraction`` of the tokens), which works the same way for a single file
 from __future__ import annotations
 
 import functools
+import gzip
 import itertools
 import os
-import urllib.error
-import urllib.request
 from collections.abc import Iterator
 from dataclasses import dataclass
+from importlib import resources
 from pathlib import Path
 
 import numpy as np
@@ -36,8 +36,7 @@ from .tokenizer import (
 )
 
 DTYPE = np.uint16  # GPT-2's 50257 ids fit in 16 bits: half the disk and memory of int32
-SHAKESPEARE_URL = "https://raw.githubusercontent.com/karpathy/char-rnn/master/data/tinyshakespeare/input.txt"
-DOWNLOAD_TIMEOUT_S = 15
+SHAKESPEARE_FILE = "tinyshakespeare.txt.gz"  # package data (src/gpt2lab/corpora/README.md says where it is from)
 TEXT_SUFFIXES = (".txt", ".text", ".md", ".rst")
 
 
@@ -53,17 +52,12 @@ def _pydoc_documents() -> Iterator[tuple[str, str]]:
 
 
 def _shakespeare_documents() -> Iterator[tuple[str, str]]:
-    """Tiny Shakespeare (the char-rnn corpus), fetched from GitHub."""
-    try:
-        with urllib.request.urlopen(SHAKESPEARE_URL, timeout=DOWNLOAD_TIMEOUT_S) as response:
-            text = response.read().decode("utf-8")
-    except (urllib.error.URLError, OSError) as e:
-        reason = getattr(e, "reason", e)
-        raise GPT2LabError(
-            f"cannot download tinyshakespeare ({reason}); offline, fetch {SHAKESPEARE_URL} elsewhere "
-            "and run: gpt2lab prepare path/to/input.txt --out DIR"
-        ) from None
-    yield "shakespeare", text
+    """Tiny Shakespeare (char-rnn's corpus, 1.1 MB of public-domain plays), shipped gzipped with gpt2lab."""
+    yield "shakespeare", shakespeare_text()
+
+
+def shakespeare_text() -> str:
+    return gzip.decompress((resources.files("gpt2lab") / "corpora" / SHAKESPEARE_FILE).read_bytes()).decode("utf-8")
 
 
 NAMED_DATASETS = {"pydoc": _pydoc_documents, "shakespeare": _shakespeare_documents}
