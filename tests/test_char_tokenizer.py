@@ -152,3 +152,18 @@ def test_prepare_refuses_an_unknown_tokenizer(tmp_path):
     with pytest.raises(GPT2LabError, match="unknown tokenizer 'chars' \\(did you mean 'char'\\?\\)"):
         prepare(tmp_path / "t.txt", tmp_path / "out", tokenizer="chars")
     assert not (tmp_path / "out").exists()
+
+
+def test_shakespeare_char_config_is_the_specified_model(tmp_path):
+    from gpt2lab.train_config import load_config
+    from gpt2lab.training import build_model
+
+    data = TokenData.open(prepare("shakespeare", tmp_path, tokenizer="char") and tmp_path)
+    configs = Path(__file__).resolve().parents[1] / "configs"
+    model = build_model(load_config(configs / "shakespeare-char.toml"), vocab_size=data.vocab_size)
+    c = model.config
+    assert (c.n_layer, c.n_head, c.n_embd, c.block_size, c.vocab_size) == (6, 6, 384, 256, 65)
+    assert c.pos_encoding == "learned" and c.window is None and c.n_kv_head == 6  # GPT-2's block, no variant
+    assert model.lm_head.weight is model.transformer.wte.weight
+    cpu = build_model(load_config(configs / "shakespeare-char-cpu.toml"), vocab_size=data.vocab_size).config
+    assert (cpu.block_size, cpu.vocab_size) == (256, 65) and cpu.n_embd < c.n_embd

@@ -34,7 +34,9 @@ def test_demo_toml_is_the_defaults():
     assert load_config(CONFIGS / "demo.toml") == TrainConfig()
 
 
-@pytest.mark.parametrize("name", ["demo", "shakespeare", "gpt2-124m", "finetune"])
+@pytest.mark.parametrize(
+    "name", ["demo", "shakespeare", "shakespeare-char", "shakespeare-char-cpu", "gpt2-124m", "finetune"]
+)
 def test_shipped_configs_load(name):
     cfg = load_config(CONFIGS / f"{name}.toml")
     assert cfg.max_iters > 0
@@ -278,7 +280,7 @@ def test_per_layer_window_list_in_toml_trains_and_loads(corpus, tmp_path):
     overrides = ["block_size=16", "batch_size=2", "eval_iters=1", "max_iters=2", "dtype='float32'"]
     cfg = load_config(path, [*overrides, f"data.dir='{corpus}'", f"out_dir='{run}'"])
     assert cfg.model["window"] == [8, "full"]
-    assert load_config(None, ['n_layer=2', 'window=[8, "full"]']).model["window"] == [8, "full"]
+    assert load_config(None, ["n_layer=2", 'window=[8, "full"]']).model["window"] == [8, "full"]
     train(cfg)
     assert GPT.from_pretrained(run).config.window == [8, None]
     assert load_checkpoint(run / "ckpt.pt")["model_config"]["window"] == [8, None]

@@ -231,12 +231,22 @@ def cmd_eval(args) -> int:
 
 
 def add_demo(sub) -> None:
-    p = sub.add_parser("demo", help="train a small model on the bundled Python docs (offline, minutes), then sample")
-    p.add_argument("--pretrained", default=None, help="fine-tune this checkpoint (hub id or path) instead")
+    p = sub.add_parser(
+        "demo", help="train a character-level GPT on the bundled Tiny Shakespeare (offline, ~2 minutes), then sample"
+    )
+    p.add_argument(
+        "--pretrained", default=None, help="fine-tune this checkpoint (hub id or path) on the Python docs instead"
+    )
     p.add_argument("--out", default="runs/demo", help="run folder")
-    p.add_argument("--data", default="data/pydoc", help="prepared data folder (made on first use)")
+    p.add_argument(
+        "--data",
+        default=None,
+        help="prepared data folder, made on first use (default: data/shakespeare-char; data/pydoc with --pretrained)",
+    )
     p.add_argument("--max-iters", type=arg.positive_int("max_iters"), default=None)
-    p.add_argument("--prompt", default="The for statement")
+    p.add_argument(
+        "--prompt", default=None, help="sample prompt (default: 'ROMEO:\\n'; 'The for statement' with --pretrained)"
+    )
     p.add_argument("--overwrite", action="store_true", help="train again in a run folder that holds a run")
     p.set_defaults(func=cmd_demo)
 
