@@ -145,9 +145,13 @@ def run_demo(
 
 
 def _sample(model: GPT, tokenizer, prompt: str) -> None:
-    """A few lines of characters (as many as the context holds, up to 500), or 120 BPE tokens."""
+    """A few lines of characters (500), or 120 BPE tokens; no more than the context holds with learned positions.
+
+    The demo's model (RoPE, every layer windowed to its training length) writes any length: each
+    character sees at most the 128 before it, at relative distances it was trained on."""
     length = 120 if tokenizer.eot_token is not None else 500
-    length = min(length, model.config.block_size - len(tokenizer.encode(prompt)))
+    if model.config.pos_encoding == "learned":
+        length = min(length, model.config.block_size - len(tokenizer.encode(prompt)))
     pieces = stream_text(model, tokenizer, prompt, max(length, 0), temperature=0.8, top_k=50, seed=0)
     print(f"\nsample (prompt {prompt!r}):\n{prompt}", end="")
     for piece in pieces:

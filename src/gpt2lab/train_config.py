@@ -114,7 +114,8 @@ class TrainConfig:
     init_from: str | None = _opt("model", None)  # pretrained checkpoint: fine-tune instead of init
     convert_n_kv_head: int | None = _opt("model", None)  # GQA uptraining: pool K/V heads of init_from
     model: dict = field(
-        default_factory=lambda: {"n_layer": 4, "n_embd": 128, "block_size": 256}, metadata={"section": "model"}
+        default_factory=lambda: {"n_layer": 4, "n_embd": 128, "block_size": 128, "pos_encoding": "rope", "window": 128},
+        metadata={"section": "model"},
     )
     # [data]
     data_dir: str = _opt("data", "data/shakespeare-char", key="dir")
@@ -125,12 +126,12 @@ class TrainConfig:
     max_iters: int = _opt("optim", 1000)
     lr_decay_iters: int | None = _opt("optim", None)  # None: max_iters
     weight_decay: float = _opt("optim", 0.1)
-    betas: list = field(default_factory=lambda: [0.9, 0.95], metadata={"section": "optim", "key": None})
+    betas: list = field(default_factory=lambda: [0.9, 0.99], metadata={"section": "optim", "key": None})
     grad_clip: float = _opt("optim", 1.0)  # 0 disables
     skip_nonfinite: bool = _opt("optim", False)  # skip a step with a non-finite loss or gradient instead of stopping
     # [batch]
-    batch_size: int = _opt("batch", 4)  # sequences per micro-batch per process
-    block_size: int = _opt("batch", 256)
+    batch_size: int = _opt("batch", 8)  # sequences per micro-batch per process
+    block_size: int = _opt("batch", 128)
     grad_accum: int = _opt("batch", 1)  # micro-batches per step, in total over all processes
     # [run]
     out_dir: str = _opt("run", "runs/demo")
