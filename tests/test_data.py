@@ -1,17 +1,15 @@
 """prepare: documents → token files with <|endoftext|> separators, the tail split, byte counts, the
-named datasets (embedded pydoc; shakespeare via a mocked download), and the data errors."""
+named datasets (embedded pydoc; Tiny Shakespeare shipped with the package), and the data errors."""
 
 from __future__ import annotations
 
-import io
+import hashlib
 import json
-import urllib.error
 from pathlib import Path
 
 import numpy as np
 import pytest
 
-from gpt2lab import data
 from gpt2lab.cli import main
 from gpt2lab.config import GPT2LabError
 from gpt2lab.data import TokenData, prepare
@@ -51,34 +49,17 @@ def test_embedded_pydoc_corpus(corpus):
     assert len(d.train) == d.meta["train_tokens"] and len(d.val) == d.meta["val_tokens"]
 
 
-def test_shakespeare_download(tmp_path, monkeypatch):
-    class Response(io.BytesIO):
-        def __enter__(self):
-            return self
+def test_shakespeare_ships_with_the_package(tmp_path, shared_data, monkeypatch):
+    def no_network(*args, **kwargs):
+        raise AssertionError("prepare shakespeare must not reach the network")
 
-        def __exit__(self, *exc):
-            return False
-
-    seen = {}
-
-    def fake_urlopen(url, timeout):
-        seen.update(url=url, timeout=timeout)
-        return Response(b"First Citizen:\nBefore we proceed any further, hear me speak.\n")
-
-    monkeypatch.setattr(data.urllib.request, "urlopen", fake_urlopen)
-    meta = prepare("shakespeare", tmp_path)
-    assert seen["url"].startswith("https://raw.githubusercontent.com/karpathy/char-rnn/") and seen["timeout"] <= 30
-    assert meta["documents"] == 1
-
-
-def test_shakespeare_offline_is_one_line(tmp_path, monkeypatch, capsys):
-    def offline(url, timeout):
-        raise urllib.error.URLError("Name or service not known")
-
-    monkeypatch.setattr(data.urllib.request, "urlopen", offline)
-    assert main(["prepare", "shakespeare", "--out", str(tmp_path)]) == 2
-    err = capsys.readouterr().err
-    assert err.count("\n") == 1 and "gpt2lab prepare path/to/input.txt" in err
+    monkeypatch.setattr("socket.socket.connect", no_network)
+    meta = prepare("shakespeare", tmp_path, tokenizer="char")
+    tokens = np.concatenate([np.fromfile(tmp_path / f"{s}.bin", dtype=np.uint16) for s in ("train", "val")])
+    reference = (shared_data / "tinyshakespeare.txt").read_text(encoding="utf-8")
+    assert hashlib.md5(reference.encode()).hexdigest() == "6fb458f1232090904fb40fe944165e91"
+    assert load_tokenizer(tmp_path).decode(tokens.tolist()) == reference
+    assert (meta["documents"], meta["vocab_size"], meta["tokens"]) == (1, 65, 1_115_394)
 
 
 def test_cli_prepare(tmp_path, capsys):
@@ -112,7 +93,7 @@ def test_foreign_tokenizer_is_rejected(corpus, tmp_path):
     d = _copy(corpus, tmp_path)
     meta = json.loads((d / "meta.json").read_text())
     (d / "meta.json").write_text(json.dumps({**meta, "tokenizer": "cl100k_base"}))
-    with pytest.raises(GPT2LabError, match="made with tokenizer 'cl100k_base', not 'gpt2'"):
+    with pytest.raises(GPT2LabError, match="made with tokenizer 'cl100k_base', not one of gpt2, char"):
         TokenData.open(d)
     (d / "meta.json").write_text(json.dumps({**meta, "vocab_size": 100277}))
     with pytest.raises(GPT2LabError, match="vocabulary of 100277 tokens but the model has 50257"):

@@ -1,16 +1,29 @@
-"""gpt2lab demo: trains on the embedded corpus, reports validation loss, samples; fine-tunes a given
-checkpoint (with a transformers parity check for hub-layout ones); offline hub names fall back."""
+"""gpt2lab demo: prepares the bundled Tiny Shakespeare as characters, trains, reports the validation loss
+beside the unigram and bigram count models' on the same characters, samples characters; fine-tunes a
+given checkpoint (with a transformers parity check for hub-layout ones); offline hub names fall back."""
 
 from __future__ import annotations
 
+import json
 import re
 
+import numpy as np
 import pytest
 from training_helpers import tiny_config
 
 from gpt2lab.cli import main
 from gpt2lab.config import GPT2LabError, GPTConfig
+from gpt2lab.count_models import bigram_loss, unigram_loss
+from gpt2lab.data import TokenData, prepare
 from gpt2lab.model import GPT
+from gpt2lab.train_config import TrainConfig
+
+
+@pytest.fixture(scope="module")
+def shakespeare_chars(tmp_path_factory):
+    out = tmp_path_factory.mktemp("shakespeare-char")
+    prepare("shakespeare", out, tokenizer="char")
+    return out
 
 
 @pytest.fixture
@@ -25,19 +38,36 @@ def small_demo(corpus, monkeypatch):
     monkeypatch.setattr("gpt2lab.demo.TrainConfig", config)
 
 
-def test_demo_trains_reports_and_samples(corpus, tmp_path, capsys, small_demo):
-    assert main(["demo", "--out", str(tmp_path), "--data", str(corpus), "--max-iters", "1"]) == 0
+def test_demo_trains_reports_against_count_models_and_samples_characters(
+    shakespeare_chars, tmp_path, capsys, small_demo
+):
+    assert main(["demo", "--out", str(tmp_path), "--data", str(shakespeare_chars), "--max-iters", "1"]) == 0
     out = capsys.readouterr().out
-    assert re.search(r"validation loss \d+\.\d+", out) and "sample (prompt 'The for statement')" in out
+    found = re.search(r"validation loss (\S+) nats per character .* on ([\d,]+) validation characters", out)
+    model_loss, n = float(found.group(1)), int(found.group(2).replace(",", ""))
+    data = TokenData.open(shakespeare_chars)
+    scored = np.asarray(data.val[: n + 1])  # the demo's targets: scored[1:]
+    unigram, bigram = unigram_loss(data.train, scored, 65), bigram_loss(data.train, scored, 65)
+    assert f"cost {unigram:.4f} to a unigram model" in out and f"and {bigram:.4f} to a bigram model" in out
+    assert 3.0 < unigram < 3.5 and bigram < unigram and model_loss > bigram  # one step: not yet a language model
+    sample = out.split("sample (prompt 'ROMEO:\\n'):\n")[1].split("\n\nmore:")[0]
+    assert sample.startswith("ROMEO:\n") and len(sample) > 100 and set(sample) <= set(data.tokenizer.chars)
 
 
-def test_demo_prepares_data_on_first_use(tmp_path, capsys, monkeypatch):
+def test_demo_prepares_tiny_shakespeare_as_characters_on_first_use(tmp_path, capsys, monkeypatch):
     def stop(cfg, **options):
         raise GPT2LabError("only the preparation is tested here")
 
     monkeypatch.setattr("gpt2lab.demo.train", stop)
     assert main(["demo", "--out", str(tmp_path / "run"), "--data", str(tmp_path / "data")]) == 2
-    assert (tmp_path / "data" / "meta.json").is_file()
+    meta = json.loads((tmp_path / "data" / "meta.json").read_text())
+    assert (meta["tokenizer"], meta["vocab_size"], meta["sources"]) == ("char", 65, ["shakespeare"])
+
+
+def test_demo_defaults_are_a_character_model_of_tiny_shakespeare():
+    cfg = TrainConfig()
+    assert cfg.data_dir == "data/shakespeare-char" and "vocab_size" not in cfg.model  # the data's 65
+    assert cfg.model["block_size"] == cfg.block_size  # the sample fills the trained context
 
 
 def test_demo_offline_hub_name_trains_from_scratch(corpus, tmp_path, capsys, monkeypatch, small_demo):

@@ -35,7 +35,9 @@ def test_demo_toml_is_the_defaults():
     assert load_config(CONFIGS / "demo.toml") == TrainConfig()
 
 
-@pytest.mark.parametrize("name", ["demo", "shakespeare", "gpt2-124m", "finetune"])
+@pytest.mark.parametrize(
+    "name", ["demo", "shakespeare", "shakespeare-char", "shakespeare-char-cpu", "gpt2-124m", "finetune"]
+)
 def test_shipped_configs_load(name):
     cfg = load_config(CONFIGS / f"{name}.toml")
     assert cfg.max_iters > 0

@@ -16,6 +16,8 @@ from gpt2lab.train_config import TrainConfig, load_config
 
 # A model small enough that a step takes milliseconds; the vocabulary (50257) still dominates.
 TINY = [
+    "pos_encoding='learned'",  # GPT-2's model, whatever the defaults (the demo's) choose
+    "window='full'",
     "n_layer=1",
     "n_head=2",
     "n_embd=32",

@@ -14,15 +14,6 @@ DTYPES = ("float32", "bfloat16")  # names gpt2lab.precision.parse_dtype reads
 INFERENCE_DTYPES = (*DTYPES, "int8")  # int8: weights quantized after loading (gpt2lab.quantize)
 
 
-def load_for_inference(path: str, dtype: str, device: str):
-    """The model at ``path`` in ``dtype``: a float dtype casts it, "int8" quantizes its fp32 weights."""
-    from .run_state import load_model
-
-    if dtype == "int8":
-        return load_model(path, device=device).quantize("int8")
-    return load_model(path, dtype=dtype, device=device)
-
-
 # ---------------------------------------------------------------------------------------- generate
 
 
@@ -47,12 +38,12 @@ def add_generate(sub) -> None:
 
 def cmd_generate(args) -> int:
     from .generation import stream_text
-    from .tokenizer import load_tokenizer
+    from .run_state import load_model_and_tokenizer
 
     sampling = dict(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, seed=args.seed)
     prompt = sys.stdin.read() if args.prompt == "-" else args.prompt
-    model = load_for_inference(args.model, args.dtype, args.device)
-    pieces = stream_text(model, load_tokenizer(), prompt, args.max_new_tokens, stop=args.stop, **sampling)
+    model, tokenizer = load_model_and_tokenizer(args.model, dtype=args.dtype, device=args.device)
+    pieces = stream_text(model, tokenizer, prompt, args.max_new_tokens, stop=args.stop, **sampling)
     sys.stdout.write(prompt)
     for piece in pieces:
         sys.stdout.write(piece)
@@ -73,11 +64,13 @@ def add_convert(sub) -> None:
 
 
 def cmd_convert(args) -> int:
-    from .run_state import load_model
+    from .run_state import load_model_and_tokenizer
+    from .tokenizer import save_tokenizer
 
-    model = load_model(args.model)
+    model, tokenizer = load_model_and_tokenizer(args.model)
     converted = model.convert_to_gqa(args.n_kv_head)
     converted.save_pretrained(args.out)
+    save_tokenizer(tokenizer, args.out)
     heads = f"{model.config.n_kv_head} -> {args.n_kv_head} key/value heads"
     print(f"converted {heads}; {model.num_params():,} -> {converted.num_params():,} parameters; saved to {args.out}")
     return 0
@@ -168,6 +161,14 @@ def add_prepare(sub) -> None:
     shards.add_argument("--hf-revision", default=None, help="hf: a branch or commit, e.g. refs/convert/parquet")
     shards.add_argument("--shard-tokens", type=arg.positive_int("shard_tokens"), default=None, help="(100,000,000)")
     shards.add_argument("--val-tokens", type=arg.positive_int("val_tokens"), default=None, help="(10,000,000)")
+    from .tokenizer import TOKENIZERS
+
+    p.add_argument(
+        "--tokenizer",
+        choices=TOKENIZERS,
+        default="gpt2",
+        help="gpt2: GPT-2's BPE; char: one token per character of the corpus",
+    )
     p.set_defaults(func=cmd_prepare)
 
 
@@ -179,6 +180,8 @@ def cmd_prepare(args) -> int:
 
         if args.val_fraction is not None:
             raise GPT2LabError("a sharded prepare holds out --val-tokens (the first documents), not --val-fraction")
+        if args.tokenizer != "gpt2":
+            raise GPT2LabError("a sharded prepare writes GPT-2 tokens; --tokenizer char is for text files")
         options = SourceOptions(args.text_column, args.hf_config, args.split, args.hf_revision)
         sizes = dict(shard_tokens=args.shard_tokens or SHARD_TOKENS, val_tokens=args.val_tokens or VAL_TOKENS)
         meta = prepare_shards(args.source, args.out, options, workers=args.threads, **sizes)
@@ -186,11 +189,12 @@ def cmd_prepare(args) -> int:
     else:
         from .data import prepare
 
-        meta = prepare(args.source, args.out, val_fraction=args.val_fraction or 0.1, num_threads=args.threads)
+        fraction = args.val_fraction or 0.1
+        meta = prepare(args.source, args.out, val_fraction=fraction, num_threads=args.threads, tokenizer=args.tokenizer)
         shards = ""
     print(
-        f"{meta['documents']:,} documents, {meta['tokens']:,} tokens: "
-        f"train {meta['train_tokens']:,}, val {meta['val_tokens']:,}{shards} -> {args.out}"
+        f"{meta['documents']:,} documents, {meta['tokens']:,} tokens ({meta.get('tokenizer', 'gpt2')}, vocabulary "
+        f"{meta['vocab_size']:,}): train {meta['train_tokens']:,}, val {meta['val_tokens']:,}{shards} -> {args.out}"
     )
     return 0
 
@@ -296,16 +300,17 @@ def cmd_eval(args) -> int:
     from pathlib import Path
 
     from .evaluation import evaluate, load_tokens, write_by_position
+    from .run_state import load_model_and_tokenizer
 
     if args.data is None and args.hellaswag is None:
         raise GPT2LabError("eval needs --data, --hellaswag, or both")
-    model = load_for_inference(args.model, args.dtype, args.device)
+    model, tokenizer = load_model_and_tokenizer(args.model, dtype=args.dtype, device=args.device)
     if args.hellaswag is not None:
         _eval_hellaswag(model, args.hellaswag, args.max_examples)
     if args.data is None:
         return 0
-    tokens, n_bytes, source = load_tokens(args.data)
-    result = evaluate(model, tokens, args.context, args.batch_size, args.max_tokens)
+    tokens, n_bytes, source = load_tokens(args.data, tokenizer)
+    result = evaluate(model, tokens, args.context, args.batch_size, args.max_tokens, tokenizer=tokenizer)
     print(f"data: {source} ({len(tokens):,} tokens, {n_bytes:,} bytes); evaluated {result.tokens:,} tokens")
     print(f"loss {result.loss:.4f}  perplexity {result.perplexity:.2f}  bits/byte {result.bits_per_byte:.4f}")
     if args.by_position:
@@ -330,12 +335,22 @@ def _eval_hellaswag(model, source: str, limit: int | None) -> None:
 
 
 def add_demo(sub) -> None:
-    p = sub.add_parser("demo", help="train a small model on the bundled Python docs (offline, minutes), then sample")
-    p.add_argument("--pretrained", default=None, help="fine-tune this checkpoint (hub id or path) instead")
+    p = sub.add_parser(
+        "demo", help="train a character-level GPT on the bundled Tiny Shakespeare (offline, ~2 minutes), then sample"
+    )
+    p.add_argument(
+        "--pretrained", default=None, help="fine-tune this checkpoint (hub id or path) on the Python docs instead"
+    )
     p.add_argument("--out", default="runs/demo", help="run folder")
-    p.add_argument("--data", default="data/pydoc", help="prepared data folder (made on first use)")
+    p.add_argument(
+        "--data",
+        default=None,
+        help="prepared data folder, made on first use (default: data/shakespeare-char; data/pydoc with --pretrained)",
+    )
     p.add_argument("--max-iters", type=arg.positive_int("max_iters"), default=None)
-    p.add_argument("--prompt", default="The for statement")
+    p.add_argument(
+        "--prompt", default=None, help="sample prompt (default: 'ROMEO:\\n'; 'The for statement' with --pretrained)"
+    )
     p.add_argument("--overwrite", action="store_true", help="train again in a run folder that holds a run")
     p.set_defaults(func=cmd_demo)
 

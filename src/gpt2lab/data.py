@@ -1,19 +1,22 @@
-"""Token datasets: text → GPT-2 token ids in ``train.bin`` / ``val.bin`` (uint16 memmaps) + ``meta.json``.
+"""Token datasets: text → token ids in ``train.bin`` / ``val.bin`` (uint16 memmaps) + ``meta.json``, and the
+tokenizer beside them (``gpt2lab-tokenizer.json``).
 
-Each source document (a file, or one topic of the embedded corpus) is tokenized on its own and ends
-with ``<|endoftext|>``, so the model learns where documents stop. The validation split is the *tail
-of the token stream* (the last ``val_fraction`` of the tokens), which works the same way for a single
-file and for many documents.
+The tokenizer is GPT-2's BPE or characters (the sorted set of the corpus's characters). With the BPE,
+each source document (a file, or one topic of the embedded corpus) is tokenized on its own and ends
+with ``<|endoftext|>``, so the model learns where documents stop; characters have no such token, and
+documents simply follow one another. The validation split is the *tail of the token stream* (the
+last ``val_fraction`` of the tokens), which works the same way for a single file and for many documents.
 """
 
 from __future__ import annotations
 
+import functools
+import gzip
 import itertools
 import os
-import urllib.error
-import urllib.request
 from collections.abc import Iterator
 from dataclasses import dataclass
+from importlib import resources
 from pathlib import Path
 
 import numpy as np
@@ -23,12 +26,18 @@ from tqdm import tqdm
 from .config import GPT2LabError, check_number, closest_hint, is_int
 from .files import atomic_file, read_json, scratch_file, write_json
 from .sharded_tokens import ShardedTokens
-from .tokenizer import load_tokenizer
+from .tokenizer import (
+    TOKENIZERS,
+    Tokenizer,
+    check_tokenizer_name,
+    load_tokenizer,
+    make_tokenizer,
+    save_tokenizer,
+    token_byte_lengths,
+)
 
-TOKENIZER_NAME = "gpt2"
 DTYPE = np.uint16  # GPT-2's 50257 ids fit in 16 bits: half the disk and memory of int32
-SHAKESPEARE_URL = "https://raw.githubusercontent.com/karpathy/char-rnn/master/data/tinyshakespeare/input.txt"
-DOWNLOAD_TIMEOUT_S = 15
+SHAKESPEARE_FILE = "tinyshakespeare.txt.gz"  # package data (src/gpt2lab/corpora/README.md says where it is from)
 TEXT_SUFFIXES = (".txt", ".text", ".md", ".rst")
 
 
@@ -44,17 +53,12 @@ def _pydoc_documents() -> Iterator[tuple[str, str]]:
 
 
 def _shakespeare_documents() -> Iterator[tuple[str, str]]:
-    """Tiny Shakespeare (the char-rnn corpus), fetched from GitHub."""
-    try:
-        with urllib.request.urlopen(SHAKESPEARE_URL, timeout=DOWNLOAD_TIMEOUT_S) as response:
-            text = response.read().decode("utf-8")
-    except (urllib.error.URLError, OSError) as e:
-        reason = getattr(e, "reason", e)
-        raise GPT2LabError(
-            f"cannot download tinyshakespeare ({reason}); offline, fetch {SHAKESPEARE_URL} elsewhere "
-            "and run: gpt2lab prepare path/to/input.txt --out DIR"
-        ) from None
-    yield "shakespeare", text
+    """Tiny Shakespeare (char-rnn's corpus, 1.1 MB of public-domain plays), shipped gzipped with gpt2lab."""
+    yield "shakespeare", shakespeare_text()
+
+
+def shakespeare_text() -> str:
+    return gzip.decompress((resources.files("gpt2lab") / "corpora" / SHAKESPEARE_FILE).read_bytes()).decode("utf-8")
 
 
 NAMED_DATASETS = {"pydoc": _pydoc_documents, "shakespeare": _shakespeare_documents}
@@ -97,27 +101,19 @@ def read_text_file(path: Path) -> str:
 # ---------------------------------------------------------------------------------------- prepare
 
 
-def token_byte_lengths() -> np.ndarray:
-    """UTF-8 byte length of every token id (``<|endoftext|>`` counts 0: it is not text).
-
-    Summing this over evaluated targets gives the bytes they cover, the denominator of bits per byte.
-    """
-    enc = load_tokenizer()
-    lengths = np.array([len(enc.decode_single_token_bytes(i)) for i in range(enc.n_vocab)], dtype=np.int64)
-    lengths[enc.eot_token] = 0
-    return lengths
-
-
 def prepare(
     sources: list[str | Path] | str | Path,
     out_dir: str | Path,
     val_fraction: float = 0.1,
     num_threads: int | None = None,
     chunk_docs: int = 64,
+    tokenizer: str = "gpt2",
 ) -> dict:
-    """Tokenize ``sources`` into ``out_dir``; returns the metadata written to ``meta.json``."""
+    """Tokenize ``sources`` into ``out_dir`` with ``tokenizer`` (``"gpt2"`` or ``"char"``); returns the
+    metadata written to ``meta.json``. The tokenizer is written beside it."""
     if isinstance(sources, str | Path):
         sources = [sources]
+    check_tokenizer_name(tokenizer)
     check_number("val fraction", val_fraction, low=0.0, high=1.0, low_open=True)
     if num_threads is not None and (not is_int(num_threads) or num_threads < 1):
         raise GPT2LabError(f"threads must be an integer >= 1, got {num_threads!r}")
@@ -129,11 +125,13 @@ def prepare(
     try:
         with scratch_file(out, "tokens") as stream_path:
             threads = num_threads or os.cpu_count() or 1
-            n_docs, n_tokens = _tokenize(iter_documents(sources), stream_path, threads, chunk_docs)
+            enc, documents = _choose_tokenizer(tokenizer, iter_documents(sources))
+            n_docs, n_tokens = _tokenize(documents, enc, stream_path, threads, chunk_docs)
             if n_docs == 0:
                 raise GPT2LabError(f"no text found in {', '.join(map(str, sources))}: every document is empty")
-            meta = _write_splits(stream_path, out, n_tokens, val_fraction)
+            meta = _write_splits(stream_path, out, n_tokens, val_fraction, enc)
         meta.update(documents=n_docs, sources=[str(s) for s in sources])
+        save_tokenizer(enc, out)  # before meta.json, which marks the folder complete
         write_json(out / "meta.json", meta)
     except BaseException:
         if created and not any(out.iterdir()):
@@ -142,20 +140,35 @@ def prepare(
     return meta
 
 
-def _tokenize(documents: Iterator[tuple[str, str]], stream: Path, threads: int, chunk_docs: int) -> tuple[int, int]:
-    """Append every non-empty document's tokens + ``<|endoftext|>`` to ``stream``; (documents, tokens).
+def _choose_tokenizer(name: str, documents: Iterator[tuple[str, str]]) -> tuple[Tokenizer, Iterator[tuple[str, str]]]:
+    """The tokenizer ``name`` and the documents to encode with it. A character vocabulary needs the whole
+    corpus first, so its documents are read into memory (character-level corpora are small) and handed on."""
+    if name != "char":
+        return make_tokenizer(name), documents
+    docs = list(documents)
+    enc = make_tokenizer(name, (text for _, text in docs if text.strip()))
+    if enc.n_vocab > np.iinfo(DTYPE).max + 1:
+        raise GPT2LabError(f"the corpus has {enc.n_vocab:,} distinct characters, more than 16-bit token ids hold")
+    return enc, iter(docs)
+
+
+def _tokenize(
+    documents: Iterator[tuple[str, str]], enc: Tokenizer, stream: Path, threads: int, chunk_docs: int
+) -> tuple[int, int]:
+    """Append every non-empty document's tokens (+ ``<|endoftext|>`` if the tokenizer has it) to ``stream``;
+    (documents, tokens).
 
     Documents are encoded in chunks with tiktoken's multithreaded ``encode_ordinary_batch`` (the BPE
     runs in Rust, so threads use every core) and streamed to disk: memory is bounded by one chunk.
     """
-    enc = load_tokenizer()
     first = next(documents, None)  # fail on a bad source (or a download) before drawing a progress bar
     n_docs = n_tokens = 0
     texts = iter(text for _, text in itertools.chain([first] if first else [], documents) if text.strip())
     with open(stream, "wb") as f, tqdm(desc="tokenizing", unit="doc") as bar:
         while batch := list(itertools.islice(texts, chunk_docs)):
             for ids in enc.encode_ordinary_batch(batch, num_threads=threads):
-                ids.append(enc.eot_token)
+                if enc.eot_token is not None:
+                    ids.append(enc.eot_token)
                 f.write(np.asarray(ids, dtype=DTYPE).tobytes())
                 n_tokens += len(ids)
             n_docs += len(batch)
@@ -164,18 +177,18 @@ def _tokenize(documents: Iterator[tuple[str, str]], stream: Path, threads: int, 
     return n_docs, n_tokens
 
 
-def _write_splits(stream_path: Path, out: Path, n_tokens: int, val_fraction: float) -> dict:
+def _write_splits(stream_path: Path, out: Path, n_tokens: int, val_fraction: float, enc: Tokenizer) -> dict:
     """``train.bin`` and ``val.bin`` (the tail of the token stream) from the token stream; their metadata."""
     tokens = np.memmap(stream_path, dtype=DTYPE, mode="r")
     n_val = max(1, int(round(n_tokens * val_fraction)))
     n_train = n_tokens - n_val
-    byte_len = token_byte_lengths()
+    byte_len = token_byte_lengths(enc)
     for name, part in (("train", tokens[:n_train]), ("val", tokens[n_train:])):
         with atomic_file(out / f"{name}.bin") as tmp:
             part.tofile(tmp)
     meta = {
-        "tokenizer": TOKENIZER_NAME,
-        "vocab_size": load_tokenizer().n_vocab,
+        "tokenizer": enc.name,
+        "vocab_size": enc.n_vocab,
         "dtype": np.dtype(DTYPE).name,
         "tokens": n_tokens,
         "train_tokens": n_train,
@@ -201,6 +214,21 @@ class TokenData:
     train: np.ndarray
     val: np.ndarray
 
+    @property
+    def vocab_size(self) -> int:
+        return self.meta["vocab_size"]
+
+    @functools.cached_property
+    def tokenizer(self) -> Tokenizer:
+        """The tokenizer the folder was prepared with (``gpt2lab-tokenizer.json``; GPT-2's in older folders)."""
+        tok = load_tokenizer(self.path)
+        if (tok.name, tok.n_vocab) != (self.meta["tokenizer"], self.vocab_size):
+            raise GPT2LabError(
+                f"{self.path}: meta.json says {self.meta['tokenizer']} with {self.vocab_size} tokens but the "
+                f"tokenizer beside it has {tok.name} with {tok.n_vocab}; prepare it again"
+            )
+        return tok
+
     @classmethod
     def open(cls, path: str | Path, vocab_size: int | None = None) -> TokenData:
         """Open and check a prepared folder; ``vocab_size`` is the model's, to catch foreign token ids."""
@@ -222,7 +250,10 @@ class TokenData:
                 raise GPT2LabError(
                     f"{path}/{name}.bin has token id {top} >= vocab size {meta['vocab_size']}: another tokenizer?"
                 )
-        return cls(path, meta, splits["train"], splits["val"])
+        data = cls(path, meta, splits["train"], splits["val"])
+        if meta["tokenizer"] != "gpt2":
+            data.tokenizer  # noqa: B018 (a character vocabulary is cheap to read: check it now, not mid-run)
+        return data
 
     def check_fits(self, block_size: int) -> None:
         """Each split must hold at least one sequence of ``block_size`` inputs + 1 target."""
@@ -237,9 +268,10 @@ class TokenData:
 
 def _read_meta(path: Path) -> dict:
     meta = read_json(path / "meta.json")
-    if meta.get("tokenizer") != TOKENIZER_NAME:
+    if meta.get("tokenizer") not in TOKENIZERS:
         raise GPT2LabError(
-            f"{path} was made with tokenizer {meta.get('tokenizer')!r}, not {TOKENIZER_NAME!r}; prepare it again"
+            f"{path} was made with tokenizer {meta.get('tokenizer')!r}, not one of {', '.join(TOKENIZERS)}; "
+            "prepare it again"
         )
     if not is_int(meta.get("vocab_size")) or meta["vocab_size"] < 1 or meta.get("dtype") not in ("uint16", "uint32"):
         raise GPT2LabError(f"{path}/meta.json is damaged (vocab_size or dtype missing or wrong); prepare it again")

@@ -16,25 +16,33 @@ import torch
 import torch.nn.functional as F
 
 from .config import GPT2LabError
-from .data import TokenData, token_byte_lengths
+from .data import TokenData
 from .files import atomic_file
 from .model import GPT
 from .plots import plot_loss_by_position
-from .tokenizer import load_tokenizer
+from .tokenizer import Tokenizer, describe, load_tokenizer, same_tokenizer, token_byte_lengths
 
 
-def load_tokens(path: str | Path) -> tuple[np.ndarray, int, str]:
-    """(token ids, total bytes, description): a prepared folder's val split, or a text file tokenized now."""
+def load_tokens(path: str | Path, tokenizer: Tokenizer | None = None) -> tuple[np.ndarray, int, str]:
+    """(token ids, total bytes, description): a prepared folder's val split, or a text file tokenized now.
+
+    ``tokenizer`` is the model's (GPT-2's BPE when None): a prepared folder must have been made with it.
+    """
+    tokenizer = tokenizer if tokenizer is not None else load_tokenizer()
     p = Path(path)
     if p.is_dir():
         data = TokenData.open(p)
+        if not same_tokenizer(data.tokenizer, tokenizer):
+            raise GPT2LabError(
+                f"{p} was prepared with {describe(data.tokenizer)} but the model reads {describe(tokenizer)}"
+            )
         return np.asarray(data.val), data.meta["val_bytes"], f"{p}/val.bin"
     if not p.is_file():
         raise GPT2LabError(f"no such file or prepared folder: {p}")
     text = p.read_text(encoding="utf-8", errors="replace")
     if not text.strip():
         raise GPT2LabError(f"{p} is empty")
-    return np.array(load_tokenizer().encode_ordinary(text), dtype=np.int64), len(text.encode("utf-8")), str(p)
+    return np.array(tokenizer.encode_ordinary(text), dtype=np.int64), len(text.encode("utf-8")), str(p)
 
 
 @dataclass
@@ -54,11 +62,13 @@ def evaluate(
     context: int | None = None,
     batch_size: int = 8,
     max_tokens: int | None = None,
+    tokenizer: Tokenizer | None = None,
 ) -> EvalResult:
     """Score ``tokens`` in non-overlapping windows of ``context`` targets (each window starts fresh, so
     position p has seen exactly p earlier tokens: that is what makes the by-position curve meaningful).
 
     ``context`` defaults to the model's block_size; longer contexts work only for RoPE models.
+    ``tokenizer`` (GPT-2's BPE when None) gives each token's bytes, for bits per byte.
     """
     config = model.config
     context = context or config.block_size
@@ -73,7 +83,7 @@ def evaluate(
     vocab = config.vocab_size
     if int(tokens[: n_windows * context + 1].max()) >= vocab:
         raise GPT2LabError(f"the data has token ids >= the model's vocab size {vocab}: another tokenizer?")
-    byte_len = torch.from_numpy(token_byte_lengths())
+    byte_len = torch.from_numpy(token_byte_lengths(tokenizer))
     model.eval()
     device = model.device
     position_sum = torch.zeros(context, dtype=torch.float64)

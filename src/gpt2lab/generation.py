@@ -224,7 +224,7 @@ def generate(model, idx, max_new_tokens: int, *, attention_mask: torch.Tensor | 
 
 
 def stream_text(model, tokenizer, prompt: str, max_new_tokens: int, *, stop=None, **sampling) -> Iterator[str]:
-    """Yield the continuation of ``prompt`` piece by piece, ending before the first stop string.
+    """The continuation of ``prompt``, piece by piece (an iterator), ending before the first stop string.
 
     Text is released only once it is complete UTF-8 and cannot be the start of a stop string, so a
     stop string is never half printed. The end-of-text token ends the stream too.
@@ -236,6 +236,13 @@ def stream_text(model, tokenizer, prompt: str, max_new_tokens: int, *, stop=None
     stops = [stop] if isinstance(stop, str | int) else list(stop or [])
     text = StopStrings([s for s in stops if isinstance(s, str)])
     stop_tokens = [s for s in stops if isinstance(s, int)] + ([eot] if eot is not None else [])
+    # A bad prompt or stop string fails here, at the call, before the caller prints anything.
+    return _release_text(model, tokenizer, ids, text, max_new_tokens, stop_tokens, sampling)
+
+
+def _release_text(model, tokenizer, ids, text, max_new_tokens, stop_tokens, sampling) -> Iterator[str]:
+    """:func:`stream_text`'s generator: decode each new token into ``text`` and yield what is safe to show."""
+    eot = getattr(tokenizer, "eot_token", None)
     released = 0  # bytes of the continuation already yielded
     for tokens, finished in stream_generate(model, torch.tensor([ids]), max_new_tokens, stop=stop_tokens, **sampling):
         token, done = tokens.item(), finished[0]

@@ -25,6 +25,7 @@ from .files import atomic_file, write_text
 from .model import GPT
 from .precision import parse_dtype
 from .safe_pickle import load_weights_only
+from .tokenizer import TOKENIZER_FILE, Tokenizer, check_model_vocab, load_tokenizer
 from .train_config import TrainConfig
 
 CKPT_NAME = "ckpt.pt"
@@ -157,7 +158,9 @@ def append_metrics(run_dir: str | Path, row: dict[str, Any]) -> None:
 # ---------------------------------------------------------------------------------------- ownership
 
 
-RUN_FILES = (CKPT_NAME, METRICS_NAME, "train_config.json", "config.json", "model.safetensors", "loss.png")
+RUN_FILES = (
+    CKPT_NAME, METRICS_NAME, "train_config.json", "config.json", "model.safetensors", "loss.png", TOKENIZER_FILE,
+)  # fmt: skip
 
 
 def holds_run(run_dir: Path) -> bool:
@@ -288,3 +291,17 @@ def load_model(
     model = _model_from_checkpoint(p)
     dtype = parse_dtype(dtype)
     return model.to(device=device, dtype=dtype) if dtype is not None or device is not None else model
+
+
+def load_model_and_tokenizer(
+    path: str | Path, dtype: torch.dtype | str | None = None, device: torch.device | str | None = None
+) -> tuple[GPT, Tokenizer]:
+    """:func:`load_model` and the tokenizer stored beside it (GPT-2's BPE where none is), checked to fit.
+    ``dtype="int8"`` quantizes the fp32 weights after loading (:meth:`GPT.quantize`)."""
+    if dtype == "int8":
+        model = load_model(path, device=device).quantize("int8")
+    else:
+        model = load_model(path, dtype=dtype, device=device)
+    tokenizer = load_tokenizer(path)
+    check_model_vocab(tokenizer, model.config.vocab_size, path)
+    return model, tokenizer

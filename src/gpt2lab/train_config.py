@@ -101,7 +101,7 @@ def _opt(section: str, default: Any, key: str | None = None, **kw) -> Any:
 
 @dataclass
 class TrainConfig:
-    """Everything a run needs. The defaults are the demo: a small model on the embedded pydoc corpus.
+    """Everything a run needs. The defaults are the demo: a small character-level model on Tiny Shakespeare.
 
     In TOML the fields are grouped in sections ``[model] [data] [optim] [batch] [run]``; ``[model]``
     also takes any :class:`GPTConfig` field (``n_layer``, ``pos_encoding``, ``n_kv_head``, ``window``…),
@@ -114,28 +114,31 @@ class TrainConfig:
     init_from: str | None = _opt("model", None)  # pretrained checkpoint: fine-tune instead of init
     convert_n_kv_head: int | None = _opt("model", None)  # GQA uptraining: pool K/V heads of init_from
     convert_kv_init: str = _opt("model", "mean")  # mean: each group's K/V heads averaged; first: its first head
-    model: dict = field(default_factory=lambda: {"n_layer": 4, "n_embd": 128}, metadata={"section": "model"})
+    model: dict = field(
+        default_factory=lambda: {"n_layer": 4, "n_embd": 128, "block_size": 128, "pos_encoding": "rope", "window": 128},
+        metadata={"section": "model"},
+    )
     # [data]
-    data_dir: str = _opt("data", "data/pydoc", key="dir")
+    data_dir: str = _opt("data", "data/shakespeare-char", key="dir")
     # [optim]
     lr: float = _opt("optim", 1e-3)
     min_lr: float = _opt("optim", 1e-4)
-    warmup_iters: int = _opt("optim", 25)
-    max_iters: int = _opt("optim", 250)
+    warmup_iters: int = _opt("optim", 50)
+    max_iters: int = _opt("optim", 1000)
     lr_decay_iters: int | None = _opt("optim", None)  # None: max_iters
     weight_decay: float = _opt("optim", 0.1)
-    betas: list = field(default_factory=lambda: [0.9, 0.95], metadata={"section": "optim", "key": None})
+    betas: list = field(default_factory=lambda: [0.9, 0.99], metadata={"section": "optim", "key": None})
     grad_clip: float = _opt("optim", 1.0)  # 0 disables
     skip_nonfinite: bool = _opt("optim", False)  # skip a step with a non-finite loss or gradient instead of stopping
     # [batch]
     batch_size: int = _opt("batch", 8)  # sequences per micro-batch per process
-    block_size: int = _opt("batch", 64)
+    block_size: int = _opt("batch", 128)
     grad_accum: int = _opt("batch", 1)  # micro-batches per step, in total over all processes
     # [run]
     out_dir: str = _opt("run", "runs/demo")
-    eval_interval: int = _opt("run", 125)
-    eval_iters: int = _opt("run", 5)
-    ckpt_interval: int = _opt("run", 125)
+    eval_interval: int = _opt("run", 250)
+    eval_iters: int = _opt("run", 10)
+    ckpt_interval: int = _opt("run", 250)
     log_interval: int = _opt("run", 1)
     seed: int = _opt("run", 1337)
     dtype: str = _opt("run", "auto")  # auto | float32 | bfloat16 | float16 (autocast; fp16 with loss scaling)

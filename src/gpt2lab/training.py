@@ -45,6 +45,7 @@ from .run_state import (
     save_checkpoint,
     start_metrics,
 )
+from .tokenizer import describe, load_tokenizer, same_tokenizer, save_tokenizer
 from .train_config import TrainConfig
 
 # ---------------------------------------------------------------------------------------- building blocks
@@ -99,10 +100,16 @@ def _micro_batches_per_rank(cfg: TrainConfig, dist: Dist) -> int:
 
 def _check_fits(cfg: TrainConfig, data: TokenData, config: GPTConfig) -> None:
     """The data's tokenizer and the batch's sequence length must suit the model."""
-    if data.meta["vocab_size"] > config.vocab_size:
+    if data.vocab_size > config.vocab_size:
         raise GPT2LabError(
-            f"{cfg.data_dir} has a vocabulary of {data.meta['vocab_size']} tokens but the model has "
+            f"{cfg.data_dir} has a vocabulary of {data.vocab_size} tokens but the model has "
             f"{config.vocab_size}; it was made with another tokenizer"
+        )
+    model_tokenizer = load_tokenizer(cfg.init_from) if cfg.init_from is not None else data.tokenizer
+    if not same_tokenizer(model_tokenizer, data.tokenizer):
+        raise GPT2LabError(
+            f"{cfg.init_from} reads {describe(model_tokenizer)} but {cfg.data_dir} was prepared with "
+            f"{describe(data.tokenizer)}; prepare the data with the model's tokenizer"
         )
     if cfg.block_size > config.block_size:
         raise GPT2LabError(
@@ -133,7 +140,7 @@ class Trainer:
         self.accum = _micro_batches_per_rank(cfg, dist)
         self.data_gen = _seed_everything(cfg.seed)
         self.data = TokenData.open(cfg.data_dir)
-        model = build_model(cfg, vocab_size=self.data.meta["vocab_size"])
+        model = build_model(cfg, vocab_size=self.data.vocab_size)
         self.model_config = model.config
         _check_fits(cfg, self.data, model.config)
         resume_state = resume_checkpoint(cfg, self.data.meta, model.config, allow_changes) if resume else None
@@ -277,6 +284,7 @@ class Trainer:
             self.out.mkdir(parents=True, exist_ok=True)
             start_metrics(self.out, keep_until=self.step if self.resumed else None)
             write_json(self.out / "train_config.json", self.cfg.to_dict())
+            save_tokenizer(self.data.tokenizer, self.out)  # generate / eval read and write what the data holds
 
     def _on_signal(self, signum, frame) -> None:
         self.stop_signal = signum
