@@ -156,7 +156,7 @@ def test_prepare_refuses_an_unknown_tokenizer(tmp_path):
 
 def test_shakespeare_char_config_is_the_specified_model(tmp_path):
     from gpt2lab.train_config import load_config
-    from gpt2lab.training import build_model
+    from gpt2lab.training_setup import build_model
 
     data = TokenData.open(prepare("shakespeare", tmp_path, tokenizer="char") and tmp_path)
     configs = Path(__file__).resolve().parents[1] / "configs"

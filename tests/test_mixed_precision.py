@@ -14,7 +14,8 @@ from training_helpers import logged_losses, tiny_config
 from gpt2lab import GPT2LabError, precision
 from gpt2lab.lm_head_loss import LMHeadLoss
 from gpt2lab.run_state import load_checkpoint
-from gpt2lab.training import resolve_dtype, train
+from gpt2lab.training import train
+from gpt2lab.training_setup import resolve_dtype
 
 
 def train_fp16(cfg, **options) -> dict:

@@ -22,7 +22,8 @@ from gpt2lab.model import GPT
 from gpt2lab.optim import lr_at, make_optimizer
 from gpt2lab.run_state import load_checkpoint
 from gpt2lab.train_config import TrainConfig, load_config
-from gpt2lab.training import resolve_dtype, train
+from gpt2lab.training import train
+from gpt2lab.training_setup import resolve_dtype
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 

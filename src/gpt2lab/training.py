@@ -10,26 +10,22 @@ The configuration is :mod:`gpt2lab.train_config`; the files a run writes are :mo
 from __future__ import annotations
 
 import math
-import random
 import signal
 import time
-import warnings
 from pathlib import Path
 
-import numpy as np
 import torch
 from tqdm import tqdm
 
-from .config import GPT2LabError, GPTConfig
+from .config import GPT2LabError
 from .data import TokenData, gather_batch, sample_offsets
 from .distributed import Dist, gather_state, load_state, setup, sync_context, teardown, wrap_model
 from .files import write_json
 from .hellaswag import accuracies, evaluate_hellaswag, load_examples
-from .kernel_choice import faster_training_dtype
 from .model import GPT
 from .optim import lr_at, make_optimizer
 from .plots import plot_losses
-from .precision import grad_scaler, has_native_bf16, has_native_fp16, parse_dtype
+from .precision import grad_scaler
 from .run_state import (
     CKPT_NAME,
     RunLock,
@@ -38,85 +34,15 @@ from .run_state import (
     check_run_folder,
     clear_run,
     data_fingerprint,
-    load_model,
     read_metrics,
     restore_rng,
     resume_checkpoint,
     save_checkpoint,
     start_metrics,
 )
-from .tokenizer import describe, load_tokenizer, same_tokenizer, save_tokenizer
+from .tokenizer import save_tokenizer
 from .train_config import TrainConfig
-
-# ---------------------------------------------------------------------------------------- building blocks
-
-
-def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
-    """``auto`` picks whichever of float32 and bfloat16 autocast a short probe finds faster on this machine
-    (:func:`~gpt2lab.kernel_choice.faster_training_dtype`). Without native matrix instructions bf16 and fp16
-    run through generic kernels, many times slower than fp32 (20x for a small GPT on a 2-core AVX2 CPU):
-    asking for them there gives a warning."""
-    if name == "auto":
-        return faster_training_dtype(device)
-    dtype = parse_dtype(name)
-    native = {torch.bfloat16: has_native_bf16(device), torch.float16: has_native_fp16(device)}
-    if not native.get(dtype, True):
-        warnings.warn(
-            f"{name} autocast on this {device.type} has no native {name} matrix multiply and runs many times "
-            "slower than float32 (dtype = 'auto' picks float32 here)",
-            stacklevel=2,
-        )
-    return dtype
-
-
-def build_model(cfg: TrainConfig, vocab_size: int) -> GPT:
-    """From scratch (preset + fields), or from a pretrained checkpoint or run, optionally GQA-converted."""
-    if cfg.init_from is not None:
-        model = load_model(cfg.init_from)
-        if cfg.convert_n_kv_head is not None:
-            model = model.convert_to_gqa(cfg.convert_n_kv_head, init=cfg.convert_kv_init)
-        return model
-    fields = {"vocab_size": vocab_size, **cfg.model}
-    config = GPTConfig.from_preset(cfg.preset, **fields) if cfg.preset else GPTConfig.from_dict(fields)
-    return GPT(config)
-
-
-def _seed_everything(seed: int) -> torch.Generator:
-    """Seed torch, numpy and Python; return the batch sampler's generator (the same on every rank)."""
-    torch.manual_seed(seed)
-    np.random.seed(seed)
-    random.seed(seed)
-    return torch.Generator().manual_seed(seed)
-
-
-def _micro_batches_per_rank(cfg: TrainConfig, dist: Dist) -> int:
-    if cfg.grad_accum % dist.world:
-        raise GPT2LabError(
-            f"grad_accum ({cfg.grad_accum}) must be a multiple of the number of processes ({dist.world}) "
-            "so that the global batch stays the same"
-        )
-    return cfg.grad_accum // dist.world
-
-
-def _check_fits(cfg: TrainConfig, data: TokenData, config: GPTConfig) -> None:
-    """The data's tokenizer and the batch's sequence length must suit the model."""
-    if data.vocab_size > config.vocab_size:
-        raise GPT2LabError(
-            f"{cfg.data_dir} has a vocabulary of {data.vocab_size} tokens but the model has "
-            f"{config.vocab_size}; it was made with another tokenizer"
-        )
-    model_tokenizer = load_tokenizer(cfg.init_from) if cfg.init_from is not None else data.tokenizer
-    if not same_tokenizer(model_tokenizer, data.tokenizer):
-        raise GPT2LabError(
-            f"{cfg.init_from} reads {describe(model_tokenizer)} but {cfg.data_dir} was prepared with "
-            f"{describe(data.tokenizer)}; prepare the data with the model's tokenizer"
-        )
-    if cfg.block_size > config.block_size:
-        raise GPT2LabError(
-            f"batch block_size ({cfg.block_size}) is longer than the model context ({config.block_size})"
-        )
-    data.check_fits(cfg.block_size)
-
+from .training_setup import build_model, check_fits, micro_batches_per_rank, resolve_dtype, seed_everything
 
 # ---------------------------------------------------------------------------------------- the loop
 
@@ -137,12 +63,12 @@ class Trainer:
                 "dtype float16 with strategy fsdp: each process's loss scaler would see only its own gradient "
                 "shards; use bfloat16, or strategy ddp"
             )
-        self.accum = _micro_batches_per_rank(cfg, dist)
-        self.data_gen = _seed_everything(cfg.seed)
+        self.accum = micro_batches_per_rank(cfg, dist)
+        self.data_gen = seed_everything(cfg.seed)
         self.data = TokenData.open(cfg.data_dir)
         model = build_model(cfg, vocab_size=self.data.vocab_size)
         self.model_config = model.config
-        _check_fits(cfg, self.data, model.config)
+        check_fits(cfg, self.data, model.config)
         resume_state = resume_checkpoint(cfg, self.data.meta, model.config, allow_changes) if resume else None
 
         self.wrapped = wrap_model(model.to(device), dist, cfg.strategy)

@@ -1,0 +1,87 @@
+"""What a training run starts from: its compute dtype, its model, its seeds, its share of the batch, and
+the checks that the data, the tokenizer and the batch suit the model, all before the first step."""
+
+from __future__ import annotations
+
+import random
+import warnings
+
+import numpy as np
+import torch
+
+from .config import GPT2LabError, GPTConfig
+from .data import TokenData
+from .distributed import Dist
+from .kernel_choice import faster_training_dtype
+from .model import GPT
+from .precision import has_native_bf16, has_native_fp16, parse_dtype
+from .run_state import load_model
+from .tokenizer import describe, load_tokenizer, same_tokenizer
+from .train_config import TrainConfig
+
+
+def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
+    """``auto`` picks whichever of float32 and bfloat16 autocast a short probe finds faster on this machine
+    (:func:`~gpt2lab.kernel_choice.faster_training_dtype`). Without native matrix instructions bf16 and fp16
+    run through generic kernels, many times slower than fp32 (20x for a small GPT on a 2-core AVX2 CPU):
+    asking for them there gives a warning."""
+    if name == "auto":
+        return faster_training_dtype(device)
+    dtype = parse_dtype(name)
+    native = {torch.bfloat16: has_native_bf16(device), torch.float16: has_native_fp16(device)}
+    if not native.get(dtype, True):
+        warnings.warn(
+            f"{name} autocast on this {device.type} has no native {name} matrix multiply and runs many times "
+            "slower than float32 (dtype = 'auto' picks float32 here)",
+            stacklevel=2,
+        )
+    return dtype
+
+
+def build_model(cfg: TrainConfig, vocab_size: int) -> GPT:
+    """From scratch (preset + fields), or from a pretrained checkpoint or run, optionally GQA-converted."""
+    if cfg.init_from is not None:
+        model = load_model(cfg.init_from)
+        if cfg.convert_n_kv_head is not None:
+            model = model.convert_to_gqa(cfg.convert_n_kv_head, init=cfg.convert_kv_init)
+        return model
+    fields = {"vocab_size": vocab_size, **cfg.model}
+    config = GPTConfig.from_preset(cfg.preset, **fields) if cfg.preset else GPTConfig.from_dict(fields)
+    return GPT(config)
+
+
+def seed_everything(seed: int) -> torch.Generator:
+    """Seed torch, numpy and Python; return the batch sampler's generator (the same on every rank)."""
+    torch.manual_seed(seed)
+    np.random.seed(seed)
+    random.seed(seed)
+    return torch.Generator().manual_seed(seed)
+
+
+def micro_batches_per_rank(cfg: TrainConfig, dist: Dist) -> int:
+    if cfg.grad_accum % dist.world:
+        raise GPT2LabError(
+            f"grad_accum ({cfg.grad_accum}) must be a multiple of the number of processes ({dist.world}) "
+            "so that the global batch stays the same"
+        )
+    return cfg.grad_accum // dist.world
+
+
+def check_fits(cfg: TrainConfig, data: TokenData, config: GPTConfig) -> None:
+    """The data's tokenizer and the batch's sequence length must suit the model."""
+    if data.vocab_size > config.vocab_size:
+        raise GPT2LabError(
+            f"{cfg.data_dir} has a vocabulary of {data.vocab_size} tokens but the model has "
+            f"{config.vocab_size}; it was made with another tokenizer"
+        )
+    model_tokenizer = load_tokenizer(cfg.init_from) if cfg.init_from is not None else data.tokenizer
+    if not same_tokenizer(model_tokenizer, data.tokenizer):
+        raise GPT2LabError(
+            f"{cfg.init_from} reads {describe(model_tokenizer)} but {cfg.data_dir} was prepared with "
+            f"{describe(data.tokenizer)}; prepare the data with the model's tokenizer"
+        )
+    if cfg.block_size > config.block_size:
+        raise GPT2LabError(
+            f"batch block_size ({cfg.block_size}) is longer than the model context ({config.block_size})"
+        )
+    data.check_fits(cfg.block_size)
