@@ -43,7 +43,7 @@ from .run_state import (
     save_checkpoint,
     start_metrics,
 )
-from .tokenizer import describe, load_tokenizer, same_tokenizer, save_tokenizer
+from .tokenizer import copy_tokenizer, describe, load_tokenizer, same_tokenizer
 from .train_config import TrainConfig
 
 # ---------------------------------------------------------------------------------------- building blocks
@@ -101,11 +101,10 @@ def _check_fits(cfg: TrainConfig, data: TokenData, config: GPTConfig) -> None:
             f"{cfg.data_dir} has a vocabulary of {data.vocab_size} tokens but the model has "
             f"{config.vocab_size}; it was made with another tokenizer"
         )
-    model_tokenizer = load_tokenizer(cfg.init_from) if cfg.init_from is not None else data.tokenizer
-    if not same_tokenizer(model_tokenizer, data.tokenizer):
+    if cfg.init_from is not None and not same_tokenizer(load_tokenizer(cfg.init_from), data.tokenizer):
         raise GPT2LabError(
-            f"{cfg.init_from} reads {describe(model_tokenizer)} but {cfg.data_dir} was prepared with "
-            f"{describe(data.tokenizer)}; prepare the data with the model's tokenizer"
+            f"{cfg.init_from} reads {describe(load_tokenizer(cfg.init_from))} but {cfg.data_dir} was prepared "
+            f"with {describe(data.tokenizer)}; prepare the data with the model's tokenizer"
         )
     if cfg.block_size > config.block_size:
         raise GPT2LabError(
@@ -257,7 +256,7 @@ class Trainer:
             self.out.mkdir(parents=True, exist_ok=True)
             start_metrics(self.out, keep_until=self.step if self.resumed else None)
             write_json(self.out / "train_config.json", self.cfg.to_dict())
-            save_tokenizer(self.data.tokenizer, self.out)  # generate / eval read and write what the data holds
+            copy_tokenizer(self.data.path, self.out)  # generate / eval read and write what the data holds
 
     def _on_signal(self, signum, frame) -> None:
         self.stop_signal = signum
