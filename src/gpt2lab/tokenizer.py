@@ -176,6 +176,14 @@ def save_tokenizer(tokenizer: Tokenizer, folder: str | Path) -> Path:
     return file
 
 
+def copy_tokenizer(source: str | Path, folder: str | Path) -> None:
+    """Write the tokenizer that the folder ``source`` carries into ``folder`` without building it (GPT-2's
+    BPE takes seconds to build): a training run takes its data's tokenizer this way."""
+    file = Path(source) / TOKENIZER_FILE
+    stored = read_json(file) if file.is_file() else {"format": TOKENIZER_FORMAT, "version": 1, "name": "gpt2"}
+    write_json(Path(folder) / TOKENIZER_FILE, stored)
+
+
 def describe(tokenizer: Tokenizer) -> str:
     """``GPT-2 BPE (50257 tokens)`` / ``characters (65)``: for messages."""
     kind = "characters" if isinstance(tokenizer, CharTokenizer) else "GPT-2 BPE"

@@ -40,7 +40,7 @@ from .run_state import (
     save_checkpoint,
     start_metrics,
 )
-from .tokenizer import save_tokenizer
+from .tokenizer import copy_tokenizer
 from .train_config import TrainConfig
 from .training_setup import build_model, check_fits, micro_batches_per_rank, resolve_dtype, seed_everything
 
@@ -210,7 +210,7 @@ class Trainer:
             self.out.mkdir(parents=True, exist_ok=True)
             start_metrics(self.out, keep_until=self.step if self.resumed else None)
             write_json(self.out / "train_config.json", self.cfg.to_dict())
-            save_tokenizer(self.data.tokenizer, self.out)  # generate / eval read and write what the data holds
+            copy_tokenizer(self.data.path, self.out)  # generate / eval read and write what the data holds
 
     def _on_signal(self, signum, frame) -> None:
         self.stop_signal = signum

@@ -74,11 +74,10 @@ def check_fits(cfg: TrainConfig, data: TokenData, config: GPTConfig) -> None:
             f"{cfg.data_dir} has a vocabulary of {data.vocab_size} tokens but the model has "
             f"{config.vocab_size}; it was made with another tokenizer"
         )
-    model_tokenizer = load_tokenizer(cfg.init_from) if cfg.init_from is not None else data.tokenizer
-    if not same_tokenizer(model_tokenizer, data.tokenizer):
+    if cfg.init_from is not None and not same_tokenizer(load_tokenizer(cfg.init_from), data.tokenizer):
         raise GPT2LabError(
-            f"{cfg.init_from} reads {describe(model_tokenizer)} but {cfg.data_dir} was prepared with "
-            f"{describe(data.tokenizer)}; prepare the data with the model's tokenizer"
+            f"{cfg.init_from} reads {describe(load_tokenizer(cfg.init_from))} but {cfg.data_dir} was prepared "
+            f"with {describe(data.tokenizer)}; prepare the data with the model's tokenizer"
         )
     if cfg.block_size > config.block_size:
         raise GPT2LabError(
