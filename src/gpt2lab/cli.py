@@ -215,6 +215,48 @@ def cmd_eval(args) -> int:
     return 0
 
 
+# ---------------------------------------------------------------------------------------- harness
+
+
+def add_harness(sub) -> None:
+    p = sub.add_parser("harness", help="run EleutherAI's lm-evaluation-harness tasks on a model (pip install lm-eval)")
+    p.add_argument("--model", default="gpt2", help="run folder, training checkpoint, or any model generate reads")
+    p.add_argument("--tasks", required=True, help="comma-separated harness tasks, e.g. lambada_openai,wikitext")
+    p.add_argument("--limit", type=arg.positive_int("limit"), default=None, help="at most this many examples per task")
+    p.add_argument("--num-fewshot", type=arg.nonnegative_int("num_fewshot"), default=None)
+    p.add_argument("--batch-size", type=arg.positive_int("batch_size"), default=8)
+    p.add_argument("--dtype", choices=DTYPES, default="float32", help="weight dtype (scores are float32)")
+    p.add_argument("--device", type=arg.device, default="cpu")
+    p.add_argument("--include-path", action="append", default=None, help="folder of task YAML files (repeatable)")
+    p.add_argument("--output", default=None, help="write the scores as JSON to this file")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing --output file")
+    p.set_defaults(func=cmd_harness)
+
+
+def cmd_harness(args) -> int:
+    from pathlib import Path
+
+    if args.output and Path(args.output).exists() and not args.overwrite:  # before minutes of work, not after
+        raise GPT2LabError(f"{args.output} exists; pass --overwrite to replace it")
+    from .harness import format_results, run_harness, write_results
+
+    results = run_harness(
+        args.model,
+        args.tasks.split(","),
+        limit=args.limit,
+        num_fewshot=args.num_fewshot,
+        batch_size=args.batch_size,
+        device=args.device,
+        dtype=args.dtype,
+        include_path=args.include_path,
+    )
+    print(format_results(results))
+    if args.output:
+        write_results(results, args.output)
+        print(f"scores: {args.output}")
+    return 0
+
+
 # ---------------------------------------------------------------------------------------- demo
 
 
@@ -232,9 +274,7 @@ def add_demo(sub) -> None:
 def cmd_demo(args) -> int:
     from .demo import run_demo
 
-    return run_demo(
-        args.out, args.data, args.pretrained, args.max_iters, prompt=args.prompt, overwrite=args.overwrite
-    )
+    return run_demo(args.out, args.data, args.pretrained, args.max_iters, prompt=args.prompt, overwrite=args.overwrite)
 
 
 # ---------------------------------------------------------------------------------------- study
@@ -278,7 +318,7 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-COMMANDS = [add_generate, add_convert, add_info, add_prepare, add_train, add_eval, add_demo, add_study]
+COMMANDS = [add_generate, add_convert, add_info, add_prepare, add_train, add_eval, add_harness, add_demo, add_study]
 
 
 def main(argv: list[str] | None = None) -> int:

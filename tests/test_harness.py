@@ -1,0 +1,149 @@
+"""lm-evaluation-harness on a gpt2lab model: the scores the harness publishes for three local tasks
+(tests/harness_task: a perplexity task like wikitext, a continuation task like lambada_openai, and a
+generation task) equal what a plain forward pass and cross-entropy give on the same text."""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from gpt2lab import GPT, GPTConfig, load_tokenizer
+from gpt2lab.cli import main
+
+TASKS = Path(__file__).parent / "harness_task"
+DOCS = [json.loads(line) for line in (TASKS / "docs.jsonl").read_text(encoding="utf-8").splitlines()]
+BLOCK = 32  # short, so long documents need several rolling windows and long contexts are truncated
+MAX_GEN = 6  # gpt2lab_generate.yaml's max_gen_toks
+TOK = load_tokenizer()
+EOT = TOK.eot_token
+
+
+@pytest.fixture(scope="module")
+def model():
+    torch.manual_seed(0)
+    return GPT(GPTConfig(n_layer=2, n_head=2, n_embd=32, block_size=BLOCK, vocab_size=50257)).eval()
+
+
+@pytest.fixture(scope="module")
+def harness(model):
+    from gpt2lab.harness import run_harness
+
+    tasks = ["gpt2lab_rolling", "gpt2lab_continuation", "gpt2lab_generate"]
+    return run_harness(model, tasks, include_path=[str(TASKS)], batch_size=3, log_samples=True)
+
+
+def responses(results, task):
+    """The model's answer to each document, in the order of docs.jsonl."""
+    samples = sorted(results["samples"][task], key=lambda s: s["doc_id"])
+    return [s["filtered_resps"][0] for s in samples]
+
+
+@torch.no_grad()
+def token_losses(model, inputs: list[int], targets: list[int]) -> torch.Tensor:
+    logits = model(torch.tensor([inputs]))[0]  # (T, vocab)
+    return F.cross_entropy(logits.float(), torch.tensor(targets), reduction="none")
+
+
+def rolling_reference(model, text: str) -> float:
+    """log p(text | <|endoftext|>): targets in chunks of BLOCK, each scored once; the last chunk is predicted
+    from the BLOCK tokens before its end, so it keeps a full context."""
+    seq = [EOT, *TOK.encode(text)]
+    n, total = len(seq) - 1, 0.0
+    for start in range(0, n, BLOCK):
+        stop = min(start + BLOCK, n)
+        first = max(0, stop - BLOCK)
+        total += float(token_losses(model, seq[first:stop], seq[first + 1 : stop + 1])[start - first :].sum())
+    return -total
+
+
+@torch.no_grad()
+def continuation_reference(model, context: str, continuation: str) -> tuple[float, bool]:
+    ctx, cont = TOK.encode(context), TOK.encode(continuation)
+    inputs = (ctx + cont)[-(BLOCK + 1) : -1]
+    logits = model(torch.tensor([inputs]))[0, -len(cont) :]
+    nll = F.cross_entropy(logits, torch.tensor(cont), reduction="sum")
+    return -float(nll), logits.argmax(dim=-1).tolist() == cont
+
+
+@torch.no_grad()
+def greedy_reference(model, context: str) -> str:
+    ids = TOK.encode(context)[-(BLOCK - MAX_GEN) :]
+    new = []
+    for _ in range(MAX_GEN):
+        token = int(model(torch.tensor([ids + new]))[0, -1].argmax())
+        if token == EOT:
+            break
+        new.append(token)
+    return TOK.decode(new).split("\n", 1)[0]
+
+
+def test_rolling_loglikelihood_is_the_models_own_loss(model, harness):
+    texts = [d["context"] + d["continuation"] for d in DOCS]
+    assert max(len(TOK.encode(t)) for t in texts) > 2 * BLOCK  # several windows are exercised
+    reference = [rolling_reference(model, t) for t in texts]
+    assert responses(harness, "gpt2lab_rolling") == pytest.approx(reference, rel=1e-5)
+
+    scores = harness["results"]["gpt2lab_rolling"]
+    n_bytes = sum(len(t.encode("utf-8")) for t in texts)
+    n_words = sum(len(re.split(r"\s+", t)) for t in texts)
+    assert scores["bits_per_byte,none"] == pytest.approx(-sum(reference) / math.log(2) / n_bytes, rel=1e-5)
+    assert scores["byte_perplexity,none"] == pytest.approx(math.exp(-sum(reference) / n_bytes), rel=1e-5)
+    assert scores["word_perplexity,none"] == pytest.approx(math.exp(-sum(reference) / n_words), rel=1e-5)
+
+
+def test_continuation_loglikelihood_and_greedy_match(model, harness):
+    reference = [continuation_reference(model, d["context"], d["continuation"]) for d in DOCS]
+    got = responses(harness, "gpt2lab_continuation")
+    assert [ll for ll, _ in got] == pytest.approx([ll for ll, _ in reference], rel=1e-5)
+    assert [g for _, g in got] == [g for _, g in reference]
+    greedy = [g for _, g in reference]
+    assert any(greedy) and not all(greedy)  # so acc below is neither trivially 0 nor 1
+
+    scores = harness["results"]["gpt2lab_continuation"]
+    mean_ll = sum(ll for ll, _ in reference) / len(reference)
+    assert scores["perplexity,none"] == pytest.approx(math.exp(-mean_ll), rel=1e-5)
+    assert scores["acc,none"] == pytest.approx(sum(greedy) / len(greedy))
+
+
+def test_generate_until_is_greedy_decoding_cut_at_the_stop_string(model, harness):
+    reference = [greedy_reference(model, d["context"]) for d in DOCS]
+    assert responses(harness, "gpt2lab_generate") == reference
+    exact = sum(r == d["continuation"] for r, d in zip(reference, DOCS, strict=True)) / len(DOCS)
+    assert harness["results"]["gpt2lab_generate"]["exact_match,none"] == exact
+
+
+def test_cli_writes_the_scores_of_a_saved_model(model, harness, tmp_path, capsys):
+    model.save_pretrained(tmp_path / "m")
+    out = tmp_path / "scores.json"
+    args = ["harness", "--model", str(tmp_path / "m"), "--tasks", "gpt2lab_continuation,gpt2lab_rolling"]
+    assert main([*args, "--include-path", str(TASKS), "--limit", "4", "--output", str(out)]) == 0
+    assert "gpt2lab_continuation" in capsys.readouterr().out
+    saved = json.loads(out.read_text())
+    ll = [ll for ll, _ in responses(harness, "gpt2lab_continuation")[:4]]
+    assert saved["results"]["gpt2lab_continuation"]["perplexity,none"] == pytest.approx(
+        math.exp(-sum(ll) / 4), rel=1e-5
+    )
+    assert saved["n-samples"]["gpt2lab_rolling"]["effective"] == 4
+
+
+@pytest.mark.parametrize(
+    ("extra", "message"),
+    [
+        (["--output", "EXISTING"], "exists; pass --overwrite"),
+        (["--include-path", "NOWHERE"], "is not a folder of task YAML files"),
+        (["--tasks", " , "], "no harness task named"),
+    ],
+)
+def test_bad_requests_are_one_line(tmp_path, capsys, extra, message):
+    (tmp_path / "EXISTING").write_text("keep me")
+    extra = [str(tmp_path / e) if e in ("EXISTING", "NOWHERE") else e for e in extra]
+    assert main(["harness", "--model", "unused", "--tasks", "gpt2lab_rolling", *extra]) == 2
+    err = capsys.readouterr().err
+    assert message in err and err.count("\n") == 1
+    assert (tmp_path / "EXISTING").read_text() == "keep me"
