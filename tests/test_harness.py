@@ -1,6 +1,7 @@
 """lm-evaluation-harness on a gpt2lab model: the scores the harness publishes for three local tasks
 (tests/harness_task: a perplexity task like wikitext, a continuation task like lambada_openai, and a
-generation task) equal what a plain forward pass and cross-entropy give on the same text."""
+generation task) equal what a plain forward pass and cross-entropy give on the same text, and equal the
+scores of the harness's own ``hf`` model (transformers) given the same weights."""
 
 from __future__ import annotations
 
@@ -13,8 +14,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from gpt2lab import GPT, GPTConfig, load_tokenizer
+from gpt2lab import GPT, GPT2LabError, GPTConfig, load_tokenizer
 from gpt2lab.cli import main
+from gpt2lab.tokenizer import bpe_files
 
 TASKS = Path(__file__).parent / "harness_task"
 DOCS = [json.loads(line) for line in (TASKS / "docs.jsonl").read_text(encoding="utf-8").splitlines()]
@@ -22,6 +24,7 @@ BLOCK = 32  # short, so long documents need several rolling windows and long con
 MAX_GEN = 6  # gpt2lab_generate.yaml's max_gen_toks
 TOK = load_tokenizer()
 EOT = TOK.eot_token
+TASK_NAMES = ["gpt2lab_rolling", "gpt2lab_continuation", "gpt2lab_generate"]
 
 
 @pytest.fixture(scope="module")
@@ -34,8 +37,7 @@ def model():
 def harness(model):
     from gpt2lab.harness import run_harness
 
-    tasks = ["gpt2lab_rolling", "gpt2lab_continuation", "gpt2lab_generate"]
-    return run_harness(model, tasks, include_path=[str(TASKS)], batch_size=3, log_samples=True)
+    return run_harness(model, TASK_NAMES, include_path=[str(TASKS)], batch_size=3, log_samples=True)
 
 
 def responses(results, task):
@@ -118,6 +120,32 @@ def test_generate_until_is_greedy_decoding_cut_at_the_stop_string(model, harness
     assert harness["results"]["gpt2lab_generate"]["exact_match,none"] == exact
 
 
+def test_scores_equal_the_harness_own_hf_model_with_the_same_weights(model, harness, tmp_path):
+    from lm_eval import simple_evaluate
+    from lm_eval.models.huggingface import HFLM
+    from lm_eval.tasks import TaskManager
+    from transformers import GPT2TokenizerFast
+
+    model.export_hf(tmp_path)  # the same weights in the hub layout, with GPT-2's tokenizer files beside them
+    vocab_bpe, encoder_json = bpe_files()
+    GPT2TokenizerFast(vocab=encoder_json, merges=vocab_bpe).save_pretrained(tmp_path)
+    reference = simple_evaluate(
+        model=HFLM(pretrained=str(tmp_path), batch_size=3, device="cpu"),
+        tasks=TASK_NAMES,
+        task_manager=TaskManager(include_path=[str(TASKS)], include_defaults=False),
+        log_samples=True,
+        bootstrap_iters=0,
+    )
+    assert responses(harness, "gpt2lab_rolling") == pytest.approx(responses(reference, "gpt2lab_rolling"), rel=1e-5)
+    ours, theirs = responses(harness, "gpt2lab_continuation"), responses(reference, "gpt2lab_continuation")
+    assert [ll for ll, _ in ours] == pytest.approx([ll for ll, _ in theirs], rel=1e-5)
+    assert [g for _, g in ours] == [g for _, g in theirs]
+    assert responses(harness, "gpt2lab_generate") == responses(reference, "gpt2lab_generate")
+    for task in TASK_NAMES:
+        scores = {k: v for k, v in reference["results"][task].items() if isinstance(v, float) and "stderr" not in k}
+        assert scores and {k: harness["results"][task][k] for k in scores} == pytest.approx(scores, rel=1e-5)
+
+
 def test_cli_writes_the_scores_of_a_saved_model(model, harness, tmp_path, capsys):
     model.save_pretrained(tmp_path / "m")
     out = tmp_path / "scores.json"
@@ -130,6 +158,18 @@ def test_cli_writes_the_scores_of_a_saved_model(model, harness, tmp_path, capsys
         math.exp(-sum(ll) / 4), rel=1e-5
     )
     assert saved["n-samples"]["gpt2lab_rolling"]["effective"] == 4
+
+
+def test_lm_eval_finds_the_model_class_by_name(model, tmp_path):
+    from lm_eval.api.registry import get_model
+
+    from gpt2lab.harness import GPT2LabLM
+
+    model.save_pretrained(tmp_path)
+    lm = get_model("gpt2lab").create_from_arg_string(f"pretrained={tmp_path},batch_size=2", {"device": "cpu"})
+    assert isinstance(lm, GPT2LabLM) and lm.batch_size == 2 and lm.max_length == BLOCK
+    with pytest.raises(GPT2LabError, match="batch_size must be an integer"):
+        GPT2LabLM(model, batch_size="auto")
 
 
 @pytest.mark.parametrize(

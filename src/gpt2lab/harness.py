@@ -63,7 +63,9 @@ class GPT2LabLM(TemplateLM):
                 f"the harness feeds GPT-2 BPE tokens (vocab {self.tok.n_vocab}); this model's vocab is "
                 f"{model.config.vocab_size}"
             )
-        self.batch_size = int(batch_size)  # lm_eval's CLI passes numbers as strings
+        if not str(batch_size).isdigit() or int(batch_size) < 1:  # lm_eval's CLI passes numbers as strings
+            raise GPT2LabError(f"batch_size must be an integer >= 1, got {batch_size!r}")
+        self.batch_size = int(batch_size)
         self._max_length = int(max_length or model.config.block_size)
         model.config.check_length(self._max_length)
 
