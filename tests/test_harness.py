@@ -150,7 +150,8 @@ def test_cli_writes_the_scores_of_a_saved_model(model, harness, tmp_path, capsys
     model.save_pretrained(tmp_path / "m")
     out = tmp_path / "scores.json"
     args = ["harness", "--model", str(tmp_path / "m"), "--tasks", "gpt2lab_continuation,gpt2lab_rolling"]
-    assert main([*args, "--include-path", str(TASKS), "--limit", "4", "--output", str(out)]) == 0
+    options = ["--include-path", str(TASKS), "--limit", "4", "--bootstrap-iters", "10", "--output", str(out)]
+    assert main([*args, *options]) == 0
     assert "gpt2lab_continuation" in capsys.readouterr().out
     saved = json.loads(out.read_text())
     ll = [ll for ll, _ in responses(harness, "gpt2lab_continuation")[:4]]
@@ -158,6 +159,9 @@ def test_cli_writes_the_scores_of_a_saved_model(model, harness, tmp_path, capsys
         math.exp(-sum(ll) / 4), rel=1e-5
     )
     assert saved["n-samples"]["gpt2lab_rolling"]["effective"] == 4
+    greedy = [g for _, g in responses(harness, "gpt2lab_continuation")[:4]]
+    spread = math.sqrt(sum((g - sum(greedy) / 4) ** 2 for g in greedy) / 3 / 4)  # standard error of the mean
+    assert saved["results"]["gpt2lab_continuation"]["acc_stderr,none"] == pytest.approx(spread)
 
 
 def test_lm_eval_finds_the_model_class_by_name(model, tmp_path):

@@ -228,6 +228,12 @@ def add_harness(sub) -> None:
     p.add_argument("--dtype", choices=DTYPES, default="float32", help="weight dtype (scores are float32)")
     p.add_argument("--device", type=arg.device, default="cpu")
     p.add_argument("--include-path", action="append", default=None, help="folder of task YAML files (repeatable)")
+    p.add_argument(
+        "--bootstrap-iters",
+        type=arg.nonnegative_int("bootstrap_iters"),
+        default=0,
+        help="resamples for standard errors (0: none; lm_eval's default is 100000)",
+    )
     p.add_argument("--output", default=None, help="write the scores as JSON to this file")
     p.add_argument("--overwrite", action="store_true", help="replace an existing --output file")
     p.set_defaults(func=cmd_harness)
@@ -249,6 +255,7 @@ def cmd_harness(args) -> int:
         device=args.device,
         dtype=args.dtype,
         include_path=args.include_path,
+        bootstrap_iters=args.bootstrap_iters,
     )
     print(format_results(results))
     if args.output:

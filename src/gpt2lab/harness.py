@@ -38,8 +38,8 @@ except ImportError as err:  # the optional extra is missing: `gpt2lab harness` p
 
 @register_model("gpt2lab")
 class GPT2LabLM(TemplateLM):
-    """A gpt2lab model as an lm_eval model (``--model gpt2lab --model_args pretrained=PATH`` in lm_eval's
-    own CLI once this module is imported; ``gpt2lab harness`` passes an instance directly).
+    """A gpt2lab model as an lm_eval model: ``gpt2lab harness`` passes an instance; once this module is
+    imported, ``simple_evaluate(model="gpt2lab", model_args="pretrained=PATH")`` finds it by name.
 
     ``pretrained`` is a :class:`GPT` or anything :func:`gpt2lab.run_state.load_model` reads. Scores
     are computed in float32 whatever the weights' dtype; contexts longer than ``max_length`` (the
@@ -236,8 +236,12 @@ def run_harness(
     dtype: str | None = None,
     include_path: Sequence[str] | None = None,
     log_samples: bool = False,
+    bootstrap_iters: int = 0,
 ) -> dict:
-    """Run lm_eval's ``simple_evaluate`` with :class:`GPT2LabLM`; returns its results dictionary."""
+    """Run lm_eval's ``simple_evaluate`` with :class:`GPT2LabLM`; returns its results dictionary.
+
+    ``bootstrap_iters`` > 0 adds standard errors (lm_eval's own default is 100,000 resamples, minutes of
+    work on large tasks); 0 leaves them out."""
     from lm_eval import simple_evaluate
 
     tasks = [t.strip() for t in tasks if t.strip()]
@@ -254,7 +258,7 @@ def run_harness(
         limit=limit,
         task_manager=manager,
         log_samples=log_samples,
-        bootstrap_iters=0,  # standard errors by bootstrap take minutes and are not what the scores are for
+        bootstrap_iters=bootstrap_iters,
     )
 
 
