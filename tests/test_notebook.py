@@ -26,6 +26,7 @@ def test_notebook_runs(tmp_path, monkeypatch):
     # Quick training; no hub access, so the stand-in checkpoint is used wherever the suite runs.
     monkeypatch.setenv("GPT2LAB_NOTEBOOK_QUICK", "1")
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("GPT2LAB_NOTEBOOK_DIR", str(tmp_path))  # its data and run go where pytest cleans up
     src = str(Path(__file__).resolve().parents[1] / "src")  # the kernel imports this checkout's gpt2lab
     monkeypatch.setenv("PYTHONPATH", os.pathsep.join(filter(None, [src, os.environ.get("PYTHONPATH")])))
     nb = nbformat.read(NOTEBOOK, as_version=4)
