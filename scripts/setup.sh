@@ -2,7 +2,8 @@
 # Create .venv and install gpt2lab into it. torch is installed first and pinned: a later unpinned
 # requirement would otherwise pull a multi-GB CUDA build on machines that only need the CPU one.
 #   bash scripts/setup.sh          runtime only
-#   bash scripts/setup.sh --test   plus pytest, hypothesis, ruff and transformers (the test reference)
+#   bash scripts/setup.sh --test   plus pytest, hypothesis, ruff, transformers (the test reference), lm-eval and
+#                                  nbclient/ipykernel (the harness and notebook extras the tests exercise)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 TORCH_VERSION="${TORCH_VERSION:-2.13.0}"

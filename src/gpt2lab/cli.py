@@ -1,5 +1,5 @@
 """The ``gpt2lab`` command line: one parser, every subcommand's ``add_*`` from :mod:`gpt2lab.cli_models`
-(generate, convert, export, info, eval) and :mod:`gpt2lab.cli_runs` (prepare, train, plan, demo, study),
+(generate, convert, export, info, eval, harness) and :mod:`gpt2lab.cli_runs` (prepare, train, plan, demo, study),
 and one place where errors become a single line and an exit status."""
 
 from __future__ import annotations
@@ -8,7 +8,7 @@ import argparse
 import os
 import sys
 
-from .cli_models import add_convert, add_eval, add_export, add_generate, add_info
+from .cli_models import add_convert, add_eval, add_export, add_generate, add_harness, add_info
 from .cli_runs import add_demo, add_plan, add_prepare, add_study, add_train
 from .config import GPT2LabError
 
@@ -37,6 +37,7 @@ COMMANDS = [
     add_train,
     add_plan,
     add_eval,
+    add_harness,
     add_demo,
     add_study,
 ]

@@ -1,4 +1,4 @@
-"""``gpt2lab`` subcommands that use a model: generate, convert, export, info, eval. Each is an ``add_*``
+"""``gpt2lab`` subcommands that use a model: generate, convert, export, info, eval, harness. Each is an ``add_*``
 (arguments) and a ``cmd_*`` (action) pair; the work itself lives in the library modules."""
 
 from __future__ import annotations
@@ -194,3 +194,52 @@ def _eval_hellaswag(model, source: str, limit: int | None) -> None:
         f"hellaswag: acc_norm {result['hellaswag_acc_norm']:.4f} (lowest mean loss per ending token, llm.c's style)  "
         f"acc {result['hellaswag_acc']:.4f} (lowest summed loss)  on {len(examples):,} examples"
     )
+
+
+# ---------------------------------------------------------------------------------------- harness
+
+
+def add_harness(sub) -> None:
+    p = sub.add_parser("harness", help="run EleutherAI's lm-evaluation-harness tasks on a model (pip install lm-eval)")
+    p.add_argument("--model", default="gpt2", help="run folder, training checkpoint, or any model generate reads")
+    p.add_argument("--tasks", required=True, help="comma-separated harness tasks, e.g. lambada_openai,wikitext")
+    p.add_argument("--limit", type=arg.positive_int("limit"), default=None, help="at most this many examples per task")
+    p.add_argument("--num-fewshot", type=arg.nonnegative_int("num_fewshot"), default=None)
+    p.add_argument("--batch-size", type=arg.positive_int("batch_size"), default=8)
+    p.add_argument("--dtype", choices=DTYPES, default="float32", help="weight dtype (scores are float32)")
+    p.add_argument("--device", type=arg.device, default="cpu")
+    p.add_argument("--include-path", action="append", default=None, help="folder of task YAML files (repeatable)")
+    p.add_argument(
+        "--bootstrap-iters",
+        type=arg.nonnegative_int("bootstrap_iters"),
+        default=0,
+        help="resamples for standard errors (0: none; lm_eval's default is 100000)",
+    )
+    p.add_argument("--output", default=None, help="write the scores as JSON to this file")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing --output file")
+    p.set_defaults(func=cmd_harness)
+
+
+def cmd_harness(args) -> int:
+    from pathlib import Path
+
+    if args.output and Path(args.output).exists() and not args.overwrite:  # before minutes of work, not after
+        raise GPT2LabError(f"{args.output} exists; pass --overwrite to replace it")
+    from .harness import format_results, run_harness, write_results
+
+    results = run_harness(
+        args.model,
+        args.tasks.split(","),
+        limit=args.limit,
+        num_fewshot=args.num_fewshot,
+        batch_size=args.batch_size,
+        device=args.device,
+        dtype=args.dtype,
+        include_path=args.include_path,
+        bootstrap_iters=args.bootstrap_iters,
+    )
+    print(format_results(results))
+    if args.output:
+        write_results(results, args.output)
+        print(f"scores: {args.output}")
+    return 0
