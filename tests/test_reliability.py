@@ -53,10 +53,15 @@ def test_kill_9_at_random_moments_ten_times_then_the_run_ends_as_an_uninterrupte
     settings = ("max_iters=150", "ckpt_interval=7")
     expected = reference_losses(corpus, tmp_path / "ref", *settings)
     out, rng, resumed = tmp_path / "run", random.Random(0), 0
-    for _ in range(10):
+    for attempt in range(10):
         resumed += holds_run(out)  # a kill before any file was written leaves nothing to resume
         proc = start_training(corpus, out, *settings, resume=holds_run(out))
-        time.sleep(rng.uniform(2.0, 7.0))  # interpreter start, mid-step, mid-checkpoint, mid-log alike
+        if attempt % 2:  # mid-step, mid-checkpoint or mid-log: soon after the run logs a new step
+            logged = logged_losses(out) if (out / "metrics.jsonl").is_file() else {}
+            wait_for_step(proc, out, max(logged, default=0) + 1)
+            time.sleep(rng.uniform(0.0, 1.0))
+        else:  # interpreter start, imports, reading the checkpoint back (startup time varies with load)
+            time.sleep(rng.uniform(0.3, 3.0))
         proc.kill()
         proc.communicate(timeout=30)
     assert resumed >= 5, "too few kills landed after the run started: the test proved little"

@@ -8,10 +8,11 @@ and the previous version of the target is untouched; an ``OSError`` becomes one 
 
 from __future__ import annotations
 
+import glob
 import json
 import os
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
@@ -45,6 +46,14 @@ def atomic_file(path: str | os.PathLike) -> Iterator[Path]:
         raise GPT2LabError(f"cannot write {path}: {err.strerror or err}; the previous version is unchanged") from err
     finally:
         tmp.unlink(missing_ok=True)
+
+
+def remove_stale_temp_files(directory: str | os.PathLike, names: Iterable[str]) -> None:
+    """Remove the temp files :func:`atomic_file` left for ``names`` in ``directory`` when its process was
+    killed mid-write (``kill -9`` runs no cleanup). Call it only while owning the folder (a run's lock)."""
+    for name in names:
+        for stale in Path(directory).glob(f".{glob.escape(name)}.*.tmp"):
+            stale.unlink(missing_ok=True)
 
 
 @contextmanager

@@ -21,7 +21,7 @@ import numpy as np
 import torch
 
 from .config import GPT2LabError, GPTConfig
-from .files import atomic_file, write_text
+from .files import atomic_file, remove_stale_temp_files, write_text
 from .model import GPT
 from .precision import parse_dtype
 from .safe_pickle import load_weights_only
@@ -237,6 +237,7 @@ class RunLock:
 
     The operating system drops the lock when its process ends, however it ends (``kill -9`` included),
     so a crashed run never leaves the folder locked. The file records the owner's pid for the message.
+    The new owner removes the temp files a killed predecessor left mid-write.
     """
 
     def __init__(self, run_dir: Path) -> None:
@@ -252,6 +253,7 @@ class RunLock:
             ) from None
         os.ftruncate(self.fd, 0)
         os.write(self.fd, str(os.getpid()).encode())
+        remove_stale_temp_files(run_dir, RUN_FILES)
 
     def release(self) -> None:
         fcntl.flock(self.fd, fcntl.LOCK_UN)
