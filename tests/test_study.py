@@ -13,6 +13,7 @@ import torch.nn.functional as F
 
 from gpt2lab.config import GPT2LabError, GPTConfig
 from gpt2lab.convert import pool_kv_heads
+from gpt2lab.count_models import interpolated_bigram_loss, ngram_references
 from gpt2lab.model import GPT
 from gpt2lab.study import run_study
 from gpt2lab.study_extrapolation import sliding
@@ -20,7 +21,7 @@ from gpt2lab.study_probe import PROBE_VOCAB, key_visible
 from gpt2lab.study_report import RESULT_COLUMNS
 from gpt2lab.study_report_sections import num
 from gpt2lab.study_runs import eval_tokens, fingerprint_tokens
-from gpt2lab.study_stats import _bigram_loss, ngram_references, paired_difference, t_quantile
+from gpt2lab.study_stats import paired_difference, t_quantile
 from gpt2lab.study_suite import load_suite, receptive_reach
 
 SUITE = """
@@ -186,7 +187,7 @@ def test_ngram_losses_by_hand():
     # bigram from [0 1 0 1]: P(1|0) = 2/2, P(0|1) = 1/1, mixed with the unigram 3/7
     lam = 0.6
     expected = -(math.log(lam + (1 - lam) * 3 / 7) + math.log(lam + (1 - lam) * 3 / 7)) / 2
-    assert _bigram_loss(train, val, 3, lam) == pytest.approx(expected)
+    assert interpolated_bigram_loss(train, val, 3, lam) == pytest.approx(expected)
     assert refs["bigram"] < refs["unigram"]
 
 

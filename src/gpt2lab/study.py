@@ -57,8 +57,8 @@ def _prepare(suite: Suite, data_dir: Path) -> int:
 
 
 def run_study(suite: Suite, out_dir: str | Path, log=print) -> Path:
+    from .count_models import ngram_references
     from .data import TokenData
-    from .study_stats import ngram_references
 
     out = Path(out_dir)
     _claim_folder(out, suite)
