@@ -3,6 +3,7 @@ from pathlib import Path
 import pytest
 import torch
 
+import gpt2lab.kernel_choice as kernel_choice
 from gpt2lab.data import prepare
 
 # The shared data folder sits next to the checkout (tests and benchmarks only; the product never reads it).
@@ -30,3 +31,12 @@ def corpus(tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("pydoc")
     prepare("pydoc", out)
     return out
+
+
+@pytest.fixture
+def fresh_kernel_choices(monkeypatch):
+    """Each test measures (or pins) its own kernel choices: a choice cached by another test would hide a path."""
+    monkeypatch.delenv(kernel_choice.ENV, raising=False)
+    kernel_choice.forget()
+    yield
+    kernel_choice.forget()

@@ -11,14 +11,7 @@ from gpt2lab import GPT, GPTConfig
 from gpt2lab.config import GPT2LabError
 from gpt2lab.cpu_linear import Linear
 
-
-@pytest.fixture(autouse=True)
-def fresh_kernel_choices(monkeypatch):
-    """Each test measures (or pins) its own choices: a choice cached by another test would hide a path."""
-    monkeypatch.delenv(kernel_choice.ENV, raising=False)
-    kernel_choice.forget()
-    yield
-    kernel_choice.forget()
+pytestmark = pytest.mark.usefixtures("fresh_kernel_choices")  # conftest: no choice cached across tests
 
 
 def _pin(monkeypatch, name: str) -> None:

@@ -15,13 +15,7 @@ from gpt2lab.config import GPT2LabError
 from gpt2lab.evaluation import evaluate, load_tokens
 from gpt2lab.training import train
 
-
-@pytest.fixture(autouse=True)
-def fresh_kernel_choices(monkeypatch):
-    monkeypatch.delenv(kernel_choice.ENV, raising=False)
-    kernel_choice.forget()
-    yield
-    kernel_choice.forget()
+pytestmark = pytest.mark.usefixtures("fresh_kernel_choices")  # conftest: no choice cached across tests
 
 
 def test_info_kernels_lists_every_choice_with_the_times_that_decided_it(capsys, monkeypatch):
