@@ -28,9 +28,9 @@ from tqdm import tqdm
 
 from .config import GPT2LabError, is_int
 from .corpus_sources import SourceOptions, count_documents, iter_texts
-from .data import DTYPE, TOKENIZER_NAME
+from .data import DTYPE
 from .files import atomic_file, read_json, write_json
-from .tokenizer import load_tokenizer
+from .tokenizer import GPT2_TOKENIZER, load_tokenizer
 
 MANIFEST = "manifest.json"
 FORMAT = "gpt2lab-shards"
@@ -200,7 +200,7 @@ def prepare_shards(
     _check_sizes(shard_tokens, val_tokens, workers, chunk_docs)
     out = Path(out_dir)
     created = not out.exists()
-    settings = {"sources": [str(s) for s in sources], **vars(options), "tokenizer": TOKENIZER_NAME}
+    settings = {"sources": [str(s) for s in sources], **vars(options), "tokenizer": GPT2_TOKENIZER}
     manifest = _start(out, settings | {"shard_tokens": shard_tokens, "val_tokens": val_tokens})
     if manifest["complete"]:
         return read_json(out / "meta.json")
@@ -246,7 +246,7 @@ def _finish(out: Path, manifest: dict) -> dict:
             f"(val_tokens {manifest['settings']['val_tokens']:,}); remove {out} and prepare with a lower --val-tokens"
         )
     meta = {
-        "tokenizer": TOKENIZER_NAME,
+        "tokenizer": GPT2_TOKENIZER,
         "vocab_size": load_tokenizer().n_vocab,
         "dtype": np.dtype(DTYPE).name,
         "tokens": sum(s["tokens"] for s in shards),

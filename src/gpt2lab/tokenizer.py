@@ -31,7 +31,8 @@ GPT2_PATTERN = r"""'(?:[sdmt]|ll|ve|re)| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+
 EOT_TOKEN = "<|endoftext|>"
 TOKENIZER_FILE = "gpt2lab-tokenizer.json"
 TOKENIZER_FORMAT = "gpt2lab-tokenizer"
-TOKENIZERS = ("gpt2", "char")  # the names prepare --tokenizer takes
+GPT2_TOKENIZER = "gpt2"  # the name meta.json records for GPT-2's BPE
+TOKENIZERS = (GPT2_TOKENIZER, "char")  # the names prepare --tokenizer takes
 
 
 def bpe_files() -> tuple[str, str]:
