@@ -12,6 +12,7 @@ from gpt2lab.train_config import load_config
 # C = 8, L = 2, heads 2, vocab 16 (from the data's meta.json), context 8; global batch 2 x 8 x 2.
 TINY = [
     "preset=tiny", "model.n_layer=2", "model.n_head=2", "model.n_embd=8", "model.block_size=8",
+    "model.pos_encoding='learned'", "model.window='full'",  # GPT-2's shape, whatever the demo's defaults
     "batch_size=2", "batch.block_size=8", "grad_accum=2", "max_iters=10", "eval_interval=4", "eval_iters=3",
     "warmup_iters=0",
 ]  # fmt: skip
