@@ -111,3 +111,10 @@ def test_missing_or_empty_splits(corpus, tmp_path):
     (d / "train.bin").write_bytes(b"")
     with pytest.raises(GPT2LabError, match="train.bin is missing or empty"):
         TokenData.open(d)
+
+
+def test_an_output_folder_named_like_the_dataset_does_not_shadow_it(tmp_path, monkeypatch):
+    """`prepare pydoc --out pydoc`: the folder prepare creates must not be read as the source."""
+    monkeypatch.chdir(tmp_path)
+    meta = prepare("pydoc", "pydoc", num_threads=1)
+    assert meta["documents"] > 50 and (tmp_path / "pydoc" / "train.bin").is_file()

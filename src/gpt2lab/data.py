@@ -64,25 +64,40 @@ def shakespeare_text() -> str:
 NAMED_DATASETS = {"pydoc": _pydoc_documents, "shakespeare": _shakespeare_documents}
 
 
-def iter_documents(sources: list[str | Path]) -> Iterator[tuple[str, str]]:
-    """(name, text) for each document: named datasets, text files, or every text file in a folder."""
+def resolve_sources(sources: list[str | Path]) -> list[tuple[str, str | Path]]:
+    """Each source as (kind, name or path): a named dataset, a folder or a file. Decided before anything
+    is written, so that an output folder created under a dataset's name (``prepare pydoc --out pydoc``)
+    cannot be taken for the source."""
+    resolved = []
     for source in sources:
         path = Path(source)
         if not path.exists() and str(source) in NAMED_DATASETS:
-            yield from NAMED_DATASETS[str(source)]()
-        elif path.is_dir():
-            files = sorted(p for p in path.rglob("*") if p.is_file() and p.suffix.lower() in TEXT_SUFFIXES)
-            if not files:
-                raise GPT2LabError(f"no text files ({', '.join(TEXT_SUFFIXES)}) in folder {path}")
-            for f in files:
-                yield str(f), read_text_file(f)
-        elif path.is_file():
-            yield str(path), read_text_file(path)
+            resolved.append(("dataset", str(source)))
+        elif path.is_dir() or path.is_file():
+            resolved.append(("folder" if path.is_dir() else "file", path))
         else:
             hint = closest_hint(str(source), NAMED_DATASETS)
             raise GPT2LabError(
                 f"no such file, folder or dataset: {source}{hint}; named datasets: {', '.join(NAMED_DATASETS)}"
             )
+    return resolved
+
+
+def iter_documents(sources: list[str | Path] | list[tuple[str, str | Path]]) -> Iterator[tuple[str, str]]:
+    """(name, text) for each document: named datasets, text files, or every text file in a folder.
+    ``sources`` are names and paths, or what :func:`resolve_sources` made of them."""
+    resolved = sources if sources and isinstance(sources[0], tuple) else resolve_sources(sources)
+    for kind, source in resolved:
+        if kind == "dataset":
+            yield from NAMED_DATASETS[source]()
+        elif kind == "folder":
+            files = sorted(p for p in source.rglob("*") if p.is_file() and p.suffix.lower() in TEXT_SUFFIXES)
+            if not files:
+                raise GPT2LabError(f"no text files ({', '.join(TEXT_SUFFIXES)}) in folder {source}")
+            for f in files:
+                yield str(f), read_text_file(f)
+        else:
+            yield str(source), read_text_file(source)
 
 
 def read_text_file(path: Path) -> str:
@@ -117,6 +132,7 @@ def prepare(
     check_number("val fraction", val_fraction, low=0.0, high=1.0, low_open=True)
     if num_threads is not None and (not is_int(num_threads) or num_threads < 1):
         raise GPT2LabError(f"threads must be an integer >= 1, got {num_threads!r}")
+    resolved = resolve_sources(sources)
     out = Path(out_dir)
     if out.exists() and not out.is_dir():
         raise GPT2LabError(f"{out} exists and is not a folder")
@@ -125,7 +141,7 @@ def prepare(
     try:
         with scratch_file(out, "tokens") as stream_path:
             threads = num_threads or os.cpu_count() or 1
-            enc, documents = _choose_tokenizer(tokenizer, iter_documents(sources))
+            enc, documents = _choose_tokenizer(tokenizer, iter_documents(resolved))
             n_docs, n_tokens = _tokenize(documents, enc, stream_path, threads, chunk_docs)
             if n_docs == 0:
                 raise GPT2LabError(f"no text found in {', '.join(map(str, sources))}: every document is empty")
