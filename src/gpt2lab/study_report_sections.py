@@ -26,6 +26,11 @@ def table(header: list[str], rows: list[list[str]]) -> list[str]:
     ]
 
 
+def figure_section(title: str, intro: str, table_lines: list[str], figure: str, alt: str) -> list[str]:
+    """A report section laid out as each of them is: heading, what was measured, the table, the figure."""
+    return [f"## {title}", "", intro, "", *table_lines, "", f"![{alt}]({figure})", ""]
+
+
 def comparison_cells(row: dict[str, str]) -> list[str]:
     interval = "n/a" if row["low"] == "" else f"[{num(row['low'], '{:+.4f}')}, {num(row['high'], '{:+.4f}')}]"
     return [num(row["mean_diff"], "{:+.4f}"), interval, num(row["detection_limit"], "{:.4f}"), row["verdict"]]
@@ -97,18 +102,12 @@ def probe_section(out: Path) -> list[str]:
         "just beyond reach",
         "key visible ⇔ d ≤ reach",
     ]
-    return [
-        "## Receptive-field probe",
-        "",
+    intro = (
         "Each variant's shape is trained from scratch on a passkey task: one key symbol at distance d before a "
         f"query marker, filler elsewhere; chance is 1/{KEYS}. The last column checks the window convention exactly "
-        "on the trained model: changing the key changes the answer's logits if and only if d ≤ reach.",
-        "",
-        *table(header, body),
-        "",
-        "![receptive-field probe](probe.png)",
-        "",
-    ]
+        "on the trained model: changing the key changes the answer's logits if and only if d ≤ reach."
+    )
+    return figure_section("Receptive-field probe", intro, table(header, body), "probe.png", "receptive-field probe")
 
 
 def extrapolation_section(out: Path, context: int) -> list[str]:
@@ -120,18 +119,13 @@ def extrapolation_section(out: Path, context: int) -> list[str]:
     cells = {(r["variant"], r["method"], r["band"]): r["loss"] for r in rows}
     keys = list(dict.fromkeys((r["variant"], r["method"]) for r in rows))
     body = [[v, m, *[num(cells.get((v, m, b), "")) for b in bands]] for v, m in keys]
-    return [
-        "## Length extrapolation",
-        "",
+    intro = (
         f"The same held-out tokens scored in windows of 1x, 2x and 4x the trained context ({context}); "
         "learned positions only at 1x and, as comparator, with a sliding context (each token sees at most "
-        f"{context} before it). Mean loss (nats/token) over bands of positions in the window:",
-        "",
-        *table(["variant", "method", *[f"positions {b}" for b in bands]], body),
-        "",
-        "![length extrapolation](extrapolation.png)",
-        "",
-    ]
+        f"{context} before it). Mean loss (nats/token) over bands of positions in the window:"
+    )
+    lines = table(["variant", "method", *[f"positions {b}" for b in bands]], body)
+    return figure_section("Length extrapolation", intro, lines, "extrapolation.png", "length extrapolation")
 
 
 def uptrain_section(out: Path, suite: Suite) -> list[str]:
@@ -150,18 +144,13 @@ def uptrain_section(out: Path, suite: Suite) -> list[str]:
         ]  # fmt: skip
         for r in rows
     ]
-    return [
-        "## Uptraining",
-        "",
+    intro = (
         f"Each seed's baseline (trained {total} steps) is converted to fewer K/V heads (mean of each group, or "
         "its first head) and trained on; the control continues the unconverted baseline for the same steps "
-        "with the same schedule. Δ is converted minus control, seed by seed.",
-        "",
-        *table(["init", "K/V heads", "uptraining", "val loss", *_PAIRED_HEADER], body),
-        "",
-        "![uptraining](uptrain.png)",
-        "",
-    ]
+        "with the same schedule. Δ is converted minus control, seed by seed."
+    )
+    lines = table(["init", "K/V heads", "uptraining", "val loss", *_PAIRED_HEADER], body)
+    return figure_section("Uptraining", intro, lines, "uptrain.png", "uptraining")
 
 
 def cost_section(out: Path, suite: Suite, rows: list[dict[str, str]], context: int) -> list[str]:
