@@ -74,12 +74,13 @@ def run_study(suite: Suite, out_dir: str | Path, log=print) -> Path:
         out / "references.csv", [{"model": k, "val_loss": v} for k, v in references.items() if k != "bigram_weight"]
     )
 
-    results: list[dict] = []
+    jobs = []
     for variant in suite.variants:
         config = suite.variant_config(variant, vocab)
         model_fields = {k: v for k, v in config.to_dict().items() if k != "vocab_size"}
-        done = runs.seeds(variant["name"], suite.seeds, lambda _s, f=model_fields: {"preset": None, "model": f})
-        results += [{"variant": variant["name"], "seed": s, **r} for s, r in zip(suite.seeds, done, strict=True)]
+        jobs += [(variant["name"], seed, {"preset": None, "model": model_fields}) for seed in suite.seeds]
+    done = runs.many(jobs)
+    results = [{"variant": name, "seed": seed, **r} for (name, seed, _), r in zip(jobs, done, strict=True)]
     if suite.uptrain:
         from .study_uptrain import run_uptraining, uptrain_pairs
 

@@ -124,9 +124,10 @@ class Runs:
             train_and_measure, train_fields, settings or self.settings, str(run_dir), threads=self.threads
         )
 
-    def seeds(self, name: str, seeds: list[int], fields_of, settings: dict | None = None) -> list[dict]:
-        """Every seed's run of ``name``; ``fields_of(seed)`` gives the run's own TrainConfig fields."""
-        return list(self.pool.map(lambda seed: self.run(name, seed, fields_of(seed), settings), seeds))
+    def many(self, jobs: list[tuple[str, int, dict[str, Any]]], settings: dict | None = None) -> list[dict]:
+        """The results of ``(name, seed, fields)`` runs, in order. All go to the pool at once, so no core
+        waits for the last seed of one variant before the next variant starts."""
+        return list(self.pool.map(lambda job: self.run(*job, settings), jobs))
 
     def isolated(self, fn, *args):
         return run_isolated(fn, *args, threads=self.threads)

@@ -8,7 +8,6 @@ stopped earlier. At one fraction the first-head initialisation (GQA) is trained 
 
 from __future__ import annotations
 
-import functools
 from typing import Any
 
 import numpy as np
@@ -74,19 +73,27 @@ def run_uptraining(suite, runs: Runs, base_losses: dict[int, float], context: in
     plan = [("control", None, f) for f in up["fractions"]]
     plan += [("mean", n, f) for f in up["fractions"] for n in up["n_kv_heads"]]
     plan.append(("first", up["n_kv_heads"][0], up["first_head_fraction"]))  # GQA's K/V init, at one fraction
+    trained = {}  # (method, n_kv, fraction) -> run name, for the cells that train at all
+    jobs = []
     for method, n_kv, fraction in plan:
         steps = round(fraction * total)
-        if steps == 0 and method == "control":
-            losses = [base_losses[s] for s in suite.seeds]  # the baseline itself
-        elif steps == 0:
-            dirs = [base_dir[s] for s in suite.seeds]
-            losses = runs.isolated(converted_losses, dirs, n_kv, method, data_dir, context, max_tokens)
-        else:
-            log(f"[study] uptraining: {method} K/V init, {n_kv or 'all'} K/V heads, {steps} steps")
+        if steps > 0:
             name = f"continue-{steps}" if method == "control" else f"uptrain-{method}-kv{n_kv}-{steps}"
             init = "mean" if method == "control" else method
-            fields = functools.partial(_fields, base_dir, steps, n_kv, init)
-            losses = [r["val_loss"] for r in runs.seeds(name, suite.seeds, fields, settings)]
+            trained[(method, n_kv, fraction)] = name
+            jobs += [(name, seed, _fields(base_dir, steps, n_kv, init, seed)) for seed in suite.seeds]
+    log(f"[study] uptraining: {len(jobs)} continuations of the baselines")
+    done = runs.many(jobs, settings)
+    losses_of = {(name, seed): r["val_loss"] for (name, seed, _), r in zip(jobs, done, strict=True)}
+    for method, n_kv, fraction in plan:
+        steps = round(fraction * total)
+        if (method, n_kv, fraction) in trained:
+            losses = [losses_of[(trained[(method, n_kv, fraction)], s)] for s in suite.seeds]
+        elif method == "control":
+            losses = [base_losses[s] for s in suite.seeds]  # the baseline itself
+        else:  # the conversion alone, before any training
+            dirs = [base_dir[s] for s in suite.seeds]
+            losses = runs.isolated(converted_losses, dirs, n_kv, method, data_dir, context, max_tokens)
         add(method, n_kv, fraction, steps, losses)
     return rows
 
