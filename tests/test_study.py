@@ -4,6 +4,7 @@ probe's window boundary, sliding-context evaluation, first-head K/V conversion."
 
 import csv
 import math
+import os
 import re
 
 import numpy as np
@@ -20,7 +21,7 @@ from gpt2lab.study_extrapolation import sliding
 from gpt2lab.study_probe import PROBE_VOCAB, key_visible
 from gpt2lab.study_report import RESULT_COLUMNS
 from gpt2lab.study_report_sections import num
-from gpt2lab.study_runs import eval_tokens, fingerprint_tokens
+from gpt2lab.study_runs import eval_tokens, fingerprint_tokens, run_isolated, train_and_measure
 from gpt2lab.study_stats import paired_difference, t_quantile
 from gpt2lab.study_suite import load_suite, receptive_reach
 
@@ -283,3 +284,21 @@ def test_default_suite_can_tell_the_variants_apart():
     assert min(reaches) <= context // 2 and max(reaches) > context
     for name in suite.probe["variants"]:
         assert (configs[name].window or 0) <= suite.probe["context"]
+
+
+def test_a_run_stopped_by_a_signal_is_not_recorded_as_finished(tmp_path, corpus, monkeypatch):
+    """Ctrl-C reaches the study's training children too: each saves its checkpoint and returns "stopped".
+    Scoring that half-trained model as the run's result would let a re-run keep it as finished."""
+    import gpt2lab.training
+
+    monkeypatch.setattr(gpt2lab.training, "train", lambda cfg, resume: {"stopped": True, "signal": 2, "step": 3})
+    fields = {"data_dir": str(corpus), "out_dir": str(tmp_path / "run"), "preset": None, "block_size": 32}
+    fields["model"] = {"n_layer": 1, "n_head": 2, "n_embd": 16}
+    with pytest.raises(GPT2LabError, match="stopped at step 3 by a signal: run the study again to resume"):
+        train_and_measure(fields, {"max_tokens": 64}, str(tmp_path / "run"))
+    assert not (tmp_path / "run" / "result.json").exists()
+
+
+def test_a_run_process_that_dies_without_a_result_is_an_error_not_a_hang():
+    with pytest.raises(GPT2LabError, match=r"_exit failed: its process ended \(exit code 3\) without a result"):
+        run_isolated(os._exit, 3, threads=1)

@@ -7,6 +7,7 @@ from __future__ import annotations
 import hashlib
 import json
 import multiprocessing
+import queue as queue_module
 import statistics
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -34,7 +35,14 @@ def run_isolated(fn, *args, threads: int | None = None):
     queue = ctx.Queue()
     process = ctx.Process(target=_child, args=(queue, threads or torch.get_num_threads(), fn, args))
     process.start()
-    status, value = queue.get()
+    while True:  # a child killed outright (kill -9, out of memory) reports nothing: do not wait for it forever
+        try:
+            status, value = queue.get(timeout=1.0)
+            break
+        except queue_module.Empty:
+            if not process.is_alive() and queue.empty():
+                status, value = "error", f"its process ended (exit code {process.exitcode}) without a result"
+                break
     process.join()
     if status != "ok":
         raise GPT2LabError(f"{getattr(fn, '__name__', fn)} failed: {value}")
@@ -74,6 +82,8 @@ def train_and_measure(train_fields: dict[str, Any], settings: dict[str, Any], ru
     cfg = TrainConfig(**train_fields)
     cfg.validate()
     summary = train(cfg, resume=(Path(run_dir) / CKPT_NAME).is_file())
+    if summary["stopped"]:  # a signal (Ctrl-C, kill): the checkpoint is saved; the run is not finished
+        raise GPT2LabError(f"{run_dir} stopped at step {summary['step']} by a signal: run the study again to resume")
     model = load_model(run_dir).eval()
     tokens = eval_tokens(cfg.data_dir, cfg.block_size, settings["max_tokens"])
     result = evaluate(model, tokens, context=cfg.block_size)
