@@ -302,3 +302,19 @@ def test_a_run_stopped_by_a_signal_is_not_recorded_as_finished(tmp_path, corpus,
 def test_a_run_process_that_dies_without_a_result_is_an_error_not_a_hang():
     with pytest.raises(GPT2LabError, match=r"_exit failed: its process ended \(exit code 3\) without a result"):
         run_isolated(os._exit, 3, threads=1)
+
+
+def test_the_report_explains_a_control_that_first_gets_worse(tmp_path):
+    from gpt2lab.study_report_sections import _control_jolt
+
+    (tmp_path / "tiny.toml").write_text(SUITE)
+    suite = load_suite(tmp_path / "tiny.toml", data="shakespeare")
+
+    def control(losses):
+        return [{"method": "control", "steps": s, "val_loss": v} for s, v in losses] + [
+            {"method": "mean", "steps": 9, "val_loss": 9.0}  # other methods do not count
+        ]
+
+    text = _control_jolt(control([(0, 2.0), (0, 2.2), (9, 2.5), (9, 2.5), (18, 1.0)]), suite)
+    assert "rises, from 2.100 to 2.500 after 9 steps" in text and "(0.003)" in text
+    assert _control_jolt(control([(0, 2.0), (9, 1.9), (18, 3.0)]), suite) == ""

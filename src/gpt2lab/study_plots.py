@@ -110,7 +110,9 @@ def _plot_probe(path: Path, rows: list[dict]) -> None:
             mine = [r for r in rows if r["variant"] == name]
             distances = sorted({int(r["distance"]) for r in mine})
             acc = [np.mean([float(r["accuracy"]) for r in mine if int(r["distance"]) == d]) for d in distances]
-            ax.plot(distances, acc, marker="o", color=f"C{i}", label=f"{name} (reach {mine[0]['reach']})")
+            # variants that solve every distance draw the same line: shrinking markers keep each one visible
+            marker = dict(marker="osD^v"[i % 5], ms=max(3.0, 10 - 2 * i), ls=("-", "--", "-.", ":")[i % 4])
+            ax.plot(distances, acc, color=f"C{i}", label=f"{name} (reach {mine[0]['reach']})", **marker)
             if mine[0]["reach"] != "full":
                 ax.axvline(int(mine[0]["reach"]) + 0.5, color=f"C{i}", ls=":", lw=1)
         ax.axhline(1 / KEYS, color="gray", ls="--", lw=1, label=f"chance (1/{KEYS})")

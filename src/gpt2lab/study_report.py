@@ -101,7 +101,15 @@ def _references_and_context(out: Path, suite: Suite, rows: list[dict[str, str]])
         + (
             "at least the 0.3 this study needs to tell position encodings and windows apart."
             if gain >= 0.3
-            else "LESS than the 0.3 this study needs; its models barely use context, so differences between "
-            "position encodings or windows cannot show here."
-        ),
+            else "LESS than the 0.3 this study needs, so comparisons with the baseline say little about how "
+            "the variants use long context."
+        )
+        + _other_gains(rows[1:]),
     ]
+
+
+def _other_gains(rows: list[dict[str, str]]) -> str:
+    gains = {r["variant"]: float(r["loss_first"]) - float(r["loss_late"]) for r in rows}
+    if not gains:
+        return ""
+    return " The same gain for the other variants: " + ", ".join(f"{v} {g:.3f}" for v, g in gains.items()) + "."

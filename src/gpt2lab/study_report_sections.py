@@ -148,9 +148,29 @@ def uptrain_section(out: Path, suite: Suite) -> list[str]:
         f"Each seed's baseline (trained {total} steps) is converted to fewer K/V heads (mean of each group, or "
         "its first head) and trained on; the control continues the unconverted baseline for the same steps "
         "with the same schedule. Δ is converted minus control, seed by seed."
-    )
+    ) + _control_jolt(read_csv(out / "uptrain.csv"), suite)
     lines = table(["init", "K/V heads", "uptraining", "val loss", *_PAIRED_HEADER], body)
     return figure_section("Uptraining", intro, lines, "uptrain.png", "uptraining")
+
+
+def _control_jolt(rows: list[dict[str, str]], suite: Suite) -> str:
+    """A sentence for when the control gets worse before it gets better, which the plot shows unexplained."""
+    control: dict[int, list[float]] = {}
+    for r in rows:
+        if r["method"] == "control":
+            control.setdefault(int(r["steps"]), []).append(float(r["val_loss"]))
+    steps = sorted(control)
+    if len(steps) < 2:
+        return ""
+    train, before, after = suite.train, statistics.mean(control[steps[0]]), statistics.mean(control[steps[1]])
+    if after <= before:
+        return ""
+    return (
+        f" The control's loss first rises, from {before:.3f} to {after:.3f} "
+        f"after {steps[1]} steps: every continuation warms up again to the suite's peak learning rate "
+        f"({train.get('lr')}), while the baseline had ended its schedule at {train.get('min_lr')}. That shock is "
+        "the same on both sides of each Δ, which is why the comparison is with the control, not with the baseline."
+    )
 
 
 def cost_section(out: Path, suite: Suite, rows: list[dict[str, str]], context: int) -> list[str]:
