@@ -7,7 +7,9 @@ Measures, alternating the contenders round by round (see common.py for why):
   in fp32, bf16 and int8 weights, always against the fp32 reference;
 * each gpt2lab dtype's fraction of the memory-bandwidth floor of decoding: a step must read every weight
   once, so tokens/s cannot exceed B x (read bandwidth / weight bytes); the read bandwidth is measured
-  here (the best of several sums over a 512 MiB tensor, far beyond the caches);
+  here (the best of several sums over a 512 MiB tensor, far beyond the caches), at the start and again
+  after each generation row, keeping the best: a shared host's bandwidth can halve for minutes, and a
+  floor from a bad minute would flatter every fraction;
 * peak resident memory of each workload, each in a fresh process (see common.py).
 
 Records the CPU model, its instruction-set flags that matter for products, and the kernels gpt2lab
@@ -175,6 +177,9 @@ def main() -> None:
                 alternate({label(*p): generate_fn(p[0], models[p], batch, 8) for p in pairs}, repeats=0)
                 fns = {label(*p): generate_fn(p[0], models[p], batch, args.new_tokens) for p in pairs}
                 times = alternate(fns, args.gen_repeats, warmup=0)
+                # A shared host's bandwidth moves by 2x from minute to minute: the floor takes the best seen so far
+                bandwidth = max(bandwidth, read_bandwidth())
+                print(f"  (read bandwidth for this row's floor: {bandwidth / 1e9:.1f} GB/s, the best measured so far)")
                 floor = {label(*p): batch * bandwidth / (n_weights * WEIGHT_BYTES[p[1]]) for p in pairs[1:]}
                 rows.append(
                     dict(
