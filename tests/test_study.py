@@ -6,6 +6,10 @@ import csv
 import math
 import os
 import re
+import subprocess
+import sys
+import time
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -318,3 +322,55 @@ def test_the_report_explains_a_control_that_first_gets_worse(tmp_path):
     text = _control_jolt(control([(0, 2.0), (0, 2.2), (9, 2.5), (9, 2.5), (18, 1.0)]), suite)
     assert "rises, from 2.100 to 2.500 after 9 steps" in text and "(0.003)" in text
     assert _control_jolt(control([(0, 2.0), (9, 1.9), (18, 3.0)]), suite) == ""
+
+
+def _children(pid: int) -> list[int]:
+    """Live processes whose parent is ``pid`` (Linux /proc)."""
+    found = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        if int(fields[1]) == pid and fields[0] != "Z":
+            found.append(int(stat.parent.name))
+    return found
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="prctl(PR_SET_PDEATHSIG) is Linux's")
+def test_a_run_process_stops_when_the_study_process_is_killed():
+    """Killing `gpt2lab study` must not leave its training children running on, orphaned."""
+    study = "import time; from gpt2lab.study_runs import run_isolated; run_isolated(time.sleep, 120)"
+    parent = subprocess.Popen([sys.executable, "-c", study])
+    try:
+        deadline = time.monotonic() + 60
+        while len(_children(parent.pid)) < 2 and time.monotonic() < deadline:  # the run and its resource tracker
+            time.sleep(0.2)
+        children = _children(parent.pid)
+        assert children, "the run process never started"
+        # kill the study once the run is under way (torch loaded, the request to stop with it in place)
+        while not any("libtorch" in _maps(pid) for pid in children) and time.monotonic() < deadline:
+            time.sleep(0.2)
+        time.sleep(1.0)
+    finally:
+        parent.kill()
+        parent.wait()
+    deadline = time.monotonic() + 20
+    while any(Path(f"/proc/{pid}").exists() for pid in children) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    alive = [pid for pid in children if Path(f"/proc/{pid}/stat").exists() and "Z" not in _state(pid)]
+    assert not alive, f"orphaned processes still running: {alive}"
+
+
+def _state(pid: int) -> str:
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except OSError:
+        return "Z"
+
+
+def _maps(pid: int) -> str:
+    try:
+        return Path(f"/proc/{pid}/maps").read_text()
+    except OSError:
+        return ""

@@ -4,11 +4,15 @@ evaluation tokens, which are the same for every run. :class:`Runs` starts them, 
 
 from __future__ import annotations
 
+import ctypes
 import hashlib
 import json
 import multiprocessing
+import os
 import queue as queue_module
+import signal
 import statistics
+import sys
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
@@ -19,13 +23,26 @@ import torch
 from .config import GPT2LabError
 from .files import read_json, write_text
 
+PR_SET_PDEATHSIG = 1  # prctl(2): the signal this process gets when its parent dies
+
 
 def _child(queue, threads, fn, args) -> None:
+    _stop_with_parent()
     torch.set_num_threads(threads)
     try:
         queue.put(("ok", fn(*args)))
     except BaseException as e:  # report any failure to the parent as one line
         queue.put(("error", f"{type(e).__name__}: {e}"))
+
+
+def _stop_with_parent() -> None:
+    """Linux: ask for SIGTERM when the study process dies (killed, or closed with its terminal). Training
+    then saves a checkpoint and stops, instead of running on, orphaned, beside a re-run of the study."""
+    if not sys.platform.startswith("linux"):
+        return
+    ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
+    if os.getppid() != multiprocessing.parent_process().pid:  # it died before the request was in place
+        os.kill(os.getpid(), signal.SIGTERM)
 
 
 def run_isolated(fn, *args, threads: int | None = None):
