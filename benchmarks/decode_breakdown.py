@@ -24,16 +24,8 @@ from gpt2lab.kernel_report import cpu_description
 from gpt2lab.model import GPT
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import alternate  # noqa: E402
 from inference import BANDWIDTH_BYTES, read_bandwidth  # noqa: E402
-
-
-def best_of(fn, rounds: int) -> float:
-    times = []
-    for _ in range(rounds):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return min(times)
 
 
 @torch.no_grad()
@@ -67,7 +59,8 @@ def main() -> None:
         bandwidth = read_bandwidth()
         floor = weight_bytes / bandwidth
         with torch.no_grad():
-            products = best_of(lambda: [layer(rows[layer.in_features]) for layer in layers], 10)
+            times = alternate({"products": lambda: [layer(rows[layer.in_features]) for layer in layers]}, 10)
+        products = min(times["products"])
         step = decode_step_median(model, args.steps)
         print(
             f"threads {threads}: read bandwidth {bandwidth / 1e9:.1f} GB/s ({BANDWIDTH_BYTES >> 20} MiB sum), "

@@ -324,16 +324,26 @@ def test_the_report_explains_a_control_that_first_gets_worse(tmp_path):
     assert _control_jolt(control([(0, 2.0), (9, 1.9), (18, 3.0)]), suite) == ""
 
 
+def _stat(pid: int) -> list[str] | None:
+    """The fields of /proc/PID/stat after the command name (state first, then the parent's pid); None once gone."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except OSError:
+        return None
+
+
+def _running(pid: int) -> bool:
+    fields = _stat(pid)
+    return fields is not None and fields[0] != "Z"  # a zombie has ended; only its exit status is left
+
+
 def _children(pid: int) -> list[int]:
-    """Live processes whose parent is ``pid`` (Linux /proc)."""
+    """Running processes whose parent is ``pid`` (Linux /proc)."""
     found = []
-    for stat in Path("/proc").glob("[0-9]*/stat"):
-        try:
-            fields = stat.read_text().rsplit(")", 1)[1].split()
-        except OSError:
-            continue
-        if int(fields[1]) == pid and fields[0] != "Z":
-            found.append(int(stat.parent.name))
+    for path in Path("/proc").glob("[0-9]*"):
+        fields = _stat(int(path.name))
+        if fields is not None and fields[0] != "Z" and int(fields[1]) == pid:
+            found.append(int(path.name))
     return found
 
 
@@ -356,17 +366,10 @@ def test_a_run_process_stops_when_the_study_process_is_killed():
         parent.kill()
         parent.wait()
     deadline = time.monotonic() + 20
-    while any(Path(f"/proc/{pid}").exists() for pid in children) and time.monotonic() < deadline:
+    while any(_running(pid) for pid in children) and time.monotonic() < deadline:
         time.sleep(0.2)
-    alive = [pid for pid in children if Path(f"/proc/{pid}/stat").exists() and "Z" not in _state(pid)]
+    alive = [pid for pid in children if _running(pid)]
     assert not alive, f"orphaned processes still running: {alive}"
-
-
-def _state(pid: int) -> str:
-    try:
-        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
-    except OSError:
-        return "Z"
 
 
 def _maps(pid: int) -> str:

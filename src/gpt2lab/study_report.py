@@ -89,7 +89,7 @@ def _header(out: Path, suite: Suite, context: int, rows: list[dict[str, str]]) -
 def _references_and_context(out: Path, suite: Suite, rows: list[dict[str, str]]) -> list[str]:
     refs = {r["model"]: r["val_loss"] for r in read_csv(out / "references.csv")}
     base = rows[0]
-    gain = float(base["loss_first"]) - float(base["loss_late"])
+    gain = _context_gain(base)
     early = suite.eval["early_positions"]
     return [
         f"Reference lines on the same tokens: a unigram count model scores {num(refs['unigram'])} and an "
@@ -108,8 +108,13 @@ def _references_and_context(out: Path, suite: Suite, rows: list[dict[str, str]])
     ]
 
 
+def _context_gain(row: dict[str, str]) -> float:
+    """How much lower a variant's loss is late in the window than on its first positions (nats)."""
+    return float(row["loss_first"]) - float(row["loss_late"])
+
+
 def _other_gains(rows: list[dict[str, str]]) -> str:
-    gains = {r["variant"]: float(r["loss_first"]) - float(r["loss_late"]) for r in rows}
+    gains = {r["variant"]: _context_gain(r) for r in rows}
     if not gains:
         return ""
     return " The same gain for the other variants: " + ", ".join(f"{v} {g:.3f}" for v, g in gains.items()) + "."
