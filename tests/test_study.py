@@ -288,6 +288,10 @@ def test_default_suite_can_tell_the_variants_apart():
     assert min(reaches) <= context // 2 and max(reaches) > context
     for name in suite.probe["variants"]:
         assert (configs[name].window or 0) <= suite.probe["context"]
+    # every variant changes exactly one thing of the reference it is compared with
+    for variant in suite.variants[1:]:
+        mine, ref = configs[variant["name"]].to_dict(), configs[suite.reference_of(variant)].to_dict()
+        assert len([k for k in mine if mine[k] != ref[k]]) == 1, variant["name"]
 
 
 def test_a_run_stopped_by_a_signal_is_not_recorded_as_finished(tmp_path, corpus, monkeypatch):

@@ -73,10 +73,10 @@ def run_uptraining(suite, runs: Runs, base_losses: dict[int, float], context: in
     plan = [("control", None, f) for f in up["fractions"]]
     plan += [("mean", n, f) for f in up["fractions"] for n in up["n_kv_heads"]]
     plan.append(("first", up["n_kv_heads"][0], up["first_head_fraction"]))  # GQA's K/V init, at one fraction
+    plan = [(method, n_kv, fraction, round(fraction * total)) for method, n_kv, fraction in plan]
     trained = {}  # (method, n_kv, fraction) -> run name, for the cells that train at all
     jobs = []
-    for method, n_kv, fraction in plan:
-        steps = round(fraction * total)
+    for method, n_kv, fraction, steps in plan:
         if steps > 0:
             name = f"continue-{steps}" if method == "control" else f"uptrain-{method}-kv{n_kv}-{steps}"
             init = "mean" if method == "control" else method
@@ -85,8 +85,7 @@ def run_uptraining(suite, runs: Runs, base_losses: dict[int, float], context: in
     log(f"[study] uptraining: {len(jobs)} continuations of the baselines")
     done = runs.many(jobs, settings)
     losses_of = {(name, seed): r["val_loss"] for (name, seed, _), r in zip(jobs, done, strict=True)}
-    for method, n_kv, fraction in plan:
-        steps = round(fraction * total)
+    for method, n_kv, fraction, steps in plan:
         if (method, n_kv, fraction) in trained:
             losses = [losses_of[(trained[(method, n_kv, fraction)], s)] for s in suite.seeds]
         elif method == "control":
