@@ -121,6 +121,7 @@ def test_tiny_suite_end_to_end(tmp_path, shared_data):
     for row in rows:
         assert "| " + " | ".join(num(row[c], p) for c, _, p in RESULT_COLUMNS) + " |" in report.splitlines()
     assert f"gpt2lab study --suite {tmp_path / 'tiny.toml'} --data" in report
+    assert "the other variants set `rope` pos_encoding = rope; `window` pos_encoding = rope, window = 8." in report
 
     # Paired differences: the window variant against rope, seed by seed, as the runs say.
     loss = {(r["variant"], int(r["seed"])): float(r["val_loss"]) for r in runs}

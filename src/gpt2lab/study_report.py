@@ -18,7 +18,7 @@ from .study_report_sections import (
     table,
     uptrain_section,
 )
-from .study_suite import Suite, read_csv
+from .study_suite import VARIANT_KEYS, Suite, read_csv
 
 RESULT_COLUMNS = [  # (results.csv column, title, format)
     ("variant", "variant", "{}"),
@@ -72,7 +72,9 @@ def _header(out: Path, suite: Suite, context: int, rows: list[dict[str, str]]) -
         + "".join(f" --set {shlex.quote(item)}" for item in suite.overrides),
         "```",
         "",
-        f"Every variant has the shape {suite.model} and trains for {train['max_iters']} steps of {per_step} × "
+        f"The reference variant `{suite.variants[0]['name']}` has the model {suite.model}"
+        + _changes(suite)
+        + f" Every variant trains for {train['max_iters']} steps of {per_step} × "
         f"{context} tokens ({tokens:,} tokens) with the same optimizer, schedule and seeds {suite.seeds}; a seed "
         f"fixes the data order, the same for every variant. Data: `{suite.data}` as {tokenizer}, the last 10 % "
         f"held out. Every run is scored on the same {rows[0]['eval_tokens']} held-out tokens "
@@ -84,6 +86,15 @@ def _header(out: Path, suite: Suite, context: int, rows: list[dict[str, str]]) -
         "them within this table only.",
         "",
     ]
+
+
+def _changes(suite: Suite) -> str:
+    """What each variant sets over the shared model, as the suite file says it."""
+    changes = [
+        f"`{v['name']}` " + (", ".join(f"{k} = {val}" for k, val in v.items() if k not in VARIANT_KEYS) or "nothing")
+        for v in suite.variants[1:]
+    ]
+    return "; over that model the other variants set " + "; ".join(changes) + "." if changes else "."
 
 
 def _references_and_context(out: Path, suite: Suite, rows: list[dict[str, str]]) -> list[str]:
