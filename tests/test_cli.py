@@ -23,7 +23,8 @@ def model_dir(tmp_path_factory):
     return path
 
 
-def test_generate_streams_the_same_tokens_as_the_api(model_dir):
+@pytest.mark.parametrize("decoding", [[], ["--compile"]], ids=["eager", "compiled"])
+def test_generate_streams_the_same_tokens_as_the_api(model_dir, decoding):
     result = gpt2lab(
         "generate",
         "--model",
@@ -34,6 +35,7 @@ def test_generate_streams_the_same_tokens_as_the_api(model_dir):
         "12",
         "--temperature",
         "0",
+        *decoding,
     )
     assert result.returncode == 0, result.stderr
     tok = load_tokenizer()

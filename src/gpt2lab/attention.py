@@ -59,6 +59,10 @@ class CausalSelfAttention(nn.Module):
 
     def _attend(self, q, k, v, cache: KVCache | None, valid: torch.Tensor | None) -> torch.Tensor:
         dropout_p = self.dropout if self.training else 0.0
+        if cache is not None and cache.step_index is not None:  # compiled decoding: fixed shapes, no host reads
+            keys, values, key_index, key_valid = cache.write_at(k, v)
+            key_valid = key_valid if cache.has_padding else None
+            return one_query_attention(q, keys, values, cache.step_index, key_index, key_valid, self.window)
         start = 0 if cache is None else cache.length
         if start == 0 and valid is None:  # nothing cached, no padding: the fast kernels
             if cache is not None:
@@ -124,11 +128,7 @@ def masked_attention(
     query_index: (T,) and key_index: (S,) sequence indices (-1 marks an empty cache slot);
     key_valid: (B, S), False for padding.
     """
-    qi, ki = query_index[:, None], key_index[None, :]
-    allowed = (ki >= 0) & (ki <= qi)
-    if window is not None:
-        allowed = allowed & (ki > qi - window)
-    mask = allowed[None, None]  # (1, 1, T, S)
+    mask = visible_keys(query_index, key_index, window)[None, None]  # (1, 1, T, S)
     if key_valid is not None:
         mask = mask & key_valid[:, None, None, :]
         # A query with no visible key (a pad query before any real token) would give NaN; let it see
@@ -137,3 +137,40 @@ def masked_attention(
     return F.scaled_dot_product_attention(
         q, k, v, attn_mask=mask, dropout_p=dropout_p, enable_gqa=q.shape[1] != k.shape[1]
     )
+
+
+def visible_keys(query_index: torch.Tensor, key_index: torch.Tensor, window: int | None) -> torch.Tensor:
+    """(T, S) True where the query at sequence index query_index[t] may see the key at key_index[s]:
+    a filled slot (index >= 0), not in the future, and within the window if there is one."""
+    qi, ki = query_index[:, None], key_index[None, :]
+    allowed = (ki >= 0) & (ki <= qi)
+    if window is not None:
+        allowed = allowed & (ki > qi - window)
+    return allowed
+
+
+def one_query_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    query_index: torch.Tensor,
+    key_index: torch.Tensor,
+    key_valid: torch.Tensor | None,
+    window: int | None,
+) -> torch.Tensor:
+    """:func:`masked_attention` for one query per row, written as products and sums: compiled decoding's
+    attention. Inductor fuses these into a few loops; SDPA's CPU kernel, called with a mask from inside
+    the compiled graph, made a GPT-2 124M int8 step 1-3 ms slower (docs/benchmarks.md).
+
+    q: (B, nh, 1, hs); k, v: (B, nkv, S, hs); query_index: (1,); the query's own key is among the visible.
+    """
+    B, nh, _, hs = q.shape
+    nkv = k.shape[1]
+    mask = visible_keys(query_index, key_index, window)[None, None]  # (1, 1, 1, S)
+    if key_valid is not None:
+        mask = mask & key_valid[:, None, None, :]  # (B, 1, 1, S)
+    q = q.view(B, nkv, nh // nkv, 1, hs)  # (B, nkv, g, 1, hs): the g query heads sharing each K/V head
+    scores = (q * k[:, :, None]).sum(-1) * hs**-0.5  # (B, nkv, g, S)
+    probs = scores.masked_fill(~mask, float("-inf")).softmax(dim=-1)
+    y = (probs[..., None] * v[:, :, None]).sum(-2)  # (B, nkv, g, hs)
+    return y.reshape(B, nh, 1, hs)

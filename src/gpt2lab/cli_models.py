@@ -31,6 +31,9 @@ def add_generate(sub) -> None:
     )
     p.add_argument("--dtype", choices=INFERENCE_DTYPES, default="float32", help="weight dtype (int8: CPU only)")
     p.add_argument("--device", type=arg.device, default="cpu")
+    p.add_argument(
+        "--compile", action="store_true", help="decode through one compiled graph (pays off over long generations)"
+    )
     p.set_defaults(func=cmd_generate)
 
 
@@ -39,6 +42,7 @@ def cmd_generate(args) -> int:
     from .run_state import load_model_and_tokenizer
 
     sampling = dict(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, seed=args.seed)
+    sampling["compile"] = args.compile  # not sampling, but stream_text passes it on the same way
     prompt = sys.stdin.read() if args.prompt == "-" else args.prompt
     model, tokenizer = load_model_and_tokenizer(args.model, dtype=args.dtype, device=args.device)
     pieces = stream_text(model, tokenizer, prompt, args.max_new_tokens, stop=args.stop, **sampling)

@@ -11,9 +11,11 @@ import math
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
+from functools import partial
 
 import torch
 
+from .compiled_decoding import CompiledDecoder, cache_capacity
 from .config import GPT2_EOT_ID, GPT2LabError
 
 
@@ -129,6 +131,7 @@ def stream_generate(
     stop=None,
     attention_mask: torch.Tensor | None = None,
     use_cache: bool = True,
+    compile: bool = False,
     tokenizer=None,
     **sampling,
 ) -> Iterator[tuple[torch.Tensor, list[bool]]]:
@@ -136,10 +139,14 @@ def stream_generate(
 
     ``sampling`` holds :class:`Sampler`'s fields (temperature, top_k, top_p, seed). ``stop`` holds token
     ids and strings (strings are matched in the decoded text of ``tokenizer``, GPT-2's by default).
+    ``compile`` runs the steps after the prompt through one compiled graph
+    (:mod:`gpt2lab.compiled_decoding`); it needs the cache.
     """
     sampler = Sampler(**sampling)
     if not isinstance(max_new_tokens, int) or max_new_tokens < 0:
         raise GPT2LabError(f"max_new_tokens must be an integer >= 0, got {max_new_tokens!r}")
+    if compile and not use_cache:
+        raise GPT2LabError("compile=True needs the KV cache: drop use_cache=False")
     pad = _pad_counts(idx, attention_mask)
     B, T = idx.shape
     model.config.check_length(T + max_new_tokens)
@@ -149,10 +156,12 @@ def stream_generate(
     fill = torch.tensor(GPT2_EOT_ID if GPT2_EOT_ID < model.config.vocab_size else 0, device=device)
     mask = None if pad is None else (torch.arange(T)[None, :] >= pad[:, None]).to(device)
     with _eval_mode(model):
-        cache = model.new_cache(B, T + max_new_tokens) if use_cache else None
+        capacity = cache_capacity(T + max_new_tokens) if compile else T + max_new_tokens
+        cache = model.new_cache(B, capacity) if use_cache else None
         logits = model(
             idx, cache=cache, attention_mask=mask, position_ids=_positions(pad, 0, T, device), last_only=True
         )
+        decode = CompiledDecoder(model, cache) if compile else partial(model, cache=cache, last_only=True)
         for step in range(max_new_tokens):
             tokens = sampler(logits[:, -1], generator)
             if any(stops.finished):  # rows that stopped repeat the fill token (no work while none has)
@@ -163,7 +172,7 @@ def stream_generate(
                 return
             if use_cache:
                 pos = _positions(pad, T + step, 1, device)
-                logits = model(tokens[:, None], cache=cache, position_ids=pos, last_only=True)
+                logits = decode(tokens[:, None], position_ids=pos)
             else:
                 idx = torch.cat((idx, tokens[:, None]), dim=1)
                 mask = None if mask is None else torch.cat((mask, torch.ones_like(mask[:, :1])), dim=1)
@@ -204,7 +213,7 @@ def generate(model, idx, max_new_tokens: int, *, attention_mask: torch.Tensor | 
     lengths (returns a list of lists: each prompt followed by its own continuation, which ends with the
     stop token or the text with the stop string). ``options`` are :func:`stream_generate`'s: ``stop``
     (token ids and/or strings), ``temperature`` (0 is greedy), ``top_k``, ``top_p``, ``seed`` (makes
-    sampling reproducible), ``use_cache``, ``tokenizer``.
+    sampling reproducible), ``use_cache``, ``compile``, ``tokenizer``.
     """
     ragged = not isinstance(idx, torch.Tensor)
     if ragged:
@@ -227,7 +236,8 @@ def stream_text(model, tokenizer, prompt: str, max_new_tokens: int, *, stop=None
     """The continuation of ``prompt``, piece by piece (an iterator), ending before the first stop string.
 
     Text is released only once it is complete UTF-8 and cannot be the start of a stop string, so a
-    stop string is never half printed. The end-of-text token ends the stream too.
+    stop string is never half printed. The end-of-text token ends the stream too. ``sampling`` holds
+    :class:`Sampler`'s fields and :func:`stream_generate`'s ``compile``.
     """
     eot = getattr(tokenizer, "eot_token", None)
     ids = tokenizer.encode(prompt, allowed_special={"<|endoftext|>"}) if eot is not None else tokenizer.encode(prompt)

@@ -115,10 +115,13 @@ class GPT(nn.Module):
         index; ``last_only`` computes logits for the last position only (generation).
         """
         B, T = idx.shape
-        start = 0 if cache is None else cache[0].length
-        self.config.check_length(start + T)
-        if position_ids is None:
-            position_ids = torch.arange(start, start + T, device=idx.device)
+        if cache is not None and cache[0].step_index is not None:  # compiled decoding: see kv_cache.py
+            position_ids = cache[0].step_index if position_ids is None else position_ids
+        else:
+            start = 0 if cache is None else cache[0].length
+            self.config.check_length(start + T)
+            if position_ids is None:
+                position_ids = torch.arange(start, start + T, device=idx.device)
         valid = None if attention_mask is None else attention_mask.to(torch.bool)
 
         x = self.transformer.wte(idx)  # token embeddings (B, T, C)

@@ -1,0 +1,108 @@
+"""Compiled decoding (static-shape cache, one graph for every step) against eager decoding with the cache."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+
+from gpt2lab import GPT, GPT2LabError, GPTConfig
+from gpt2lab.attention import masked_attention, one_query_attention
+from gpt2lab.compiled_decoding import CompiledDecoder
+from gpt2lab.quantize import _LAYERS
+
+# Two configurations that between them take every branch of the static path: learned positions with
+# full attention (a linear buffer), and RoPE + GQA + a window shorter than the prompt (a ring).
+VARIANTS = {
+    "learned-mha-full": dict(pos_encoding="learned", n_kv_head=4, window=None),
+    "rope-gqa-window": dict(pos_encoding="rope", n_kv_head=2, window=5),
+}
+
+
+@pytest.fixture(autouse=True)
+def fresh_compiler():
+    """Each test starts with no compiled graphs, so none meets PyTorch's limit of graphs per function."""
+    torch._dynamo.reset()
+
+
+def tiny_model(**variant) -> GPT:
+    torch.manual_seed(4)
+    return GPT(GPTConfig(n_layer=2, n_head=4, n_embd=32, block_size=64, vocab_size=97, **variant)).eval()
+
+
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_compiled_greedy_decoding_equals_eager(variant):
+    model = tiny_model(**VARIANTS[variant])
+    prompt = torch.randint(0, 97, (2, 12))
+    eager = model.generate(prompt, 30, temperature=0)
+    assert torch.equal(model.generate(prompt, 30, temperature=0, compile=True), eager)
+    # A second call whose cache rounds to the same capacity reuses the graph: a recompilation would raise.
+    with torch._dynamo.config.patch(error_on_recompile=True):
+        assert torch.equal(model.generate(prompt, 25, temperature=0, compile=True), eager[:, :37])
+    # Ragged prompts: left padding, per-row positions and the cache's validity mask.
+    prompts = [prompt[0, :3].tolist(), prompt[1].tolist()]
+    assert model.generate(prompts, 20, temperature=0, compile=True) == model.generate(prompts, 20, temperature=0)
+
+
+def test_compiled_int8_decoding_is_one_graph_with_the_eager_tokens():
+    """fullgraph=True turns any graph break into an error: FBGEMM's int8 product must stay inside the graph."""
+    model = tiny_model(**VARIANTS["learned-mha-full"]).quantize("int8")
+    prompt = torch.randint(0, 97, (1, 7))
+    logits = model.generate(prompt, 16, temperature=0, compile=True)
+    assert torch.equal(logits, model.generate(prompt, 16, temperature=0))
+
+
+def test_compiled_decoding_logits_match_eager_steps():
+    model = tiny_model(**VARIANTS["rope-gqa-window"])
+    idx = torch.randint(0, 97, (1, 9))
+    with torch.no_grad():
+        eager_cache, static_cache = model.new_cache(1, 20), model.new_cache(1, 20)
+        model(idx, cache=eager_cache)
+        model(idx, cache=static_cache)
+        decoder = CompiledDecoder(model, static_cache)
+        for token in (3, 50, 7, 96, 0, 11):  # past the window of 5: the ring wraps
+            step = torch.tensor([[token]])
+            torch.testing.assert_close(decoder(step), model(step, cache=eager_cache), atol=1e-5, rtol=0)
+    assert static_cache[0].length == eager_cache[0].length == 15
+
+
+def test_compiled_decoding_refuses_what_it_cannot_do():
+    model = tiny_model(**VARIANTS["learned-mha-full"])
+    with pytest.raises(GPT2LabError, match="needs the KV cache"):
+        model.generate(torch.tensor([[1, 2]]), 3, compile=True, use_cache=False)
+    with torch.no_grad():
+        cache = model.new_cache(1, 3)
+        model(torch.tensor([[1, 2]]), cache=cache)
+        decoder = CompiledDecoder(model, cache)
+        with pytest.raises(GPT2LabError, match="one token per row"):
+            decoder(torch.tensor([[1, 2]]))
+        decoder(torch.tensor([[5]]))
+        with pytest.raises(RuntimeError, match="KV cache is full"):
+            decoder(torch.tensor([[6]]))
+
+
+def test_a_copied_int8_layer_is_found_as_itself():
+    """Under compilation an int8 layer is found by id: a copy must not call its original's weights."""
+    model = tiny_model(**VARIANTS["learned-mha-full"]).quantize("int8")
+    twin = copy.deepcopy(model)
+    layer, copied = model.lm_head, twin.lm_head
+    assert copied.layer_id != layer.layer_id
+    assert _LAYERS[layer.layer_id] is layer and _LAYERS[copied.layer_id] is copied
+
+
+@pytest.mark.parametrize("n_kv_head,window,padded", [(4, None, False), (2, 3, True), (1, None, True)])
+def test_one_query_attention_equals_the_masked_sdpa_path(n_kv_head, window, padded):
+    """Compiled decoding's attention (sums Inductor can fuse) against the dense-mask SDPA path, run eagerly."""
+    torch.manual_seed(1)
+    B, S, hs = 2, 9, 8
+    q, k, v = torch.randn(B, 4, 1, hs), torch.randn(B, n_kv_head, S, hs), torch.randn(B, n_kv_head, S, hs)
+    key_index = torch.tensor([0, 1, 2, 3, 4, 5, 6, -1, -1])  # two empty slots
+    key_valid = torch.ones(B, S, dtype=torch.bool)
+    if padded:
+        key_valid[1, :2] = False
+    query_index = torch.tensor([6])
+    args = (key_index, key_valid if padded else None, window)
+    torch.testing.assert_close(
+        one_query_attention(q, k, v, query_index, *args), masked_attention(q, k, v, query_index, *args)
+    )
