@@ -106,3 +106,20 @@ def test_one_query_attention_equals_the_masked_sdpa_path(n_kv_head, window, padd
     torch.testing.assert_close(
         one_query_attention(q, k, v, query_index, *args), masked_attention(q, k, v, query_index, *args)
     )
+
+
+def test_decoding_falls_back_to_eager_when_compilation_fails(monkeypatch):
+    """No C++ compiler (or any backend failure): one warning, then the same tokens, decoded eagerly."""
+    from torch._dynamo.exc import BackendCompilerFailed
+
+    import gpt2lab.compiled_decoding as compiled_decoding
+
+    def failing_backend(*args):
+        raise BackendCompilerFailed("inductor", RuntimeError("no working C++ compiler found"), None)
+
+    monkeypatch.setattr(compiled_decoding, "_compiled_step", lambda: failing_backend)
+    model = tiny_model(**VARIANTS["rope-gqa-window"])
+    prompt = torch.randint(0, 97, (1, 8))
+    with pytest.warns(UserWarning, match=r"compiled decoding unavailable \(no working C\+\+ compiler found\)"):
+        fallback = model.generate(prompt, 12, temperature=0, compile=True)
+    assert torch.equal(fallback, model.generate(prompt, 12, temperature=0))

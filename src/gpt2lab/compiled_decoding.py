@@ -14,14 +14,17 @@ seconds (tens of seconds without Inductor's cache), which only long generations 
 shape compiles again: batch size, dtype, padded or not, and the cache capacity, which generation
 rounds up to a multiple of ``CAPACITY_STEP`` so that nearby prompt lengths share a graph. PyTorch
 keeps 8 graphs per function (``torch._dynamo.config.recompile_limit``); past that, steps run
-uncompiled, still correct.
+uncompiled, still correct. Where compilation fails (no C++ compiler for Inductor, ...), one warning
+says so and the steps run eagerly.
 """
 
 from __future__ import annotations
 
 import functools
+import warnings
 
 import torch
+from torch._dynamo.exc import BackendCompilerFailed
 
 from .config import GPT2LabError
 from .kv_cache import KVCache
@@ -64,14 +67,26 @@ class CompiledDecoder:
         for layer in cache:
             layer.step_index = self.index  # one tensor shared by all layers: advanced once per step
         self.limit = min((c.capacity for c in cache if c.window is None), default=None)  # rings never fill
+        self.compiled = True  # False once compilation failed: the same static-shape step, run eagerly
 
     def __call__(self, tokens: torch.Tensor, position_ids: torch.Tensor | None = None) -> torch.Tensor:
         if tokens.shape[1] != 1:
             raise GPT2LabError(f"compiled decoding takes one token per row, got {tokens.shape[1]}")
         if self.limit is not None and self.cache[0].length >= self.limit:
             raise RuntimeError(f"KV cache is full ({self.limit} tokens)")
-        logits = _compiled_step()(self.model, tokens, self.cache, position_ids)
+        logits = self._step(tokens, position_ids)
         self.index += 1
         for layer in self.cache:
             layer.length += 1
         return logits
+
+    def _step(self, tokens: torch.Tensor, position_ids: torch.Tensor | None) -> torch.Tensor:
+        if self.compiled:
+            try:
+                return _compiled_step()(self.model, tokens, self.cache, position_ids)
+            except BackendCompilerFailed as error:  # no C++ compiler, ...: nothing ran, so the step can run eagerly
+                inner = error.inner_exception
+                reason = (str(inner).strip().splitlines() or [type(inner).__name__])[0]
+                warnings.warn(f"compiled decoding unavailable ({reason}): decoding eagerly", stacklevel=3)
+                self.compiled = False
+        return _decode_step(self.model, tokens, self.cache, position_ids)
