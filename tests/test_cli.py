@@ -38,6 +38,7 @@ def test_generate_streams_the_same_tokens_as_the_api(model_dir, decoding):
         *decoding,
     )
     assert result.returncode == 0, result.stderr
+    assert "compiled decoding unavailable" not in result.stderr  # --compile must not fall back to eager steps
     tok = load_tokenizer()
     model = GPT.from_pretrained(model_dir)
     ids = tok.encode("To be or not")

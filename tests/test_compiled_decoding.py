@@ -12,6 +12,9 @@ from gpt2lab.attention import masked_attention, one_query_attention
 from gpt2lab.compiled_decoding import CompiledDecoder
 from gpt2lab.quantize import _LAYERS
 
+# A fallback to eager steps would make every comparison below pass without compiling anything.
+pytestmark = pytest.mark.filterwarnings("error:compiled decoding unavailable")
+
 # Two configurations that between them take every branch of the static path: learned positions with
 # full attention (a linear buffer), and RoPE + GQA + a window shorter than the prompt (a ring).
 VARIANTS = {
@@ -108,6 +111,7 @@ def test_one_query_attention_equals_the_masked_sdpa_path(n_kv_head, window, padd
     )
 
 
+@pytest.mark.filterwarnings("default:compiled decoding unavailable")
 def test_decoding_falls_back_to_eager_when_compilation_fails(monkeypatch):
     """No C++ compiler (or any backend failure): one warning, then the same tokens, decoded eagerly."""
     from torch._dynamo.exc import BackendCompilerFailed
