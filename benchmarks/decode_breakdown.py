@@ -13,7 +13,6 @@ compiled alternating. Random weights; about three minutes.
 from __future__ import annotations
 
 import argparse
-import functools
 import statistics
 import sys
 import time
@@ -36,7 +35,7 @@ from inference import BANDWIDTH_BYTES, read_bandwidth  # noqa: E402
 def decode_step_median(model: GPT, steps: int, compiled: bool) -> float:
     cache = model.new_cache(1, cache_capacity(16 + steps))
     logits = model(torch.randint(0, model.config.vocab_size, (1, 16)), cache=cache, last_only=True)
-    step = CompiledDecoder(model, cache) if compiled else functools.partial(model, cache=cache, last_only=True)
+    step = CompiledDecoder(model, cache, mode="compiled" if compiled else "eager")
     times = []
     for _ in range(steps):
         token = logits[:, -1].argmax(-1, keepdim=True)

@@ -4,7 +4,8 @@ Measures, alternating the contenders round by round (see common.py for why):
 
 * forward latency (all-position logits, no cache) at B=1, T=1024 and B=8, T=128;
 * greedy generation throughput (prompt 16, 128 new tokens, KV cache) at B=1 and B=8, with gpt2lab
-  in fp32, bf16 and int8 weights, always against the fp32 reference;
+  in fp32, bf16 and int8 weights, always against the fp32 reference; ``--compile``: gpt2lab decodes
+  through its compiled step (gpt2lab.compiled_decoding), compiled in the warm-up round;
 * each gpt2lab dtype's fraction of the memory-bandwidth floor of decoding: a step must read every weight
   once, so tokens/s cannot exceed B x (read bandwidth / weight bytes); the read bandwidth is measured
   here (the best of several sums over a 512 MiB tensor, far beyond the caches), at the start and again
@@ -18,7 +19,7 @@ measured and picked in this run (gpt2lab.kernel_choice).
 Prints medians and ratios (reference time / gpt2lab time: above 1 means gpt2lab is faster).
 Default run: about 5 minutes on an idle machine. ``--quick`` for a smoke run.
 
-    python benchmarks/inference.py [--repeats 5] [--gen-repeats 3] [--dtype int8] [--no-memory]
+    python benchmarks/inference.py [--repeats 5] [--gen-repeats 3] [--dtype int8] [--no-memory] [--compile]
 """
 
 from __future__ import annotations
@@ -71,11 +72,11 @@ def forward_fn(impl: str, model, batch: int, length: int):
     return lambda: model(idx)
 
 
-def generate_fn(impl: str, model, batch: int, new_tokens: int):
+def generate_fn(impl: str, model, batch: int, new_tokens: int, compile: bool = False):
     prompt = tokens(batch, PROMPT)
     if impl == "reference":
         return lambda: model.generate(prompt, max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False)
-    return lambda: model.generate(prompt, new_tokens, temperature=0)
+    return lambda: model.generate(prompt, new_tokens, temperature=0, compile=compile)
 
 
 def load(directory: Path, impl: str, dtype: str):
@@ -134,6 +135,9 @@ def main() -> None:
     )
     parser.add_argument("--threads", type=int, default=2, help="torch threads (the machine has 2 cores)")
     parser.add_argument("--no-memory", action="store_true", help="skip the peak-memory subprocesses")
+    parser.add_argument(
+        "--compile", action="store_true", help="gpt2lab decodes through its compiled step (implies --no-memory)"
+    )
     parser.add_argument("--quick", action="store_true", help="smoke run: 1 round, 16 new tokens")
     parser.add_argument("--memory-child", help=argparse.SUPPRESS)
     parser.add_argument("--dir", type=Path, help=argparse.SUPPRESS)
@@ -142,6 +146,7 @@ def main() -> None:
         return memory_child(args.memory_child, args.dir, args.new_tokens, args.threads)
     if args.quick:
         args.repeats, args.gen_repeats, args.new_tokens = 1, 1, 16
+    args.no_memory = args.no_memory or args.compile  # the compiler's own memory would swamp the workloads'
     dtypes = args.dtype or list(DTYPES)
     setup(args.threads)
     cpu = cpu_description()
@@ -173,9 +178,11 @@ def main() -> None:
                 rows.append(dict(name=f"forward B={batch} T={length}", shape=f"forward:{batch}:{length}", times=times))
                 print_row(rows[-1])
             for batch in GEN_BATCHES:
-                # A full-length warm-up round would double the cost of this, the slowest part: 8 tokens do.
-                alternate({label(*p): generate_fn(p[0], models[p], batch, 8) for p in pairs}, repeats=0)
-                fns = {label(*p): generate_fn(p[0], models[p], batch, args.new_tokens) for p in pairs}
+                # A full-length warm-up round would double the cost of this, the slowest part: 8 tokens do,
+                # except that a compiled step must be compiled for the timed rounds' cache size.
+                warmup = args.new_tokens if args.compile else 8
+                alternate({label(*p): generate_fn(p[0], models[p], batch, warmup, args.compile) for p in pairs}, 0)
+                fns = {label(*p): generate_fn(p[0], models[p], batch, args.new_tokens, args.compile) for p in pairs}
                 times = alternate(fns, args.gen_repeats, warmup=0)
                 # A shared host's bandwidth moves by 2x from minute to minute: the floor takes the best seen so far
                 bandwidth = max(bandwidth, read_bandwidth())

@@ -7,7 +7,7 @@ import copy
 import pytest
 import torch
 
-from gpt2lab import GPT, GPT2LabError, GPTConfig
+from gpt2lab import GPT, GPT2LabError, GPTConfig, compiled_decoding, kernel_choice
 from gpt2lab.attention import masked_attention, one_query_attention
 from gpt2lab.compiled_decoding import CompiledDecoder
 from gpt2lab.quantize import _LAYERS
@@ -24,9 +24,12 @@ VARIANTS = {
 
 
 @pytest.fixture(autouse=True)
-def fresh_compiler():
-    """Each test starts with no compiled graphs, so none meets PyTorch's limit of graphs per function."""
+def fresh_compiler(monkeypatch):
+    """Each test starts with no compiled graphs (none meets PyTorch's limit of graphs per function) and no
+    measured choices; the compiled step is pinned, so that the comparisons test it whichever is faster."""
     torch._dynamo.reset()
+    kernel_choice.forget()
+    monkeypatch.setenv(kernel_choice.ENV, "compiled")
 
 
 def tiny_model(**variant) -> GPT:
@@ -112,11 +115,11 @@ def test_one_query_attention_equals_the_masked_sdpa_path(n_kv_head, window, padd
 
 
 @pytest.mark.filterwarnings("default:compiled decoding unavailable")
-def test_decoding_falls_back_to_eager_when_compilation_fails(monkeypatch):
+@pytest.mark.parametrize("pin", ["compiled", ""], ids=["pinned", "measured"])
+def test_decoding_falls_back_to_eager_when_compilation_fails(monkeypatch, pin):
     """No C++ compiler (or any backend failure): one warning, then the same tokens, decoded eagerly."""
+    monkeypatch.setenv(kernel_choice.ENV, pin)
     from torch._dynamo.exc import BackendCompilerFailed
-
-    import gpt2lab.compiled_decoding as compiled_decoding
 
     def failing_backend(*args):
         raise BackendCompilerFailed("inductor", RuntimeError("no working C++ compiler found"), None)
@@ -127,3 +130,35 @@ def test_decoding_falls_back_to_eager_when_compilation_fails(monkeypatch):
     with pytest.warns(UserWarning, match=r"compiled decoding unavailable \(no working C\+\+ compiler found\)"):
         fallback = model.generate(prompt, 12, temperature=0, compile=True)
     assert torch.equal(fallback, model.generate(prompt, 12, temperature=0))
+    assert not any(d.how == "measured" for d in kernel_choice.decisions() if d.operation == "decode step")
+
+
+def test_the_faster_of_compiled_and_eager_steps_is_measured_and_kept(monkeypatch):
+    monkeypatch.delenv(kernel_choice.ENV)
+    model = tiny_model(**VARIANTS["rope-gqa-window"])
+    prompt = torch.randint(0, 97, (1, 8))
+    with torch.no_grad():
+        cache = model.new_cache(1, 64)
+        model(prompt, cache=cache)
+        decoder = CompiledDecoder(model, cache)
+        tokens = [decoder(torch.tensor([[t]])).argmax(-1) for t in (5, 9, 13)]
+    (decision,) = [d for d in kernel_choice.decisions() if d.operation == "decode step"]
+    assert decision.how == "measured" and set(decision.times) == {"compiled", "eager"}
+    assert decision.picked == min(decision.times, key=decision.times.get) == decoder.mode
+    assert decision.shape == "B=1, 5 slots, 2x32, float32"  # a ring of W = 5 per layer
+    # The trials repeated the first step without moving the cache on: the tokens are eager decoding's.
+    with torch.no_grad():
+        cache = model.new_cache(1, 64)
+        model(prompt, cache=cache)
+        assert tokens == [model(torch.tensor([[t]]), cache=cache, last_only=True).argmax(-1) for t in (5, 9, 13)]
+    assert cache[0].length == decoder.cache[0].length == 11
+
+
+def test_an_eager_pin_never_compiles(monkeypatch):
+    monkeypatch.setenv(kernel_choice.ENV, "eager")
+    monkeypatch.setattr(compiled_decoding, "_compiled_step", None)  # any compilation attempt would fail loudly
+    model = tiny_model(**VARIANTS["learned-mha-full"])
+    prompt = torch.randint(0, 97, (2, 6))
+    assert torch.equal(
+        model.generate(prompt, 10, temperature=0, compile=True), model.generate(prompt, 10, temperature=0)
+    )

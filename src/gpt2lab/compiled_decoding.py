@@ -9,6 +9,10 @@ and attention reads all its slots through a mask (:meth:`KVCache.write_at`), so 
 change and one graph serves every step. The price: attention reads the cache's whole capacity from
 the first step on. The prompt is still processed eagerly.
 
+Whether compiled steps are faster depends on the products: Inductor picks its own kernels, and on a
+CPU those can lose to the ones gpt2lab measured, so the first step of each shape times both ways and
+keeps the faster (:class:`CompiledDecoder`).
+
 Opt-in (``generate(..., compile=True)``, ``gpt2lab generate --compile``): the first compilation takes
 seconds (tens of seconds without Inductor's cache), which only long generations win back. Each new
 shape compiles again: batch size, dtype, padded or not, and the cache capacity, which generation
@@ -27,6 +31,7 @@ import torch
 from torch._dynamo.exc import BackendCompilerFailed
 
 from .config import GPT2LabError
+from .kernel_choice import choose
 from .kv_cache import KVCache
 
 # Cache slots are allocated in steps of this many tokens: at most 63 unused slots (for GPT-2 124M, ~4.6 MB
@@ -53,40 +58,85 @@ def _compiled_step():
 
 class CompiledDecoder:
     """``decoder(tokens (B, 1), position_ids)`` -> logits (B, 1, vocab) of the next step, like
-    ``model(tokens, cache=cache, position_ids=position_ids, last_only=True)``, through the compiled graph.
+    ``model(tokens, cache=cache, position_ids=position_ids, last_only=True)``.
 
-    From construction on, ``cache`` is written at the index its ``step_index`` tensor holds; this object
-    advances that index and the caches' host-side lengths after each step.
+    Unless ``mode`` fixes it, on a CPU the first step times the compiled step against the eager one and
+    keeps the faster (:mod:`gpt2lab.kernel_choice`, operation "decode step"; ``GPT2LAB_KERNEL=compiled``
+    or ``eager`` pins it): compiled steps lose where Inductor's products are slower than the ones gpt2lab
+    measured (fp32 at 8 rows on the AVX2 machine: 176 vs 97 ms per step) and win where the products are
+    cheap (int8). Other devices always compile. In compiled mode ``cache`` is written at the index its
+    ``step_index`` tensor holds; this object advances that index and the caches' lengths after each step.
     """
 
-    def __init__(self, model, cache: list[KVCache]) -> None:
+    def __init__(self, model, cache: list[KVCache], mode: str | None = None) -> None:
         if not cache:
             raise GPT2LabError("compiled decoding needs the KV cache (use_cache=True)")
+        if mode not in (None, "compiled", "eager"):
+            raise GPT2LabError(f"decoding mode must be 'compiled' or 'eager' (or None: measured), got {mode!r}")
         self.model, self.cache = model, cache
         self.index = torch.tensor([cache[0].length], device=cache[0].k.device)
-        for layer in cache:
-            layer.step_index = self.index  # one tensor shared by all layers: advanced once per step
         self.limit = min((c.capacity for c in cache if c.window is None), default=None)  # rings never fill
-        self.compiled = True  # False once compilation failed: the same static-shape step, run eagerly
+        self.mode = mode  # "compiled" or "eager"; None: chosen on the first step
+        self._static(True)
 
     def __call__(self, tokens: torch.Tensor, position_ids: torch.Tensor | None = None) -> torch.Tensor:
         if tokens.shape[1] != 1:
             raise GPT2LabError(f"compiled decoding takes one token per row, got {tokens.shape[1]}")
         if self.limit is not None and self.cache[0].length >= self.limit:
             raise RuntimeError(f"KV cache is full ({self.limit} tokens)")
-        logits = self._step(tokens, position_ids)
+        if self.mode is None:
+            self.mode = self._choose(tokens, position_ids)
+        logits = None
+        if self.mode == "compiled":
+            try:
+                logits = _compiled_step()(self.model, tokens, self.cache, position_ids)
+            except BackendCompilerFailed as error:  # nothing ran: this step, and all after it, run eagerly
+                self.mode = _unavailable(error)
+        if self.mode == "compiled":
+            for layer in self.cache:
+                layer.length += 1
+        else:
+            self._static(False)
+            logits = _decode_step(self.model, tokens, self.cache, position_ids)  # advances the lengths itself
         self.index += 1
-        for layer in self.cache:
-            layer.length += 1
         return logits
 
-    def _step(self, tokens: torch.Tensor, position_ids: torch.Tensor | None) -> torch.Tensor:
-        if self.compiled:
-            try:
-                return _compiled_step()(self.model, tokens, self.cache, position_ids)
-            except BackendCompilerFailed as error:  # no C++ compiler, ...: nothing ran, so the step can run eagerly
-                inner = error.inner_exception
-                reason = (str(inner).strip().splitlines() or [type(inner).__name__])[0]
-                warnings.warn(f"compiled decoding unavailable ({reason}): decoding eagerly", stacklevel=3)
-                self.compiled = False
-        return _decode_step(self.model, tokens, self.cache, position_ids)
+    def _static(self, on: bool) -> None:
+        """Static-shape writes at ``self.index`` (compiled mode), or the eager cache path."""
+        for layer in self.cache:
+            layer.step_index = self.index if on else None  # one tensor shared by all layers
+
+    def _choose(self, tokens: torch.Tensor, position_ids: torch.Tensor | None) -> str:
+        """The mode for this model and shape: measured once per process on a CPU, "compiled" elsewhere.
+        The trials repeat this step: both modes write the same cache slot with the same values, and the
+        eager trials' length advance is undone. The first compiled trial compiles; it is not counted."""
+        if self.index.device.type != "cpu":
+            return "compiled"
+
+        def compiled() -> None:
+            _compiled_step()(self.model, tokens, self.cache, position_ids)
+
+        def eager() -> None:
+            self._static(False)
+            _decode_step(self.model, tokens, self.cache, position_ids)
+            self._static(True)
+            for layer in self.cache:
+                layer.length -= 1
+
+        config = self.model.config
+        dtype = self.model.quantized or str(self.model.transformer.wte.weight.dtype).removeprefix("torch.")
+        B, slots, padded = tokens.shape[0], max(c.capacity for c in self.cache), position_ids is not None
+        key = ("decode step", B, slots, padded, dtype, config.n_layer, config.n_embd, config.vocab_size)
+        shape = f"B={B}{' padded' if padded else ''}, {slots} slots, {config.n_layer}x{config.n_embd}, {dtype}"
+        try:
+            return choose(key, "decode step", shape, {"compiled": compiled, "eager": eager}, fallback="eager")
+        except BackendCompilerFailed as error:  # no choice is recorded: the next decoder tries again
+            return _unavailable(error)
+
+
+def _unavailable(error: BackendCompilerFailed) -> str:
+    """Warn once that compilation failed (no C++ compiler for Inductor, ...); the mode to use instead."""
+    inner = error.inner_exception
+    reason = (str(inner).strip().splitlines() or [type(inner).__name__])[0]
+    warnings.warn(f"compiled decoding unavailable ({reason}): decoding eagerly", stacklevel=4)
+    return "eager"

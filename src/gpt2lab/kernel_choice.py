@@ -35,6 +35,8 @@ KNOWN: dict[str, str] = {
     "transposed": "MKL computing weight @ x.T, returned as a transposed view",
     "fbgemm_fp16": "FBGEMM's fp16-packed-weight product, fp32 compute (exact for bf16 weights)",
     "upcast": "bf16 weights widened to fp32 on every call, fp32 product",
+    "compiled": "decoding steps through one compiled graph (gpt2lab.compiled_decoding, generate --compile)",
+    "eager": "decoding steps run operator by operator (what generate does without --compile)",
     "fp32": "training in float32",
     "bf16_autocast": "training under bfloat16 autocast",
 }
