@@ -149,15 +149,7 @@ def visible_keys(query_index: torch.Tensor, key_index: torch.Tensor, window: int
     return allowed
 
 
-def one_query_attention(
-    q: torch.Tensor,
-    k: torch.Tensor,
-    v: torch.Tensor,
-    query_index: torch.Tensor,
-    key_index: torch.Tensor,
-    key_valid: torch.Tensor | None,
-    window: int | None,
-) -> torch.Tensor:
+def one_query_attention(q, k, v, query_index, key_index, key_valid: torch.Tensor | None, window: int | None):
     """:func:`masked_attention` for one query per row, written as products and sums: compiled decoding's
     attention. Inductor fuses these into a few loops; SDPA's CPU kernel, called with a mask from inside
     the compiled graph, made a GPT-2 124M int8 step 1-3 ms slower (docs/benchmarks.md).
