@@ -55,8 +55,8 @@ def test_compiled_int8_decoding_is_one_graph_with_the_eager_tokens():
     """fullgraph=True turns any graph break into an error: FBGEMM's int8 product must stay inside the graph."""
     model = tiny_model(**VARIANTS["learned-mha-full"]).quantize("int8")
     prompt = torch.randint(0, 97, (1, 7))
-    logits = model.generate(prompt, 16, temperature=0, compile=True)
-    assert torch.equal(logits, model.generate(prompt, 16, temperature=0))
+    compiled = model.generate(prompt, 16, temperature=0, compile=True)
+    assert torch.equal(compiled, model.generate(prompt, 16, temperature=0))
 
 
 def test_compiled_decoding_logits_match_eager_steps():
