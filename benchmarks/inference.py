@@ -5,7 +5,8 @@ Measures, alternating the contenders round by round (see common.py for why):
 * forward latency (all-position logits, no cache) at B=1, T=1024 and B=8, T=128;
 * greedy generation throughput (prompt 16, 128 new tokens, KV cache) at B=1 and B=8, with gpt2lab
   in fp32, bf16 and int8 weights, always against the fp32 reference; ``--compile``: gpt2lab decodes
-  through its compiled step (gpt2lab.compiled_decoding), compiled in the warm-up round;
+  as ``generate --compile`` does (gpt2lab.compiled_decoding: compiled or eager steps, whichever its first
+  step measures faster; compiled and measured in the warm-up round, the choice printed with the kernels);
 * each gpt2lab dtype's fraction of the memory-bandwidth floor of decoding: a step must read every weight
   once, so tokens/s cannot exceed B x (read bandwidth / weight bytes); the read bandwidth is measured
   here (the best of several sums over a 512 MiB tensor, far beyond the caches), at the start and again
@@ -136,7 +137,7 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=2, help="torch threads (the machine has 2 cores)")
     parser.add_argument("--no-memory", action="store_true", help="skip the peak-memory subprocesses")
     parser.add_argument(
-        "--compile", action="store_true", help="gpt2lab decodes through its compiled step (implies --no-memory)"
+        "--compile", action="store_true", help="gpt2lab decodes as generate --compile does (implies --no-memory)"
     )
     parser.add_argument("--quick", action="store_true", help="smoke run: 1 round, 16 new tokens")
     parser.add_argument("--memory-child", help=argparse.SUPPRESS)
