@@ -6,6 +6,7 @@ import copy
 
 import pytest
 import torch
+from torch._dynamo.exc import BackendCompilerFailed
 
 from gpt2lab import GPT, GPT2LabError, GPTConfig, compiled_decoding, kernel_choice
 from gpt2lab.attention import masked_attention, one_query_attention
@@ -119,7 +120,6 @@ def test_one_query_attention_equals_the_masked_sdpa_path(n_kv_head, window, padd
 def test_decoding_falls_back_to_eager_when_compilation_fails(monkeypatch, pin):
     """No C++ compiler (or any backend failure): one warning, then the same tokens, decoded eagerly."""
     monkeypatch.setenv(kernel_choice.ENV, pin)
-    from torch._dynamo.exc import BackendCompilerFailed
 
     def failing_backend(*args):
         raise BackendCompilerFailed("inductor", RuntimeError("no working C++ compiler found"), None)

@@ -66,6 +66,7 @@ class CompiledDecoder:
     measured (fp32 at 8 rows on the AVX2 machine: 176 vs 97 ms per step) and win where the products are
     cheap (int8). Other devices always compile. In compiled mode ``cache`` is written at the index its
     ``step_index`` tensor holds; this object advances that index and the caches' lengths after each step.
+    In eager mode the steps are the model's own cached calls.
     """
 
     def __init__(self, model, cache: list[KVCache], mode: str | None = None) -> None:
@@ -77,7 +78,7 @@ class CompiledDecoder:
         self.index = torch.tensor([cache[0].length], device=cache[0].k.device)
         self.limit = min((c.capacity for c in cache if c.window is None), default=None)  # rings never fill
         self.mode = mode  # "compiled" or "eager"; None: chosen on the first step
-        self._static(True)
+        self._static(mode != "eager")
 
     def __call__(self, tokens: torch.Tensor, position_ids: torch.Tensor | None = None) -> torch.Tensor:
         if tokens.shape[1] != 1:
@@ -86,23 +87,22 @@ class CompiledDecoder:
             raise RuntimeError(f"KV cache is full ({self.limit} tokens)")
         if self.mode is None:
             self.mode = self._choose(tokens, position_ids)
-        logits = None
+            self._static(self.mode == "compiled")
         if self.mode == "compiled":
             try:
                 logits = _compiled_step()(self.model, tokens, self.cache, position_ids)
             except BackendCompilerFailed as error:  # nothing ran: this step, and all after it, run eagerly
                 self.mode = _unavailable(error)
-        if self.mode == "compiled":
-            for layer in self.cache:
-                layer.length += 1
-        else:
-            self._static(False)
-            logits = _decode_step(self.model, tokens, self.cache, position_ids)  # advances the lengths itself
+                self._static(False)
+        if self.mode == "eager":
+            return _decode_step(self.model, tokens, self.cache, position_ids)  # advances the lengths itself
+        for layer in self.cache:
+            layer.length += 1
         self.index += 1
         return logits
 
     def _static(self, on: bool) -> None:
-        """Static-shape writes at ``self.index`` (compiled mode), or the eager cache path."""
+        """Static-shape writes at ``self.index`` (compiled mode, and trials), or the eager cache path."""
         for layer in self.cache:
             layer.step_index = self.index if on else None  # one tensor shared by all layers
 
