@@ -42,10 +42,11 @@ def cmd_generate(args) -> int:
     from .run_state import load_model_and_tokenizer
 
     sampling = dict(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, seed=args.seed)
-    sampling["compile"] = args.compile  # not sampling, but stream_text passes it on the same way
     prompt = sys.stdin.read() if args.prompt == "-" else args.prompt
     model, tokenizer = load_model_and_tokenizer(args.model, dtype=args.dtype, device=args.device)
-    pieces = stream_text(model, tokenizer, prompt, args.max_new_tokens, stop=args.stop, **sampling)
+    pieces = stream_text(
+        model, tokenizer, prompt, args.max_new_tokens, stop=args.stop, compile=args.compile, **sampling
+    )
     sys.stdout.write(prompt)
     for piece in pieces:
         sys.stdout.write(piece)
