@@ -81,6 +81,8 @@ def test_compiled_decoding_refuses_what_it_cannot_do():
     with torch.no_grad():
         cache = model.new_cache(1, 3)
         model(torch.tensor([[1, 2]]), cache=cache)
+        with pytest.raises(GPT2LabError, match="decoding mode must be 'compiled' or 'eager'"):
+            CompiledDecoder(model, cache, mode="fast")
         decoder = CompiledDecoder(model, cache)
         with pytest.raises(GPT2LabError, match="one token per row"):
             decoder(torch.tensor([[1, 2]]))
