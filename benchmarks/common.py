@@ -24,8 +24,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 import torch
-
-from gpt2lab.memory import peak_memory, reset_peak_memory
+from memory import peak_memory, reset_peak_memory
 
 THREADS = 2
 

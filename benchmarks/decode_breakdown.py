@@ -3,7 +3,7 @@
 For 1 and 2 threads: the read bandwidth (best sum over a 512 MiB tensor), the floor it implies (int8 weight
 bytes read per token / bandwidth), the 49 int8 products of one token alone (each layer once, so weights
 stream from memory as in decoding), and the median whole decode step (B=1, prompt 16, KV cache), eager and
-compiled (gpt2lab.compiled_decoding; compiled once before timing). The gap between the products and a
+compiled (gpt2lab.kernels.compiled_decoding; compiled once before timing). The gap between the products and a
 step is the work outside the products. Each step figure is the best of ``--rounds`` medians, eager and
 compiled alternating. Random weights; about three minutes.
 
@@ -21,9 +21,9 @@ from pathlib import Path
 import torch
 from torch.ao.nn.quantized.dynamic import Linear as DynamicInt8Linear
 
-from gpt2lab.compiled_decoding import CompiledDecoder, cache_capacity
+from gpt2lab.cli.kernel_report import cpu_description
 from gpt2lab.config import GPTConfig
-from gpt2lab.kernel_report import cpu_description
+from gpt2lab.kernels.compiled_decoding import CompiledDecoder, cache_capacity
 from gpt2lab.model import GPT
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))

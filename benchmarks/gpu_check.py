@@ -2,8 +2,8 @@
 
 1. parity: gpt2lab's GPT-2 124M against transformers' GPT2LMHeadModel on CUDA, same weights: logits
    (fp32 with TF32 off, and bf16) and 32 greedy tokens;
-2. training: 50 steps of 124M in bf16 with torch.compile through ``gpt2lab.training.train``: tokens/s,
-   MFU against the GPU's peak (gpt2lab.plan's FLOP count and peaks), peak memory vs the plan's estimate;
+2. training: 50 steps of 124M in bf16 with torch.compile through ``gpt2lab.train.loop.train``: tokens/s,
+   MFU against the GPU's peak (gpt2lab.train.plan's FLOP count and peaks), peak memory vs the plan's estimate;
 3. attention: sliding window 256 vs full causal, forward + backward at 4k tokens, and window = T equal
    to full attention;
 4. decoding: greedy tokens/s of gpt2lab vs transformers, batch 1, fp32 and bf16.
@@ -32,7 +32,7 @@ from common import load_gpt2lab, load_reference, save_random_reference  # noqa: 
 from gpt2lab.config import GPTConfig  # noqa: E402
 from gpt2lab.files import write_json, write_text  # noqa: E402
 from gpt2lab.model import GPT  # noqa: E402
-from gpt2lab.plan import PEAK_FLOPS, plan  # noqa: E402
+from gpt2lab.train.plan import PEAK_FLOPS, plan  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 FULL = dict(greedy=32, steps=50, batch=16, length=4096, window=256, repeats=5, new_tokens=256)
@@ -64,10 +64,10 @@ def parity(weights: Path, device: torch.device, new_tokens: int) -> dict:
 
 
 def training(device: torch.device, steps: int, batch: int, smoke: bool) -> dict:
-    from gpt2lab.data import prepare
-    from gpt2lab.run_state import read_metrics
-    from gpt2lab.train_config import load_config
-    from gpt2lab.training import train
+    from gpt2lab.data.tokens import prepare
+    from gpt2lab.train.config import load_config
+    from gpt2lab.train.loop import train
+    from gpt2lab.train.run import read_metrics
 
     with tempfile.TemporaryDirectory() as tmp:
         prepare("pydoc", Path(tmp) / "data")

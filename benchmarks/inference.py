@@ -5,7 +5,7 @@ Measures, alternating the contenders round by round (see common.py for why):
 * forward latency (all-position logits, no cache) at B=1, T=1024 and B=8, T=128;
 * greedy generation throughput (prompt 16, 128 new tokens, KV cache) at B=1 and B=8, with gpt2lab
   in fp32, bf16 and int8 weights, always against the fp32 reference; ``--compile``: gpt2lab decodes
-  as ``generate --compile`` does (gpt2lab.compiled_decoding: compiled or eager steps, whichever its first
+  as ``generate --compile`` does (gpt2lab.kernels.compiled_decoding: compiled or eager steps, whichever its first
   step measures faster; compiled and measured in the warm-up round, the choice printed with the kernels);
 * each gpt2lab dtype's fraction of the memory-bandwidth floor of decoding: a step must read every weight
   once, so tokens/s cannot exceed B x (read bandwidth / weight bytes); the read bandwidth is measured
@@ -15,7 +15,7 @@ Measures, alternating the contenders round by round (see common.py for why):
 * peak resident memory of each workload, each in a fresh process (see common.py).
 
 Records the CPU model, its instruction-set flags that matter for products, and the kernels gpt2lab
-measured and picked in this run (gpt2lab.kernel_choice).
+measured and picked in this run (gpt2lab.kernels.choice).
 
 Prints medians and ratios (reference time / gpt2lab time: above 1 means gpt2lab is faster).
 Default run: about 5 minutes on an idle machine. ``--quick`` for a smoke run.
@@ -32,8 +32,8 @@ from pathlib import Path
 
 import torch
 
-from gpt2lab.kernel_choice import decisions
-from gpt2lab.kernel_report import cpu_description
+from gpt2lab.cli.kernel_report import cpu_description
+from gpt2lab.kernels.choice import decisions
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import (  # noqa: E402

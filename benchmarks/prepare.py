@@ -29,9 +29,9 @@ import time
 from pathlib import Path
 
 import numpy as np
+from memory import peak_memory
 
 from gpt2lab.files import atomic_file
-from gpt2lab.memory import peak_memory
 
 CONTENDERS = ("gpt2lab", "datasets.map")
 
@@ -55,7 +55,7 @@ def write_corpus(path: Path, megabytes: float) -> int:
 
 
 def run_gpt2lab(corpus: Path, out: Path, workers: int) -> int:
-    from gpt2lab.shards import prepare_shards
+    from gpt2lab.data.shards import prepare_shards
 
     return prepare_shards([corpus], out, workers=workers, val_tokens=100_000)["tokens"]
 

@@ -67,8 +67,8 @@ def build(kind: str, directory: Path):
 
     model.train()
     # gpt2lab's optimizer for both: fused AdamW on CPU, as (torch >= 2.8) the Hugging Face Trainer also uses.
-    from gpt2lab.optim import make_optimizer
-    from gpt2lab.train_config import TrainConfig
+    from gpt2lab.train.config import TrainConfig
+    from gpt2lab.train.setup import make_optimizer
 
     optimizer = make_optimizer(model, TrainConfig(lr=1e-4), torch.device("cpu"))
     return model, optimizer, loss_of
@@ -142,7 +142,7 @@ def main() -> None:
         return child(args)
 
     setup()
-    from gpt2lab.precision import has_native_bf16
+    from gpt2lab.kernels.precision import has_native_bf16
 
     native_bf16 = has_native_bf16("cpu")  # bf16 autocast rows only where the CPU has bf16 instructions
     settings = [("fp32", False, False)]

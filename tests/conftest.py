@@ -3,8 +3,8 @@ from pathlib import Path
 import pytest
 import torch
 
-import gpt2lab.kernel_choice as kernel_choice
-from gpt2lab.data import prepare
+import gpt2lab.kernels.choice as kernel_choice
+from gpt2lab.data.tokens import prepare
 
 # The shared data folder sits next to the checkout (tests and benchmarks only; the product never reads it).
 SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"

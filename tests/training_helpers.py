@@ -11,8 +11,8 @@ from pathlib import Path
 
 import pytest
 
-from gpt2lab.run_state import read_metrics
-from gpt2lab.train_config import TrainConfig, load_config
+from gpt2lab.train.config import TrainConfig, load_config
+from gpt2lab.train.run import read_metrics
 
 # A model small enough that a step takes milliseconds; the vocabulary (50257) still dominates.
 TINY = [

@@ -1,8 +1,8 @@
 """gpt2lab: GPT-2 from scratch in PyTorch, with RoPE, grouped-query and sliding-window variants."""
 
-from .config import PRESETS, GPT2LabError, GPTConfig
-from .model import GPT
-from .tokenizer import load_tokenizer
+from gpt2lab.config import PRESETS, GPT2LabError, GPTConfig
+from gpt2lab.model import GPT
+from gpt2lab.tokenizer import load_tokenizer
 
 __all__ = ["GPT", "GPTConfig", "GPT2LabError", "PRESETS", "load_tokenizer"]
 __version__ = "0.1.0"

@@ -1,3 +1,3 @@
-from .cli import main
+from gpt2lab.cli.main import main
 
 raise SystemExit(main())

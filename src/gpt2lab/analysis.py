@@ -20,7 +20,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from .config import GPT2LabError, GPTConfig
+from gpt2lab.config import GPT2LabError, GPTConfig
 
 DTYPE_BYTES = {"float32": 4, "bfloat16": 2}
 

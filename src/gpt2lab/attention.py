@@ -17,10 +17,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .config import GPTConfig
-from .cpu_linear import Linear
-from .kv_cache import KVCache
-from .sliding_window import sliding_window_attention
+from gpt2lab.config import GPTConfig
+from gpt2lab.kernels.cpu_linear import Linear
+from gpt2lab.kv_cache import KVCache
+from gpt2lab.sliding_window import sliding_window_attention
 
 
 class CausalSelfAttention(nn.Module):

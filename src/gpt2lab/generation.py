@@ -15,8 +15,8 @@ from functools import partial
 
 import torch
 
-from .compiled_decoding import CompiledDecoder, cache_capacity
-from .config import GPT2_EOT_ID, GPT2LabError
+from gpt2lab.config import GPT2_EOT_ID, GPT2LabError
+from gpt2lab.kernels.compiled_decoding import CompiledDecoder, cache_capacity
 
 
 @dataclass(frozen=True)
@@ -140,7 +140,7 @@ def stream_generate(
     ``sampling`` holds :class:`Sampler`'s fields (temperature, top_k, top_p, seed). ``stop`` holds token
     ids and strings (strings are matched in the decoded text of ``tokenizer``, GPT-2's by default).
     ``compile`` runs the steps after the prompt through one compiled graph
-    (:mod:`gpt2lab.compiled_decoding`); it needs the cache.
+    (:mod:`gpt2lab.kernels.compiled_decoding`); it needs the cache.
     """
     sampler = Sampler(**sampling)
     if not isinstance(max_new_tokens, int) or max_new_tokens < 0:
@@ -188,7 +188,7 @@ class StopConditions:
         self.tokens = {s for s in stop if isinstance(s, int)}
         strings = [s for s in stop if isinstance(s, str)]
         if strings and tokenizer is None:
-            from .tokenizer import load_tokenizer
+            from gpt2lab.tokenizer import load_tokenizer
 
             tokenizer = load_tokenizer()
         self.tokenizer = tokenizer

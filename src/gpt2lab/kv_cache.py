@@ -8,7 +8,7 @@ does not matter: masks are built from the sequence index stored with each slot.
 Everything the attention layer needs to choose its path (how many tokens are stored, whether any is
 padding) is kept on the host, so a decoding step never waits for the device to answer a question.
 
-Compiled decoding (:mod:`gpt2lab.compiled_decoding`) sets ``step_index``, the next token's sequence
+Compiled decoding (:mod:`gpt2lab.kernels.compiled_decoding`) sets ``step_index``, the next token's sequence
 index as a tensor: :meth:`write_at` then writes there and returns the whole buffers, so every step has
 the same shapes and reads nothing from the host, and one compiled graph serves them all.
 """

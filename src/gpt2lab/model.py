@@ -3,8 +3,8 @@ LayerNorm, and the LM head tied to the token embedding.
 
 Parameter names follow the original checkpoints (``transformer.h.0.attn.c_attn.weight`` …), so the
 readers in :mod:`gpt2lab.checkpoints` only rename prefixes and transpose Conv1D weights. The attention
-variants live in :mod:`gpt2lab.attention`; the CPU kernel choices in :mod:`gpt2lab.cpu_linear`; the
-memory-saving loss in :mod:`gpt2lab.lm_head_loss`; generation in :mod:`gpt2lab.generation`.
+variants live in :mod:`gpt2lab.attention`; the CPU kernel choices in :mod:`gpt2lab.kernels.cpu_linear`; the
+memory-saving loss in :mod:`gpt2lab.kernels.lm_head_loss`; generation in :mod:`gpt2lab.generation`.
 """
 
 from __future__ import annotations
@@ -17,11 +17,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .attention import CausalSelfAttention
-from .config import GPT2LabError, GPTConfig
-from .cpu_linear import Linear
-from .kv_cache import KVCache
-from .lm_head_loss import LMHeadLoss
+from gpt2lab.attention import CausalSelfAttention
+from gpt2lab.config import GPT2LabError, GPTConfig
+from gpt2lab.kernels.cpu_linear import Linear
+from gpt2lab.kernels.lm_head_loss import LMHeadLoss
+from gpt2lab.kv_cache import KVCache
 
 # The MLP's nonlinearity by config name. GPT-2 uses the tanh approximation of GELU; the exact erf form
 # moves 124M logits by ~1e-3, so a checkpoint must be run with the one it was trained with.
@@ -169,8 +169,8 @@ class GPT(nn.Module):
 
     def quantize(self, scheme: str = "int8") -> GPT:
         """Make every linear layer int8 (per-output-channel scales), in place, for CPU inference; returns the
-        model, which then refuses training. See :mod:`gpt2lab.quantize`."""
-        from .quantize import quantize_model
+        model, which then refuses training. See :mod:`gpt2lab.kernels.quantize`."""
+        from gpt2lab.kernels.quantize import quantize_model
 
         quantize_model(self, scheme)
         self.quantized = scheme
@@ -185,15 +185,15 @@ class GPT(nn.Module):
 
     def generate(self, prompts, max_new_tokens: int, **options):
         """Sample up to ``max_new_tokens`` after each prompt: see :func:`gpt2lab.generation.generate`."""
-        from .generation import generate
+        from gpt2lab.generation import generate
 
         return generate(self, prompts, max_new_tokens, **options)
 
     def convert_to_gqa(self, n_kv_head: int, init: str = "mean") -> GPT:
         """A copy with ``n_kv_head`` key/value heads, each the mean of its group's heads (or, with
         ``init="first"``, the group's first head): the starting point of GQA uptraining.
-        See :func:`gpt2lab.convert.pool_kv_heads`."""
-        from .convert import pool_kv_heads
+        See :func:`gpt2lab.checkpoints.convert.pool_kv_heads`."""
+        from gpt2lab.checkpoints.convert import pool_kv_heads
 
         config, state = pool_kv_heads(self.config, self.state_dict(), n_kv_head, init)
         new = GPT(config).to(device=self.device, dtype=self.lm_head.weight.dtype)
@@ -213,8 +213,8 @@ class GPT(nn.Module):
         carry weights, not the regularisation of the run that produced them. Every failure is a one-line
         :class:`GPT2LabError`.
         """
-        from .checkpoints import read_checkpoint
-        from .precision import parse_dtype
+        from gpt2lab.checkpoints import read_checkpoint
+        from gpt2lab.kernels.precision import parse_dtype
 
         dtype = parse_dtype(dtype)
         config, state = read_checkpoint(name_or_path)
@@ -225,7 +225,7 @@ class GPT(nn.Module):
 
     def save_pretrained(self, directory: str | Path) -> None:
         """Write ``model.safetensors`` + ``config.json`` (gpt2lab's own format), each file atomically."""
-        from .checkpoints import write_gpt2lab
+        from gpt2lab.checkpoints import write_gpt2lab
 
         write_gpt2lab(directory, self.config, self._state_to_save())
 
@@ -234,7 +234,7 @@ class GPT(nn.Module):
         logits, and return its model type: ``"gpt2"`` (GQA with repeated K/V heads), ``"gpt_bigcode"`` (MQA)
         or ``"starcoder2"`` (RoPE). Per-layer windows and learned positions with a window are refused.
         See :mod:`gpt2lab.checkpoints.hf_variants`."""
-        from .checkpoints import export_hf
+        from gpt2lab.checkpoints import export_hf
 
         return export_hf(directory, self.config, self._state_to_save(), self.lm_head.weight.dtype)
 

@@ -11,7 +11,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from .files import atomic_file
+from gpt2lab.files import atomic_file
 
 if TYPE_CHECKING:
     from matplotlib.axes import Axes

@@ -23,8 +23,8 @@ import numpy as np
 import tiktoken
 from tiktoken.load import data_gym_to_mergeable_bpe_ranks
 
-from .config import GPT2LabError, closest_hint
-from .files import read_json, write_json
+from gpt2lab.config import GPT2LabError, closest_hint
+from gpt2lab.files import read_json, write_json
 
 # GPT-2's pre-tokenizer pattern (OpenAI's encoder.py), as tiktoken writes it.
 GPT2_PATTERN = r"""'(?:[sdmt]|ll|ve|re)| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+"""

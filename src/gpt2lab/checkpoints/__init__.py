@@ -19,14 +19,14 @@ import os
 
 import torch
 
-from ..config import GPTConfig
-from .hf import gpt_config_to_hf, hf_config_to_gpt, read_hf, write_hf
-from .hf_variants import export_hf, hf_architecture
-from .locate import locate
-from .names import gpt_state_shapes
-from .native import read_gpt2lab, write_gpt2lab
-from .openai_tf import read_openai_tf
-from .tf_bundle import TFCheckpointReader, TFTensorEntry
+from gpt2lab.checkpoints.hf import gpt_config_to_hf, hf_config_to_gpt, read_hf, write_hf
+from gpt2lab.checkpoints.hf_variants import export_hf, hf_architecture
+from gpt2lab.checkpoints.locate import locate
+from gpt2lab.checkpoints.names import gpt_state_shapes
+from gpt2lab.checkpoints.native import read_gpt2lab, write_gpt2lab
+from gpt2lab.checkpoints.openai_tf import read_openai_tf
+from gpt2lab.checkpoints.tf_bundle import TFCheckpointReader, TFTensorEntry
+from gpt2lab.config import GPTConfig
 
 __all__ = [
     "TFCheckpointReader",

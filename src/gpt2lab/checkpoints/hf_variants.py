@@ -27,11 +27,11 @@ from typing import Any
 
 import torch
 
-from ..config import GPT2LabError, GPTConfig
-from ..convert import repeat_kv_heads
-from ..files import write_json
-from .hf import HF_ACTIVATION, special_token_id, write_hf
-from .tensor_files import write_safetensors
+from gpt2lab.checkpoints.convert import repeat_kv_heads
+from gpt2lab.checkpoints.hf import HF_ACTIVATION, special_token_id, write_hf
+from gpt2lab.checkpoints.tensor_files import write_safetensors
+from gpt2lab.config import GPT2LabError, GPTConfig
+from gpt2lab.files import write_json
 
 __all__ = ["export_hf", "hf_architecture"]
 

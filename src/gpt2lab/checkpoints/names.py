@@ -13,7 +13,7 @@ from collections.abc import Callable, Mapping
 
 import torch
 
-from ..config import GPT2LabError, GPTConfig
+from gpt2lab.config import GPT2LabError, GPTConfig
 
 __all__ = ["GPT2LAB_LAYOUT", "HF_LAYOUT", "TF_LAYOUT", "Layout", "collect_state", "gpt_state_shapes"]
 

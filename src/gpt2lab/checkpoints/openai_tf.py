@@ -10,10 +10,10 @@ from pathlib import Path
 
 import torch
 
-from ..config import GPT2LabError, GPTConfig
-from ..files import read_json
-from .names import TF_LAYOUT, collect_state
-from .tf_bundle import TFCheckpointReader
+from gpt2lab.checkpoints.names import TF_LAYOUT, collect_state
+from gpt2lab.checkpoints.tf_bundle import TFCheckpointReader
+from gpt2lab.config import GPT2LabError, GPTConfig
+from gpt2lab.files import read_json
 
 __all__ = ["read_openai_tf"]
 

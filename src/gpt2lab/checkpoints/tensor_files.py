@@ -11,9 +11,9 @@ from pathlib import Path
 
 import torch
 
-from ..config import GPT2LabError
-from ..files import atomic_file, one_line
-from ..safe_pickle import load_weights_only
+from gpt2lab.checkpoints.safe_pickle import load_weights_only
+from gpt2lab.config import GPT2LabError
+from gpt2lab.files import atomic_file, one_line
 
 __all__ = ["read_weight_files", "write_safetensors"]
 

@@ -1,0 +1,1 @@
+"""Scoring a model: held-out loss, HellaSwag, and EleutherAI's lm-evaluation-harness."""

@@ -1,0 +1,68 @@
+"""Number formats: dtype names as users write them, whether a device multiplies bf16 or fp16 natively, and
+the loss scaler that float16 training needs."""
+
+from __future__ import annotations
+
+import torch
+
+from gpt2lab.config import GPT2LabError, closest_hint
+
+DTYPE_NAMES: dict[str, torch.dtype] = {
+    "float32": torch.float32,
+    "fp32": torch.float32,
+    "float": torch.float32,
+    "bfloat16": torch.bfloat16,
+    "bf16": torch.bfloat16,
+    "float16": torch.float16,
+    "fp16": torch.float16,
+    "half": torch.float16,
+    "float64": torch.float64,
+}
+
+
+def parse_dtype(dtype: torch.dtype | str | None) -> torch.dtype | None:
+    """A ``torch.dtype`` from a name such as ``"bfloat16"``, ``"bf16"`` or ``"torch.float32"``; None stays None."""
+    if dtype is None or isinstance(dtype, torch.dtype):
+        return dtype
+    key = str(dtype).removeprefix("torch.")
+    if key not in DTYPE_NAMES:
+        raise GPT2LabError(f"unknown dtype '{dtype}'{closest_hint(key, DTYPE_NAMES)}")
+    return DTYPE_NAMES[key]
+
+
+def has_native_bf16(device: torch.device | str = "cpu") -> bool:
+    """Whether ``device`` has bf16 matrix instructions: CUDA with bf16 support, or a CPU with AVX-512-BF16
+    or AMX. Elsewhere PyTorch multiplies bf16 through generic kernels, tens of times slower than fp32."""
+    device = torch.device(device)
+    if device.type == "cuda":
+        return torch.cuda.is_bf16_supported()
+    if device.type == "cpu":
+        return torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported()
+    return False
+
+
+def has_native_fp16(device: torch.device | str = "cpu") -> bool:
+    """Whether ``device`` multiplies fp16 natively: CUDA (tensor cores), or a CPU with AMX-FP16. AVX2 and
+    AVX-512 CPUs convert every fp16 product through generic kernels, about 12x slower than fp32."""
+    device = torch.device(device)
+    if device.type == "cuda":
+        return True
+    if device.type == "cpu":
+        return torch.cpu._is_amx_fp16_supported()
+    return False
+
+
+# The loss scale of float16 training's first step (torch's default). The scaler halves it after every
+# step whose gradients overflowed and doubles it after 2000 clean steps in a row.
+FP16_INIT_SCALE = 2.0**16
+
+
+def grad_scaler(dtype: torch.dtype, device: torch.device | str) -> torch.amp.GradScaler:
+    """Dynamic loss scaling for float16 autocast, a pass-through (disabled) scaler for any other dtype.
+
+    fp16's range is 6e-8 .. 65504: gradients scaled up by the loss scale stay above the bottom of that
+    range; a step whose scaled gradients overflow is skipped and the scale lowered. bf16 has float32's
+    range and needs no scaling.
+    """
+    enabled = dtype == torch.float16
+    return torch.amp.GradScaler(torch.device(device).type, init_scale=FP16_INIT_SCALE, enabled=enabled)

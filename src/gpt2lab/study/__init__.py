@@ -1,0 +1,1 @@
+"""The variant study: a suite of variants trained alike, compared with intervals, and its report."""

@@ -1,0 +1,332 @@
+"""``report.md`` of a variant study. Every number in it is read back from the CSVs the study wrote (and
+the benchmark CSV it cites), so text and data cannot disagree; a difference is only called one when its
+95% interval excludes zero."""
+
+from __future__ import annotations
+
+import shlex
+import statistics
+from pathlib import Path
+
+from gpt2lab.files import write_text
+from gpt2lab.study.suite import VARIANT_KEYS, Suite, read_csv
+
+RESULT_COLUMNS = [  # (results.csv column, title, format)
+    ("variant", "variant", "{}"),
+    ("pos_encoding", "positions", "{}"),
+    ("n_kv_head", "K/V heads", "{:.0f}"),
+    ("window", "window", "{:.0f}"),
+    ("reach", "reach", "{:.0f}"),
+    ("params", "params", "{:,.0f}"),
+    ("kv_kib_at_ctx", "KV KiB @ctx", "{:,.0f}"),
+    ("train_tok_s", "train tok/s", "{:,.0f}"),
+    ("val_loss", "val loss", "{:.4f}"),
+    ("val_loss_sd", "± sd", "{:.4f}"),
+    ("loss_first", "loss, first positions", "{:.3f}"),
+    ("loss_late", "loss, second half", "{:.3f}"),
+]
+
+_PAIRED_HEADER = ["Δ loss (mean)", "95% interval", "detection limit", "verdict"]
+
+
+def num(value: str, pattern: str = "{:.3f}") -> str:
+    """A CSV cell as the report prints it (blank cells print as 'n/a', words as they are)."""
+    if value == "":
+        return "n/a"
+    try:
+        return pattern.format(float(value))
+    except ValueError:
+        return value
+
+
+def table(header: list[str], rows: list[list[str]]) -> list[str]:
+    return ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"] + [
+        "| " + " | ".join(r) + " |" for r in rows
+    ]
+
+
+def figure_section(title: str, intro: str, table_lines: list[str], figure: str, alt: str) -> list[str]:
+    """A report section laid out as each of them is: heading, what was measured, the table, the figure."""
+    return [f"## {title}", "", intro, "", *table_lines, "", f"![{alt}]({figure})", ""]
+
+
+def comparison_cells(row: dict[str, str]) -> list[str]:
+    interval = "n/a" if row["low"] == "" else f"[{num(row['low'], '{:+.4f}')}, {num(row['high'], '{:+.4f}')}]"
+    return [num(row["mean_diff"], "{:+.4f}"), interval, num(row["detection_limit"], "{:.4f}"), row["verdict"]]
+
+
+def comparisons_section(out: Path, suite: Suite) -> list[str]:
+    path = out / "comparisons.csv"
+    if not path.is_file():
+        return []
+    rows = read_csv(path)
+    limits = [float(r["detection_limit"]) for r in rows if r["detection_limit"] != ""]
+    n = len(suite.seeds)
+    text = [
+        "## Paired differences",
+        "",
+        f"Each variant minus its reference, seed by seed (same data order, same evaluation tokens), over {n} "
+        f"seeds; the interval is mean ± t(0.975, {n - 1}) · sd/√{n}. A variant is called lower or higher only "
+        "when its interval excludes zero. The detection limit is the true difference this design would find "
+        "with 80 % power given the observed paired spread, (t(0.975) + t(0.8)) · sd/√n: smaller differences "
+        "can exist unseen.",
+        "",
+        *table(
+            ["variant", "reference", *_PAIRED_HEADER],
+            [[r["variant"], r["reference"], *comparison_cells(r)] for r in rows],
+        ),
+        "",
+    ]
+    if limits:
+        text += [
+            f"Across comparisons the detection limit runs from {min(limits):.4f} to {max(limits):.4f} nats "
+            f"(median {statistics.median(limits):.4f}).",
+            "",
+        ]
+    return text + ["![paired differences](comparisons.png) ![quality vs KV cache](quality_vs_kv.png)", ""]
+
+
+def probe_section(out: Path) -> list[str]:
+    path = out / "probe.csv"
+    if not path.is_file():
+        return []
+    rows = read_csv(path)
+    from gpt2lab.study.probe import KEYS
+
+    def mean_acc(variant: str, distance: int) -> str:
+        got = [float(r["accuracy"]) for r in rows if r["variant"] == variant and int(r["distance"]) == distance]
+        return f"{statistics.fmean(got):.2f}" if got else "n/a"
+
+    body = []
+    for name in dict.fromkeys(r["variant"] for r in rows):
+        mine = [r for r in rows if r["variant"] == name]
+        reach = mine[0]["reach"]
+        visible_ok = all((r["key_visible"] == "True") == (r["within_reach"] == "True") for r in mine)
+        distances = sorted({int(r["distance"]) for r in mine})
+        at = [d for d in distances if reach == "full" or d <= int(reach)]
+        past = [d for d in distances if reach != "full" and d > int(reach)]
+        body.append(
+            [
+                name,
+                reach,
+                f"{mean_acc(name, at[-1])} (d={at[-1]})" if at else "n/a",
+                f"{mean_acc(name, past[0])} (d={past[0]})" if past else "n/a",
+                "yes" if visible_ok else "NO",
+            ]
+        )
+    header = [
+        "variant",
+        "reach",
+        "accuracy at the furthest d within reach",
+        "just beyond reach",
+        "key visible ⇔ d ≤ reach",
+    ]
+    intro = (
+        "Each variant's shape is trained from scratch on a passkey task: one key symbol at distance d before a "
+        f"query marker, filler elsewhere; chance is 1/{KEYS}. The last column checks the window convention exactly "
+        "on the trained model: changing the key changes the answer's logits if and only if d ≤ reach."
+    )
+    return figure_section("Receptive-field probe", intro, table(header, body), "probe.png", "receptive-field probe")
+
+
+def extrapolation_section(out: Path, context: int) -> list[str]:
+    path = out / "extrapolation.csv"
+    if not path.is_file():
+        return []
+    rows = read_csv(path)
+    bands = list(dict.fromkeys(r["band"] for r in rows))
+    cells = {(r["variant"], r["method"], r["band"]): r["loss"] for r in rows}
+    keys = list(dict.fromkeys((r["variant"], r["method"]) for r in rows))
+    body = [[v, m, *[num(cells.get((v, m, b), "")) for b in bands]] for v, m in keys]
+    intro = (
+        f"The same held-out tokens scored in windows of 1x, 2x and 4x the trained context ({context}); "
+        "learned positions only at 1x and, as comparator, with a sliding context (each token sees at most "
+        f"{context} before it). Mean loss (nats/token) over bands of positions in the window:"
+    )
+    lines = table(["variant", "method", *[f"positions {b}" for b in bands]], body)
+    return figure_section("Length extrapolation", intro, lines, "extrapolation.png", "length extrapolation")
+
+
+def uptrain_section(out: Path, suite: Suite) -> list[str]:
+    path = out / "uptrain_pairs.csv"
+    if not path.is_file():
+        return []
+    rows = read_csv(path)
+    total = int(suite.train["max_iters"])
+    body = [
+        [
+            f"{r['method']}-init",
+            r["n_kv_head"],
+            f"{float(r['fraction']):.1%} ({r['steps']} steps)",
+            num(r["val_loss"], "{:.4f}"),
+            *comparison_cells(r),
+        ]  # fmt: skip
+        for r in rows
+    ]
+    intro = (
+        f"Each seed's baseline (trained {total} steps) is converted to fewer K/V heads (mean of each group, or "
+        "its first head) and trained on; the control continues the unconverted baseline for the same steps "
+        "with the same schedule. Δ is converted minus control, seed by seed."
+    ) + _control_jolt(read_csv(out / "uptrain.csv"), suite)
+    lines = table(["init", "K/V heads", "uptraining", "val loss", *_PAIRED_HEADER], body)
+    return figure_section("Uptraining", intro, lines, "uptrain.png", "uptraining")
+
+
+def _control_jolt(rows: list[dict[str, str]], suite: Suite) -> str:
+    """A sentence for when the control gets worse before it gets better, which the plot shows unexplained."""
+    control: dict[int, list[float]] = {}
+    for r in rows:
+        if r["method"] == "control":
+            control.setdefault(int(r["steps"]), []).append(float(r["val_loss"]))
+    steps = sorted(control)
+    if len(steps) < 2:
+        return ""
+    train, before, after = suite.train, statistics.mean(control[steps[0]]), statistics.mean(control[steps[1]])
+    if after <= before:
+        return ""
+    return (
+        f" The control's loss first rises, from {before:.3f} to {after:.3f} "
+        f"after {steps[1]} steps: every continuation warms up again to the suite's peak learning rate "
+        f"({train.get('lr')}), while the baseline had ended its schedule at {train.get('min_lr')}. That shock is "
+        "the same on both sides of each Δ, which is why the comparison is with the control, not with the baseline."
+    )
+
+
+def cost_section(out: Path, suite: Suite, rows: list[dict[str, str]], context: int) -> list[str]:
+    text = ["## Costs", ""]
+    kv = ", ".join(f"{r['variant']} {num(r['kv_kib_at_ctx'], '{:,.0f}')} KiB" for r in rows)
+    text += [f"KV cache of one sequence at the trained context ({context} tokens, fp32, from results.csv): {kv}.", ""]
+    path = Path(suite.cost["benchmarks"])
+    if not path.is_file():
+        return text + [
+            f"Speed at the GPT-2 124M shape: no benchmark CSV at `{path}`. Run `python benchmarks/attention.py`, "
+            "record its figures there (columns measure, variant, length, value, unit, machine, recorded, source) "
+            "and re-run `gpt2lab study` to fill this table.",
+            "",
+        ]
+    bench = read_csv(path)
+    body = [[b["measure"], b["variant"], b["length"], f"{b['value']} {b['unit']}"] for b in bench]
+    machines = sorted({f"{b['machine']} ({b['recorded']}, {b['source']})" for b in bench})
+    return text + [
+        "At the GPT-2 124M shape (12 layers, 12 heads of 64), from the benchmarks, not from this study's runs: "
+        + "; ".join(machines)
+        + ". Measured on a CPU: the ratios carry over to other machines better than the absolute figures.",
+        "",
+        *table(["measure", "variant", "T or context", "value"], body),
+        "",
+    ]
+
+
+def can_and_cannot(out: Path, suite: Suite, context: int) -> list[str]:
+    n = len(suite.seeds)
+    return [
+        "## What this study can and cannot show",
+        "",
+        f"- It can show differences larger than its detection limits between small models ({suite.model}) "
+        f"trained briefly on one corpus with {n} seeds each; it cannot rank variants whose intervals include "
+        "zero, and a difference it does not detect may still exist.",
+        "- It measures the variants at one small scale and one budget. Published claims (RoFormer, GQA, "
+        "Longformer, Mistral) concern models and budgets orders of magnitude larger; agreement or disagreement "
+        "here is evidence about this regime only.",
+        "- The receptive-field probe shows what each shape can learn on a synthetic task; it cannot say "
+        "whether natural text at this context needs that reach.",
+        f"- Extrapolation covers 4x the trained context ({4 * context} tokens) on held-out Shakespeare only.",
+        "- Speeds come from CPU benchmarks on a shared machine; accelerators change absolute figures and "
+        "possibly the ranking of kernels.",
+        "",
+    ]
+
+
+def results_table(rows: list[dict[str, str]]) -> list[str]:
+    return table([t for _, t, _ in RESULT_COLUMNS], [[num(r[c], p) for c, _, p in RESULT_COLUMNS] for r in rows])
+
+
+def write_report(out: Path, suite: Suite, context: int) -> Path:
+    rows = read_csv(out / "results.csv")
+    lines = _header(out, suite, context, rows)
+    lines += ["## Results", "", *results_table(rows), "", *_references_and_context(out, suite, rows), ""]
+    lines += ["![validation loss](loss_curves.png)", "![loss by position](loss_by_position.png)", ""]
+    lines += comparisons_section(out, suite)
+    lines += probe_section(out)
+    lines += extrapolation_section(out, context)
+    lines += uptrain_section(out, suite)
+    lines += cost_section(out, suite, rows, context)
+    lines += can_and_cannot(out, suite, context)
+    path = out / "report.md"
+    write_text(path, "\n".join(lines) + "\n")
+    return path
+
+
+def _header(out: Path, suite: Suite, context: int, rows: list[dict[str, str]]) -> list[str]:
+    train = suite.train
+    per_step = int(train.get("batch_size", 8)) * int(train.get("grad_accum", 1))
+    tokens = int(train["max_iters"]) * per_step * context
+    same = len({r["eval_sha"] for r in rows}) == 1
+    tokenizer = "characters (one token per character)" if suite.tokenizer == "char" else "GPT-2 BPE"
+    return [
+        f"# Variant study: {suite.name}",
+        "",
+        "Reproduce with:",
+        "",
+        "```bash",
+        f"gpt2lab study --suite {suite.source} --data {suite.data} --out {out}"
+        + "".join(f" --set {shlex.quote(item)}" for item in suite.overrides),
+        "```",
+        "",
+        f"The reference variant `{suite.variants[0]['name']}` has the model {suite.model}"
+        + _changes(suite)
+        + f" Every variant trains for {train['max_iters']} steps of {per_step} × "
+        f"{context} tokens ({tokens:,} tokens) with the same optimizer, schedule and seeds {suite.seeds}; a seed "
+        f"fixes the data order, the same for every variant. Data: `{suite.data}` as {tokenizer}, the last 10 % "
+        f"held out. Every run is scored on the same {rows[0]['eval_tokens']} held-out tokens "
+        f"(sha256 {rows[0]['eval_sha']}"
+        + (", identical for all variants" if same else "; NOT identical for all variants: see results.csv")
+        + f") in non-overlapping windows of {context}, so position p has seen p earlier tokens. ± sd is the "
+        "spread over seeds. reach = Σ(W − 1) over layers: the furthest distance a token can carry to a query "
+        "through stacked windows (full: unlimited). Training tokens/s are from a shared 2-core CPU: compare "
+        "them within this table only.",
+        "",
+    ]
+
+
+def _changes(suite: Suite) -> str:
+    """What each variant sets over the shared model, as the suite file says it."""
+    changes = [
+        f"`{v['name']}` " + (", ".join(f"{k} = {val}" for k, val in v.items() if k not in VARIANT_KEYS) or "nothing")
+        for v in suite.variants[1:]
+    ]
+    return "; over that model the other variants set " + "; ".join(changes) + "." if changes else "."
+
+
+def _references_and_context(out: Path, suite: Suite, rows: list[dict[str, str]]) -> list[str]:
+    refs = {r["model"]: r["val_loss"] for r in read_csv(out / "references.csv")}
+    base = rows[0]
+    gain = _context_gain(base)
+    early = suite.eval["early_positions"]
+    return [
+        f"Reference lines on the same tokens: a unigram count model scores {num(refs['unigram'])} and an "
+        f"interpolated bigram count model {num(refs['bigram'])} nats/token; the baseline ends at "
+        f"{num(base['val_loss'])}.",
+        "",
+        f"Does the baseline use its context? Its loss on the first {early} positions is {num(base['loss_first'])} "
+        f"and on the second half of the window {num(base['loss_late'])}, a gain of {gain:.3f} nats from context: "
+        + (
+            "at least the 0.3 this study needs to tell position encodings and windows apart."
+            if gain >= 0.3
+            else "LESS than the 0.3 this study needs, so comparisons with the baseline say little about how "
+            "the variants use long context."
+        )
+        + _other_gains(rows[1:]),
+    ]
+
+
+def _context_gain(row: dict[str, str]) -> float:
+    """How much lower a variant's loss is late in the window than on its first positions (nats)."""
+    return float(row["loss_first"]) - float(row["loss_late"])
+
+
+def _other_gains(rows: list[dict[str, str]]) -> str:
+    gains = {r["variant"]: _context_gain(r) for r in rows}
+    if not gains:
+        return ""
+    return " The same gain for the other variants: " + ", ".join(f"{v} {g:.3f}" for v, g in gains.items()) + "."

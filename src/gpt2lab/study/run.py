@@ -1,0 +1,232 @@
+"""The variant study: train every variant of a suite under one budget, measure, plot, report.
+
+A suite (TOML) names the data and its tokenizer, the model shape shared by all variants, the training
+budget, the seeds and the variants. ``run_study`` then
+
+1. prepares the data once and scores unigram and bigram count models on it (reference lines);
+2. trains each variant with each seed, each run in a fresh process, and evaluates it on the same
+   validation tokens (loss, loss by position, and at 1x/2x/4x the trained context);
+3. uptrains GQA and MQA from each seed's baseline at several fractions of its steps, beside a control
+   that continues the baseline (:mod:`gpt2lab.study.uptrain`);
+4. trains each variant's shape on a passkey task to probe its receptive field (:mod:`gpt2lab.study.probe`);
+5. writes the CSVs (``results.csv``, ``comparisons.csv`` with paired t intervals, ``bands.csv``,
+   ``runs.csv``, ``references.csv``, ``uptrain.csv``, ``probe.csv``, ``extrapolation.csv``), the plots
+   and ``report.md``, whose every number is read back from those CSVs (and the benchmark CSV it cites).
+
+A study folder belongs to one suite (``suite.json``): an interrupted study resumes where it stopped,
+finished runs are kept, and a folder made by another suite is refused rather than mixed in.
+"""
+
+from __future__ import annotations
+
+import json
+import statistics
+from pathlib import Path
+
+from gpt2lab.config import GPT2LabError
+from gpt2lab.files import read_json, write_text
+from gpt2lab.study.runs import Runs, eval_tokens
+from gpt2lab.study.suite import Suite, group_by_variant, receptive_reach, write_csv
+
+
+def _claim_folder(out: Path, suite: Suite) -> None:
+    """A study folder holds the runs of one suite: refuse to mix another suite's runs into it."""
+    marker = out / "suite.json"
+    fingerprint = json.loads(json.dumps(suite.fingerprint()))  # as JSON reads it back (tuples -> lists)
+    if marker.is_file():
+        if read_json(marker) != fingerprint:
+            raise GPT2LabError(
+                f"{out} holds a study of other settings (see {marker}); use a new --out or delete that folder"
+            )
+        return
+    if (out / "runs").exists():
+        raise GPT2LabError(f"{out} holds runs of an unknown suite (no suite.json); use a new --out")
+    out.mkdir(parents=True, exist_ok=True)
+    write_text(marker, json.dumps(fingerprint, indent=1) + "\n")
+
+
+def _prepare(suite: Suite, data_dir: Path) -> int:
+    """Prepare the suite's data once; its vocabulary size."""
+    from gpt2lab.data.tokens import TokenData, prepare
+
+    if not (data_dir / "meta.json").is_file():
+        # The default (GPT-2 BPE) needs no tokenizer argument; other tokenizers name themselves.
+        options = {} if suite.tokenizer == "gpt2" else {"tokenizer": suite.tokenizer}
+        prepare(suite.data, data_dir, **options)
+    return int(TokenData.open(data_dir).meta["vocab_size"])
+
+
+def run_study(suite: Suite, out_dir: str | Path, log=print) -> Path:
+    from gpt2lab.data.count_models import ngram_references
+    from gpt2lab.data.tokens import TokenData
+
+    out = Path(out_dir)
+    _claim_folder(out, suite)
+    data_dir = out / "data"
+    vocab = _prepare(suite, data_dir)
+    context = suite.train.get("block_size", suite.model.get("block_size", 256))
+    base_fields = {**suite.train, "data_dir": str(data_dir), "block_size": context}
+    settings = {"max_tokens": suite.eval["max_tokens"], "extrapolation": suite.extrapolation}
+    runs = Runs(out / "runs", base_fields, settings, suite.parallel, log)
+    data = TokenData.open(data_dir)
+    references = ngram_references(data.train, eval_tokens(str(data_dir), context, suite.eval["max_tokens"]), vocab)
+    write_csv(
+        out / "references.csv", [{"model": k, "val_loss": v} for k, v in references.items() if k != "bigram_weight"]
+    )
+
+    jobs = []
+    for variant in suite.variants:
+        config = suite.variant_config(variant, vocab)
+        model_fields = {k: v for k, v in config.to_dict().items() if k != "vocab_size"}
+        jobs += [(variant["name"], seed, {"preset": None, "model": model_fields}) for seed in suite.seeds]
+    done = runs.many(jobs)
+    results = [{"variant": name, "seed": seed, **r} for (name, seed, _), r in zip(jobs, done, strict=True)]
+    if suite.uptrain:
+        from gpt2lab.study.uptrain import run_uptraining, uptrain_pairs
+
+        base = {r["seed"]: r["val_loss"] for r in results if r["variant"] == "baseline"}
+        rows = run_uptraining(suite, runs, base, context, log)
+        write_csv(out / "uptrain.csv", rows)
+        write_csv(out / "uptrain_pairs.csv", uptrain_pairs(rows))
+    if suite.probe:
+        _run_probe(out, suite, vocab, runs, log)
+    runs.close()
+    _write_tables(out, suite, results, vocab, context)
+    from gpt2lab.study.plots import write_plots
+    from gpt2lab.study.report import write_report
+
+    write_plots(out, suite, results, context)
+    return write_report(out, suite, context)
+
+
+def probe_settings(suite: Suite) -> dict:
+    return {
+        "context": suite.model.get("block_size", 256),
+        "steps": 300,
+        "batch_size": 32,
+        "lr": 3e-3,
+        "samples": 256,
+        "seeds": suite.seeds[:1],
+        **(suite.probe or {}),
+    }
+
+
+def _run_probe(out: Path, suite: Suite, vocab: int, runs: Runs, log) -> None:
+    from gpt2lab.study.probe import probe_distances
+
+    settings = probe_settings(suite)
+    configs = {v["name"]: suite.variant_config(v, vocab) for v in suite.variants}
+    names = settings.get("variants") or list(configs)
+    distances = probe_distances(settings, [receptive_reach(configs[n]) for n in names])
+    jobs = [(name, seed) for name in names for seed in settings["seeds"]]
+
+    def probe(job: tuple[str, int]) -> dict:
+        name, seed = job
+        # the probe may narrow the model ([probe.model]); depth, heads and windows stay the variant's
+        fields = {k: v for k, v in configs[name].to_dict().items() if k != "vocab_size"} | settings.get("model", {})
+        return _cached_probe(runs, out / "runs" / f"probe-{name}-s{seed}.json", fields, settings, seed, distances, log)
+
+    rows = []
+    for (name, seed), measured in zip(jobs, runs.pool.map(probe, jobs), strict=True):
+        reach = receptive_reach(configs[name])
+        for d, acc, seen in zip(distances, measured["accuracy"], measured["visible"], strict=True):
+            rows.append(
+                {"variant": name, "seed": seed, "distance": d, "reach": "full" if reach is None else reach,
+                 "within_reach": reach is None or d <= reach, "key_visible": seen, "accuracy": acc}
+            )  # fmt: skip
+    write_csv(out / "probe.csv", rows)
+
+
+def _cached_probe(runs: Runs, path: Path, fields: dict, settings: dict, seed: int, distances: list[int], log) -> dict:
+    """One probe's measurements, kept in ``path`` with what made them: an interrupted study keeps finished probes."""
+    from gpt2lab.study.probe import run_probe
+
+    made_by = json.loads(json.dumps({"fields": fields, "settings": settings, "seed": seed, "distances": distances}))
+    if path.is_file() and (kept := read_json(path))["made_by"] == made_by:
+        return kept
+    log(f"[study] receptive-field probe: {path.stem}")
+    measured = runs.isolated(run_probe, fields, settings, seed, distances)
+    write_text(path, json.dumps({"made_by": made_by, **measured}) + "\n")
+    return measured
+
+
+def _write_tables(out: Path, suite: Suite, results: list[dict], vocab: int, context: int) -> None:
+    from gpt2lab.study.stats import paired_difference
+
+    write_csv(
+        out / "runs.csv",
+        [
+            {k: v for k, v in r.items() if k not in ("by_position", "val_curve", "extrapolation", "fields")}
+            for r in results
+        ],
+    )
+    write_csv(out / "results.csv", [_variant_row(suite, v, vocab, context, results) for v in suite.variants])
+    loss = {(r["variant"], r["seed"]): r["val_loss"] for r in results}
+    comparisons = []
+    for v in suite.variants[1:]:
+        ref = suite.reference_of(v)
+        mine = {s: loss[(v["name"], s)] for s in suite.seeds}
+        theirs = {s: loss[(ref, s)] for s in suite.seeds}
+        comparisons.append({"variant": v["name"], "reference": ref, **paired_difference(mine, theirs)})
+    if comparisons:
+        write_csv(out / "comparisons.csv", comparisons)
+    write_csv(out / "bands.csv", _position_bands(suite, results, vocab, context))
+    if suite.extrapolation:
+        from gpt2lab.study.extrapolation import band_means
+
+        rows = []
+        for name, curves in group_by_variant([r for r in results if r.get("extrapolation")], "extrapolation").items():
+            for method in curves[0]:
+                per_seed = [band_means(c[method], context) for c in curves]
+                for band in per_seed[0]:
+                    value = statistics.fmean(b[band] for b in per_seed)
+                    rows.append({"variant": name, "method": method, "band": band, "loss": value})
+        if rows:
+            write_csv(out / "extrapolation.csv", rows)
+
+
+def _variant_row(suite: Suite, variant: dict, vocab: int, context: int, results: list[dict]) -> dict:
+    from gpt2lab.analysis import model_report
+
+    config = suite.variant_config(variant, vocab)
+    report = model_report(config, context)
+    mine = [r for r in results if r["variant"] == variant["name"]]
+    losses = [r["val_loss"] for r in mine]
+    reach = receptive_reach(config)
+    early = suite.eval["early_positions"]
+    return {
+        "variant": variant["name"],
+        "pos_encoding": config.pos_encoding,
+        "n_kv_head": config.n_kv_head,
+        "window": config.window if config.window is not None else "full",
+        "reach": "full" if reach is None else reach,
+        "params": report["params"]["total"],
+        "kv_bytes_per_token": report["kv_cache"]["bytes_per_token"],
+        "kv_kib_at_ctx": report["kv_cache"]["bytes_at_seq_len"] / 1024,
+        "train_tok_s": statistics.fmean(r["train_tok_s"] for r in mine),
+        "seeds": len(losses),
+        "val_loss": statistics.fmean(losses),
+        "val_loss_sd": statistics.stdev(losses) if len(losses) > 1 else "",
+        "loss_first": statistics.fmean(statistics.fmean(r["by_position"][:early]) for r in mine),
+        "loss_late": statistics.fmean(statistics.fmean(r["by_position"][context // 2 :]) for r in mine),
+        "eval_tokens": mine[0]["eval_tokens"],
+        "eval_sha": mine[0]["eval_sha"],
+    }
+
+
+def _position_bands(suite: Suite, results: list[dict], vocab: int, context: int) -> list[dict]:
+    """Mean loss (over seeds) of every variant over the same bands of context positions: the first
+    ``early_positions``, the second half, and for each windowed reach r < context - 1, positions past it
+    (only stacking beyond r could see their earliest tokens; a windowed model sees none of them)."""
+    early = suite.eval["early_positions"]
+    spans = {f"first {early}": (0, early), "second half": (context // 2, context)}
+    for v in suite.variants:
+        reach = receptive_reach(suite.variant_config(v, vocab))
+        if reach is not None and reach + 1 < context:
+            spans[f"past reach {reach}"] = (reach + 1, context)
+    rows = []
+    for name, curves in group_by_variant(results, "by_position").items():
+        for band, (start, end) in spans.items():
+            loss = statistics.fmean(statistics.fmean(c[start:end]) for c in curves)
+            rows.append({"variant": name, "band": band, "start": start, "end": end - 1, "loss": loss})
+    return rows

@@ -1,0 +1,350 @@
+"""Training: the loop. Build the model and optimizer, step, evaluate, checkpoint, log, stop on a signal, export.
+
+One process or many (``torchrun``, DDP or FSDP2) run the same code; see :mod:`gpt2lab.train.distributed`.
+Resuming is exact: the checkpoint holds the model, the optimizer, the step (the schedule is a pure
+function of it), the fp16 loss scaler, every RNG state and the batch sampler's own generator, so a
+stopped and resumed run draws the same batches and produces the same losses as one that never stopped.
+The configuration is :mod:`gpt2lab.train.config`; the files a run writes are :mod:`gpt2lab.train.run`.
+"""
+
+from __future__ import annotations
+
+import math
+import signal
+import time
+from pathlib import Path
+
+import torch
+from tqdm import tqdm
+
+from gpt2lab.config import GPT2LabError
+from gpt2lab.data.tokens import TokenData, gather_batch, sample_offsets
+from gpt2lab.eval.hellaswag import accuracies, evaluate_hellaswag, load_examples
+from gpt2lab.files import write_json
+from gpt2lab.kernels.precision import grad_scaler
+from gpt2lab.model import GPT
+from gpt2lab.plots import plot_losses
+from gpt2lab.tokenizer import copy_tokenizer
+from gpt2lab.train.config import TrainConfig
+from gpt2lab.train.distributed import Dist, gather_state, load_state, setup, sync_context, teardown, wrap_model
+from gpt2lab.train.run import (
+    CKPT_NAME,
+    RunLock,
+    append_metrics,
+    capture_rng,
+    check_run_folder,
+    clear_run,
+    data_fingerprint,
+    read_metrics,
+    restore_rng,
+    resume_checkpoint,
+    save_checkpoint,
+    start_metrics,
+)
+from gpt2lab.train.setup import (
+    build_model,
+    check_fits,
+    lr_at,
+    make_optimizer,
+    micro_batches_per_rank,
+    resolve_dtype,
+    seed_everything,
+)
+
+# ---------------------------------------------------------------------------------------- the loop
+
+
+class Trainer:
+    """One training run. Every process of a distributed run builds one; only rank 0 logs and writes."""
+
+    def __init__(self, cfg: TrainConfig, dist: Dist, resume: bool = False, allow_changes: bool = False) -> None:
+        self.cfg, self.dist = cfg, dist
+        self.out = Path(cfg.out_dir)
+        device = dist.device
+        if device.type == "cuda":
+            torch.backends.cuda.matmul.allow_tf32 = True
+            torch.backends.cudnn.allow_tf32 = True
+        self.dtype = resolve_dtype(cfg.dtype, device)
+        if self.dtype == torch.float16 and dist.world > 1 and cfg.strategy == "fsdp":
+            raise GPT2LabError(
+                "dtype float16 with strategy fsdp: each process's loss scaler would see only its own gradient "
+                "shards; use bfloat16, or strategy ddp"
+            )
+        self.accum = micro_batches_per_rank(cfg, dist)
+        self.data_gen = seed_everything(cfg.seed)
+        self.data = TokenData.open(cfg.data_dir)
+        model = build_model(cfg, vocab_size=self.data.vocab_size)
+        self.model_config = model.config
+        check_fits(cfg, self.data, model.config)
+        resume_state = resume_checkpoint(cfg, self.data.meta, model.config, allow_changes) if resume else None
+
+        self.wrapped = wrap_model(model.to(device), dist, cfg.strategy)
+        self.optimizer = make_optimizer(self.wrapped, cfg, device)
+        self.scaler = grad_scaler(self.dtype, device)
+        self.step = 0
+        self.skipped = 0  # steps skipped for a non-finite loss or gradient (skip_nonfinite)
+        self.overflows = 0  # fp16 steps skipped because the scaled gradients overflowed
+        if resume_state is not None:
+            load_state(self.wrapped, self.optimizer, resume_state["model"], resume_state["optimizer"])
+            restore_rng(resume_state["rng"], self.data_gen)
+            if resume_state.get("scaler"):  # empty when the run was not float16 (resumed with --allow-changes)
+                self.scaler.load_state_dict(resume_state["scaler"])
+            self.step = resume_state["step"]
+            self.skipped, self.overflows = resume_state.get("skipped", 0), resume_state.get("overflows", 0)
+        self.model = torch.compile(self.wrapped) if cfg.compile else self.wrapped
+        self.resumed = resume_state is not None
+        self.stop_signal: int | None = None
+        self.losses: list[tuple[int, float]] = []
+        self.saved_step = self.step if self.resumed else 0  # step of the last checkpoint written
+        self.last_eval: dict[str, float] = {}
+        # read (or downloaded) before training starts, so a missing file fails at once
+        vocab = self.model_config.vocab_size
+        self.hellaswag = load_examples(cfg.hellaswag_file, vocab_size=vocab) if cfg.hellaswag_interval else None
+
+    # -------------------------------------------------------------- pieces
+    def autocast(self):
+        return torch.autocast(self.dist.device.type, dtype=self.dtype, enabled=self.dtype != torch.float32)
+
+    def train_step(self) -> torch.Tensor:
+        """One optimizer step on the global batch; returns this rank's mean micro-batch loss (detached).
+
+        All ranks draw the same global batch offsets from the shared generator and each takes its own
+        slice of micro-batches, so N processes see exactly the batch one process would.
+        """
+        cfg, device = self.cfg, self.dist.device
+        lr = lr_at(self.step, cfg)
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr
+        offsets = sample_offsets(len(self.data.train), cfg.block_size, cfg.grad_accum * cfg.batch_size, self.data_gen)
+        mine = offsets.view(cfg.grad_accum, cfg.batch_size)[
+            self.dist.rank * self.accum : (self.dist.rank + 1) * self.accum
+        ]
+        total = torch.zeros((), device=device)
+        for i, micro in enumerate(mine):
+            x, y = (t.to(device) for t in gather_batch(self.data.train, micro, cfg.block_size))
+            with sync_context(self.wrapped, last=i == self.accum - 1), self.autocast():
+                _, loss = self.model(x, y, return_logits=False)
+            self.scaler.scale(loss / self.accum).backward()  # fp16: scaled so small gradients survive
+            total += loss.detach()
+        self.scaler.unscale_(self.optimizer)  # clipping and the finiteness check see the true gradients
+        if self._finite_step(total / self.accum):
+            self.scaler.step(self.optimizer)
+        self.scaler.update()  # fp16: lowers the scale after an overflow, raises it after a clean stretch
+        self.optimizer.zero_grad(set_to_none=True)
+        self.step += 1
+        return total / self.accum
+
+    def _finite_step(self, loss: torch.Tensor) -> bool:
+        """Clip the gradients; whether the loss and the gradient norm are finite on every rank.
+
+        In float16 training a finite loss with overflowing gradients is the loss scale being too high:
+        the step is skipped, counted, and the scaler lowers the scale; that is routine, not divergence.
+        Any other non-finite step is skipped (the model is not updated) when ``skip_nonfinite`` is set,
+        and otherwise stops the run with one line, before the update: the last checkpoint stays good.
+        """
+        params = [p for p in self.wrapped.parameters() if p.grad is not None]
+        clip = self.cfg.grad_clip if self.cfg.grad_clip > 0 else math.inf
+        norm = torch.nn.utils.clip_grad_norm_(params, clip)
+        norm = norm.full_tensor() if hasattr(norm, "full_tensor") else norm  # FSDP2: a DTensor
+        bad_loss = self.dist.any(not bool(torch.isfinite(loss)))
+        if not bad_loss and not self.dist.any(not bool(torch.isfinite(norm))):
+            return True
+        if not bad_loss and self.scaler.is_enabled():
+            self.overflows += 1
+            return False
+        if not self.cfg.skip_nonfinite:
+            step = self.saved_step
+            saved = f"the last checkpoint (step {step}) is intact" if step else "no checkpoint was written"
+            raise GPT2LabError(
+                f"training diverged at step {self.step + 1}: loss {loss.item():.4g}, gradient norm {norm.item():.4g}; "
+                f"the model was not updated and {saved}; lower lr, or set skip_nonfinite = true to skip such steps"
+            )
+        self.skipped += 1
+        return False
+
+    @torch.no_grad()
+    def evaluate(self) -> dict[str, float]:
+        """Mean loss over ``eval_iters`` batches of each split. The batches come from a generator seeded
+        the same way every time, so evaluations are comparable and never disturb the training RNG."""
+        cfg = self.cfg
+        gen = torch.Generator().manual_seed(cfg.seed + 1)
+        self.model.eval()
+        result = {}
+        for split in ("train", "val"):
+            tokens = getattr(self.data, split)
+            losses = []
+            for _ in range(cfg.eval_iters):
+                offsets = sample_offsets(len(tokens), cfg.block_size, cfg.batch_size, gen)
+                x, y = (t.to(self.dist.device) for t in gather_batch(tokens, offsets, cfg.block_size))
+                with self.autocast():
+                    _, loss = self.model(x, y, return_logits=False)
+                losses.append(loss.item())
+            result[f"{split}_loss"] = sum(losses) / len(losses)
+        self.model.train()
+        result["val_ppl"] = math.exp(min(result["val_loss"], 50.0))
+        return result
+
+    def checkpoint(self) -> dict:
+        """Gather the full model/optimizer state (a collective under FSDP) and, on rank 0, write it."""
+        model_state, optim_state = gather_state(self.wrapped, self.optimizer)
+        if self.dist.master:
+            payload = {
+                "format": "gpt2lab-train",
+                "version": 1,
+                "step": self.step,
+                "model": model_state,
+                "optimizer": optim_state,
+                "model_config": self.model_config.to_dict(),
+                "train_config": self.cfg.to_dict(),
+                "rng": capture_rng(self.data_gen),
+                "scaler": self.scaler.state_dict(),  # empty unless float16
+                "skipped": self.skipped,
+                "overflows": self.overflows,
+                "data": data_fingerprint(self.data.meta),
+            }
+            save_checkpoint(self.out / CKPT_NAME, payload)
+        self.saved_step = self.step
+        self.dist.barrier()
+        return model_state
+
+    def log(self, row: dict) -> None:
+        if self.dist.master:
+            append_metrics(self.out, row)
+
+    def _start_outputs(self) -> None:
+        """The run folder, its metrics log (a resumed run's cut back to its checkpoint) and its config."""
+        if self.dist.master:
+            self.out.mkdir(parents=True, exist_ok=True)
+            start_metrics(self.out, keep_until=self.step if self.resumed else None)
+            write_json(self.out / "train_config.json", self.cfg.to_dict())
+            copy_tokenizer(self.data.path, self.out)  # generate / eval read and write what the data holds
+
+    def _on_signal(self, signum, frame) -> None:
+        self.stop_signal = signum
+
+    # -------------------------------------------------------------- run
+    def _log_step(self, loss: torch.Tensor, started: float, bar: tqdm) -> None:
+        value = self.dist.mean(loss).item()
+        dt = time.perf_counter() - started
+        self.losses.append((self.step, value))
+        row = {"step": self.step, "loss": value, "lr": lr_at(self.step - 1, self.cfg), "dt": dt}
+        if self.skipped:
+            row["skipped_steps"] = self.skipped
+        if self.scaler.is_enabled():
+            row |= {"loss_scale": self.scaler.get_scale(), "overflow_steps": self.overflows}
+        self.log(row)
+        tokens_per_step = self.cfg.grad_accum * self.cfg.batch_size * self.cfg.block_size
+        bar.set_postfix(loss=f"{value:.4f}", tok_s=f"{tokens_per_step / dt:,.0f}")
+
+    def _evaluate_and_log(self, bar: tqdm | None = None) -> None:
+        """Evaluate and log; with ``bar``, also print the losses (the step-0 evaluation is not printed)."""
+        self.last_eval = result = self.evaluate()
+        self.log({"step": self.step, **result})
+        if bar is not None:
+            line = f"step {self.step}: train {result['train_loss']:.4f}, val {result['val_loss']:.4f}"
+            bar.write(line + self._reference_note())
+
+    def _reference_note(self) -> str:
+        """`` (reference NAME: val X at N tokens)``: the published loss nearest ahead of the tokens seen so far."""
+        cfg = self.cfg
+        point = cfg.reference_at(self.step * cfg.grad_accum * cfg.batch_size * cfg.block_size)
+        if point is None:
+            return ""
+        tokens = next(
+            (f"{point[0] / scale:.3g}{unit}" for scale, unit in ((1e9, "B"), (1e6, "M")) if point[0] >= scale), None
+        )
+        return f" (reference {cfg.reference['name']}: val {point[1]:.2f} at {tokens or f'{point[0]:,}'} tokens)"
+
+    def _hellaswag(self, bar: tqdm) -> None:
+        """Score HellaSwag, each rank a share of the examples; log and print the accuracies."""
+        with self.autocast():
+            counts = evaluate_hellaswag(
+                self.wrapped, self.hellaswag, self.model_config.block_size, self.dist.rank, self.dist.world
+            )
+        summed = self.dist.mean(torch.tensor(list(counts.values()), dtype=torch.float64, device=self.dist.device))
+        result = accuracies(dict(zip(counts, (summed * self.dist.world).round().tolist(), strict=True)))
+        self.last_eval.update(result)
+        self.log({"step": self.step, **result})
+        if self.dist.master:
+            bar.write(f"step {self.step}: hellaswag acc_norm {result['hellaswag_acc_norm']:.4f}")
+
+    def _loop(self, bar: tqdm) -> tuple[bool, dict | None]:
+        """Train to ``max_iters`` or to a signal; returns (stopped by a signal, last saved model state)."""
+        cfg = self.cfg
+        stop, model_state = False, None
+        if self.step == 0 and not self.resumed:
+            self._evaluate_and_log()
+        while self.step < cfg.max_iters:
+            started = time.perf_counter()
+            loss = self.train_step()
+            last = self.step == cfg.max_iters
+            if self.step % cfg.log_interval == 0 or last:
+                self._log_step(loss, started, bar)
+            bar.update(1)
+            if self.step % cfg.eval_interval == 0 or last:
+                self._evaluate_and_log(bar)
+            if cfg.hellaswag_interval and (self.step % cfg.hellaswag_interval == 0 or last):
+                self._hellaswag(bar)
+            stop = self.dist.any(self.stop_signal is not None)
+            if stop or self.step % cfg.ckpt_interval == 0 or last:
+                model_state = self.checkpoint()
+            if stop:
+                break
+        return stop, model_state
+
+    def run(self) -> dict:
+        self._start_outputs()
+        handlers = {s: signal.signal(s, self._on_signal) for s in (signal.SIGINT, signal.SIGTERM)}
+        master = self.dist.master
+        bar = tqdm(total=self.cfg.max_iters, initial=self.step, unit="step", disable=not master, dynamic_ncols=True)
+        try:
+            stop, model_state = self._loop(bar)
+        finally:
+            bar.close()
+            for s, h in handlers.items():
+                signal.signal(s, h)
+        if self.step == self.cfg.max_iters or stop:
+            self._export(model_state)
+        return {
+            "out_dir": str(self.out),
+            "step": self.step,
+            "losses": self.losses,
+            "stopped": bool(stop),
+            "signal": self.stop_signal,
+            **self.last_eval,
+        }
+
+    def _export(self, model_state: dict | None) -> None:
+        """The model in gpt2lab format (config.json + model.safetensors) and the loss curve, for
+        ``gpt2lab generate/eval --model RUN_DIR``."""
+        if model_state is None:  # nothing trained in this session (resumed a finished run)
+            model_state, _ = gather_state(self.wrapped, self.optimizer)
+        if self.dist.master:
+            plain = GPT(self.model_config)
+            plain.load_state_dict(model_state)
+            plain.save_pretrained(self.out)
+            plot_losses(read_metrics(self.out), self.out / "loss.png")
+        self.dist.barrier()
+
+
+def train(cfg: TrainConfig, resume: bool = False, overwrite: bool = False, allow_changes: bool = False) -> dict:
+    """Run ``cfg`` (in this process, or as one rank under torchrun); returns a summary on every rank.
+
+    The run folder belongs to this run alone: a fresh run into a folder that holds one is refused unless
+    ``overwrite`` (then the old run's files are removed first) or ``resume``; a second training into the
+    same folder at once is refused by a lock. Nothing is written before these checks pass.
+    """
+    run_dir = Path(cfg.out_dir)
+    check_run_folder(run_dir, resume, overwrite)
+    dist, lock = setup(cfg.device), None
+    try:
+        trainer = Trainer(cfg, dist, resume, allow_changes)  # reads the data (and checkpoint); writes nothing
+        lock = RunLock(run_dir) if dist.master else None
+        if overwrite and dist.master:
+            clear_run(run_dir)
+        dist.barrier()
+        return trainer.run()
+    finally:
+        if lock is not None:
+            lock.release()
+        teardown(dist)

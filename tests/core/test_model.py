@@ -1,0 +1,143 @@
+"""The GPT-2 model itself: sizes, presets, initialisation, loss."""
+
+import json
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from gpt2lab import GPT, PRESETS, GPT2LabError, GPTConfig
+from gpt2lab.kernels.lm_head_loss import LMHeadLoss
+
+
+def test_gpt2_preset_has_exactly_124_439_808_parameters():
+    config = GPTConfig.from_preset("gpt2")
+    assert (config.n_layer, config.n_head, config.n_embd, config.block_size, config.vocab_size) == (
+        12,
+        12,
+        768,
+        1024,
+        50257,
+    )
+    model = GPT(config)
+    assert model.num_params() == 124_439_808
+    assert model.lm_head.weight is model.transformer.wte.weight  # tied: counted once
+
+
+@pytest.mark.parametrize(
+    "name,expected", [("gpt2-medium", (24, 16, 1024)), ("gpt2-large", (36, 20, 1280)), ("gpt2-xl", (48, 25, 1600))]
+)
+def test_larger_presets(name, expected):
+    c = GPTConfig.from_preset(name)
+    assert (c.n_layer, c.n_head, c.n_embd) == expected
+    assert set(PRESETS) >= {"gpt2", "gpt2-medium", "gpt2-large", "gpt2-xl"}
+
+
+def test_unknown_preset_and_key_suggest_the_closest():
+    with pytest.raises(GPT2LabError, match="did you mean 'gpt2-xl'"):
+        GPTConfig.from_preset("gpt2-xxl")
+    with pytest.raises(GPT2LabError, match="did you mean 'n_kv_head'"):
+        GPTConfig.from_dict({"n_kv_heads": 2})
+
+
+def test_initialisation_follows_gpt2():
+    torch.manual_seed(0)
+    model = GPT(GPTConfig(n_layer=8, n_head=4, n_embd=256, block_size=64, vocab_size=1000))
+    h = model.transformer.h[0]
+    assert abs(h.mlp.c_fc.weight.std().item() - 0.02) < 1e-3
+    assert abs(h.attn.c_proj.weight.std().item() - 0.02 / math.sqrt(2 * 8)) < 5e-4
+    assert abs(h.mlp.c_proj.weight.std().item() - 0.02 / math.sqrt(2 * 8)) < 5e-4
+    assert torch.count_nonzero(h.attn.c_attn.bias) == 0
+    assert torch.equal(h.ln_1.weight, torch.ones(256))
+
+
+def test_forward_returns_logits_and_mean_cross_entropy():
+    model = GPT(GPTConfig.from_preset("tiny", vocab_size=50))
+    idx = torch.randint(0, 50, (3, 17))
+    targets = torch.randint(0, 50, (3, 17))
+    logits = model(idx)
+    assert logits.shape == (3, 17, 50)
+    logits2, loss = model(idx, targets)
+    torch.testing.assert_close(logits2, logits)
+    # Hand-computed mean negative log-likelihood.
+    logp = logits.log_softmax(-1)
+    nll = -logp.gather(-1, targets[..., None]).mean()
+    torch.testing.assert_close(loss, nll)
+    targets[0, :5] = -1  # ignored positions
+    _, loss_ignored = model(idx, targets)
+    torch.testing.assert_close(loss_ignored, F.cross_entropy(logits[targets >= 0], targets[targets >= 0]))
+
+
+@pytest.mark.parametrize("chunk_rows", [1, 7, 1000])
+def test_loss_without_logits_equals_the_dense_loss_and_its_gradients(chunk_rows, monkeypatch):
+    """The chunked head + cross-entropy (training's path) against logits + F.cross_entropy, including
+    ignored targets, a scaled loss (gradient accumulation) and the tied embedding's two gradients."""
+    monkeypatch.setattr(LMHeadLoss, "CHUNK_BYTES", 4 * 50 * chunk_rows)
+    torch.manual_seed(0)
+    model = GPT(GPTConfig.from_preset("tiny", vocab_size=50))
+    idx, targets = torch.randint(0, 50, (3, 17)), torch.randint(0, 50, (3, 17))
+    targets[1, 3:9] = -1
+    grads = []
+    for return_logits in (True, False):
+        model.zero_grad()
+        logits, loss = model(idx, targets, return_logits=return_logits)
+        (loss / 3).backward()
+        grads.append({n: p.grad.clone() for n, p in model.named_parameters()})
+        if return_logits:
+            dense_loss = F.cross_entropy(logits.flatten(0, 1), targets.flatten(), ignore_index=-1)
+        else:
+            assert logits is None
+            torch.testing.assert_close(loss, dense_loss, rtol=0, atol=1e-6)
+    for name in grads[0]:
+        torch.testing.assert_close(grads[1][name], grads[0][name], rtol=1e-5, atol=1e-7, msg=name)
+    with torch.no_grad():
+        torch.testing.assert_close(model(idx, targets, return_logits=False)[1], dense_loss, rtol=0, atol=1e-6)
+    assert model(idx, torch.full_like(targets, -1), return_logits=False)[1].isnan()
+
+
+def test_lm_head_is_tied_to_the_token_embedding():
+    model = GPT(GPTConfig.from_preset("tiny", vocab_size=50))
+    assert model.lm_head.weight is model.transformer.wte.weight and model.lm_head.weight.is_contiguous()
+    assert sum(p.numel() for p in model.parameters()) == model.num_params()
+    half = model.to(torch.bfloat16)
+    assert half.lm_head.weight is half.transformer.wte.weight
+
+
+def test_causality_future_tokens_do_not_change_past_logits():
+    model = GPT(GPTConfig.from_preset("tiny", vocab_size=50, pos_encoding="rope", window=5)).eval()
+    idx = torch.randint(0, 50, (1, 20))
+    changed = idx.clone()
+    changed[0, 12:] = (changed[0, 12:] + 1) % 50
+    torch.testing.assert_close(model(idx)[:, :12], model(changed)[:, :12])
+    assert not torch.allclose(model(idx)[:, 12:], model(changed)[:, 12:])
+
+
+def test_config_roundtrip_through_json():
+    c = GPTConfig.from_preset("tiny", pos_encoding="rope", n_kv_head=2, window=[8, None])
+    assert GPTConfig.from_dict(json.loads(json.dumps(c.to_dict()))) == c
+
+
+def test_full_spells_a_global_layer():
+    """TOML has no null: "full" stands for a layer (or a model) without a window."""
+    assert GPTConfig.from_preset("tiny", window=[8, "full"]).window == [8, None]
+    assert GPTConfig.from_preset("tiny", window="full").window is None
+
+
+def test_activation_is_chosen_by_name_and_an_unknown_one_is_one_line():
+    from gpt2lab.config import ACTIVATIONS
+    from gpt2lab.model import ACTIVATION_FUNCTIONS
+
+    assert set(ACTIVATION_FUNCTIONS) == set(ACTIVATIONS)
+    x = torch.linspace(-4, 4, 101)
+    expected = {  # hand-written formulas, independent of torch's implementations
+        "gelu_tanh": 0.5 * x * (1 + torch.tanh(math.sqrt(2 / math.pi) * (x + 0.044715 * x**3))),
+        "gelu": 0.5 * x * (1 + torch.erf(x / math.sqrt(2))),
+        "relu": torch.where(x > 0, x, torch.zeros_like(x)),
+    }
+    for name, want in expected.items():
+        mlp = GPT(GPTConfig.from_preset("tiny", vocab_size=50, activation=name)).transformer.h[0].mlp
+        torch.testing.assert_close(mlp.activation(x), want, atol=1e-6, rtol=0)
+    with pytest.raises(GPT2LabError, match="activation must be one of gelu_tanh, gelu, relu, got 'rleu'") as e:
+        GPTConfig.from_preset("tiny", activation="rleu")
+    assert "\n" not in str(e.value) and "did you mean 'relu'" in str(e.value)

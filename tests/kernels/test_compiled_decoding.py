@@ -1,0 +1,168 @@
+"""Compiled decoding (static-shape cache, one graph for every step) against eager decoding with the cache."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+from torch._dynamo.exc import BackendCompilerFailed
+
+from gpt2lab import GPT, GPT2LabError, GPTConfig
+from gpt2lab.attention import masked_attention, one_query_attention
+from gpt2lab.kernels import choice as kernel_choice
+from gpt2lab.kernels import compiled_decoding
+from gpt2lab.kernels.compiled_decoding import CompiledDecoder
+from gpt2lab.kernels.quantize import _LAYERS
+
+# A fallback to eager steps would make every comparison below pass without compiling anything.
+pytestmark = pytest.mark.filterwarnings("error:compiled decoding unavailable")
+
+# Two configurations that between them take every branch of the static path: learned positions with
+# full attention (a linear buffer), and RoPE + GQA + a window shorter than the prompt (a ring).
+VARIANTS = {
+    "learned-mha-full": dict(pos_encoding="learned", n_kv_head=4, window=None),
+    "rope-gqa-window": dict(pos_encoding="rope", n_kv_head=2, window=5),
+}
+
+
+@pytest.fixture(autouse=True)
+def fresh_compiler(monkeypatch):
+    """Each test starts with no compiled graphs (none meets PyTorch's limit of graphs per function) and no
+    measured choices; the compiled step is pinned, so that the comparisons test it whichever is faster."""
+    torch._dynamo.reset()
+    kernel_choice.forget()
+    monkeypatch.setenv(kernel_choice.ENV, "compiled")
+
+
+def tiny_model(**variant) -> GPT:
+    torch.manual_seed(4)
+    return GPT(GPTConfig(n_layer=2, n_head=4, n_embd=32, block_size=64, vocab_size=97, **variant)).eval()
+
+
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_compiled_greedy_decoding_equals_eager(variant):
+    model = tiny_model(**VARIANTS[variant])
+    prompt = torch.randint(0, 97, (2, 12))
+    eager = model.generate(prompt, 30, temperature=0)
+    assert torch.equal(model.generate(prompt, 30, temperature=0, compile=True), eager)
+    # A second call whose cache rounds to the same capacity reuses the graph: a recompilation would raise.
+    with torch._dynamo.config.patch(error_on_recompile=True):
+        assert torch.equal(model.generate(prompt, 25, temperature=0, compile=True), eager[:, :37])
+    # Ragged prompts: left padding, per-row positions and the cache's validity mask.
+    prompts = [prompt[0, :3].tolist(), prompt[1].tolist()]
+    assert model.generate(prompts, 20, temperature=0, compile=True) == model.generate(prompts, 20, temperature=0)
+
+
+def test_compiled_int8_decoding_is_one_graph_with_the_eager_tokens():
+    """fullgraph=True turns any graph break into an error: FBGEMM's int8 product must stay inside the graph."""
+    model = tiny_model(**VARIANTS["learned-mha-full"]).quantize("int8")
+    prompt = torch.randint(0, 97, (1, 7))
+    compiled = model.generate(prompt, 16, temperature=0, compile=True)
+    assert torch.equal(compiled, model.generate(prompt, 16, temperature=0))
+
+
+def test_compiled_decoding_logits_match_eager_steps():
+    model = tiny_model(**VARIANTS["rope-gqa-window"])
+    idx = torch.randint(0, 97, (1, 9))
+    with torch.no_grad():
+        eager_cache, static_cache = model.new_cache(1, 20), model.new_cache(1, 20)
+        model(idx, cache=eager_cache)
+        model(idx, cache=static_cache)
+        decoder = CompiledDecoder(model, static_cache)
+        for token in (3, 50, 7, 96, 0, 11):  # past the window of 5: the ring wraps
+            step = torch.tensor([[token]])
+            torch.testing.assert_close(decoder(step), model(step, cache=eager_cache), atol=1e-5, rtol=0)
+    assert static_cache[0].length == eager_cache[0].length == 15
+
+
+def test_compiled_decoding_refuses_what_it_cannot_do():
+    model = tiny_model(**VARIANTS["learned-mha-full"])
+    with pytest.raises(GPT2LabError, match="needs the KV cache"):
+        model.generate(torch.tensor([[1, 2]]), 3, compile=True, use_cache=False)
+    with torch.no_grad():
+        cache = model.new_cache(1, 3)
+        model(torch.tensor([[1, 2]]), cache=cache)
+        with pytest.raises(GPT2LabError, match="decoding mode must be 'compiled' or 'eager'"):
+            CompiledDecoder(model, cache, mode="fast")
+        decoder = CompiledDecoder(model, cache)
+        with pytest.raises(GPT2LabError, match="one token per row"):
+            decoder(torch.tensor([[1, 2]]))
+        decoder(torch.tensor([[5]]))
+        with pytest.raises(RuntimeError, match="KV cache is full"):
+            decoder(torch.tensor([[6]]))
+
+
+def test_a_copied_int8_layer_is_found_as_itself():
+    """Under compilation an int8 layer is found by id: a copy must not call its original's weights."""
+    model = tiny_model(**VARIANTS["learned-mha-full"]).quantize("int8")
+    twin = copy.deepcopy(model)
+    layer, copied = model.lm_head, twin.lm_head
+    assert copied.layer_id != layer.layer_id
+    assert _LAYERS[layer.layer_id] is layer and _LAYERS[copied.layer_id] is copied
+
+
+@pytest.mark.parametrize("n_kv_head,window,padded", [(4, None, False), (2, 3, True), (1, None, True)])
+def test_one_query_attention_equals_the_masked_sdpa_path(n_kv_head, window, padded):
+    """Compiled decoding's attention (sums Inductor can fuse) against the dense-mask SDPA path, run eagerly."""
+    torch.manual_seed(1)
+    B, S, hs = 2, 9, 8
+    q, k, v = torch.randn(B, 4, 1, hs), torch.randn(B, n_kv_head, S, hs), torch.randn(B, n_kv_head, S, hs)
+    key_index = torch.tensor([0, 1, 2, 3, 4, 5, 6, -1, -1])  # two empty slots
+    key_valid = torch.ones(B, S, dtype=torch.bool)
+    if padded:
+        key_valid[1, :2] = False
+    query_index = torch.tensor([6])
+    args = (key_index, key_valid if padded else None, window)
+    torch.testing.assert_close(
+        one_query_attention(q, k, v, query_index, *args), masked_attention(q, k, v, query_index, *args)
+    )
+
+
+@pytest.mark.filterwarnings("default:compiled decoding unavailable")
+@pytest.mark.parametrize("pin", ["compiled", ""], ids=["pinned", "measured"])
+def test_decoding_falls_back_to_eager_when_compilation_fails(monkeypatch, pin):
+    """No C++ compiler (or any backend failure): one warning, then the same tokens, decoded eagerly."""
+    monkeypatch.setenv(kernel_choice.ENV, pin)
+
+    def failing_backend(*args):
+        raise BackendCompilerFailed("inductor", RuntimeError("no working C++ compiler found"), None)
+
+    monkeypatch.setattr(compiled_decoding, "_compiled_step", lambda: failing_backend)
+    model = tiny_model(**VARIANTS["rope-gqa-window"])
+    prompt = torch.randint(0, 97, (1, 8))
+    with pytest.warns(UserWarning, match=r"compiled decoding unavailable \(no working C\+\+ compiler found\)"):
+        fallback = model.generate(prompt, 12, temperature=0, compile=True)
+    assert torch.equal(fallback, model.generate(prompt, 12, temperature=0))
+    assert not any(d.how == "measured" for d in kernel_choice.decisions() if d.operation == "decode step")
+
+
+def test_the_faster_of_compiled_and_eager_steps_is_measured_and_kept(monkeypatch):
+    monkeypatch.delenv(kernel_choice.ENV)
+    model = tiny_model(**VARIANTS["rope-gqa-window"])
+    prompt = torch.randint(0, 97, (1, 8))
+    with torch.no_grad():
+        cache = model.new_cache(1, 64)
+        model(prompt, cache=cache)
+        decoder = CompiledDecoder(model, cache)
+        tokens = [decoder(torch.tensor([[t]])).argmax(-1) for t in (5, 9, 13)]
+    (decision,) = [d for d in kernel_choice.decisions() if d.operation == "decode step"]
+    assert decision.how == "measured" and set(decision.times) == {"compiled", "eager"}
+    assert decision.picked == min(decision.times, key=decision.times.get) == decoder.mode
+    assert decision.shape == "B=1, 5 slots, 2x32, float32"  # a ring of W = 5 per layer
+    # The trials repeated the first step without moving the cache on: the tokens are eager decoding's.
+    with torch.no_grad():
+        cache = model.new_cache(1, 64)
+        model(prompt, cache=cache)
+        assert tokens == [model(torch.tensor([[t]]), cache=cache, last_only=True).argmax(-1) for t in (5, 9, 13)]
+    assert cache[0].length == decoder.cache[0].length == 11
+
+
+def test_an_eager_pin_never_compiles(monkeypatch):
+    monkeypatch.setenv(kernel_choice.ENV, "eager")
+    monkeypatch.setattr(compiled_decoding, "_compiled_step", None)  # any compilation attempt would fail loudly
+    model = tiny_model(**VARIANTS["learned-mha-full"])
+    prompt = torch.randint(0, 97, (2, 6))
+    assert torch.equal(
+        model.generate(prompt, 10, temperature=0, compile=True), model.generate(prompt, 10, temperature=0)
+    )
