@@ -1,6 +1,7 @@
 """gpt2lab: GPT-2 from scratch in PyTorch, with RoPE, grouped-query and sliding-window variants."""
 
-from gpt2lab.config import PRESETS, GPT2LabError, GPTConfig
+from gpt2lab.config import PRESETS, GPTConfig
+from gpt2lab.errors import GPT2LabError
 from gpt2lab.model import GPT
 from gpt2lab.tokenizer import load_tokenizer
 

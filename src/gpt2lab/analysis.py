@@ -20,7 +20,8 @@ from __future__ import annotations
 
 from typing import Any
 
-from gpt2lab.config import GPT2LabError, GPTConfig
+from gpt2lab.config import GPTConfig
+from gpt2lab.errors import GPT2LabError
 
 DTYPE_BYTES = {"float32": 4, "bfloat16": 2}
 

@@ -17,7 +17,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
-from gpt2lab.config import GPT2LabError
+from gpt2lab.errors import GPT2LabError
 
 
 def _umask() -> int:

@@ -15,7 +15,8 @@ from functools import partial
 
 import torch
 
-from gpt2lab.config import GPT2_EOT_ID, GPT2LabError
+from gpt2lab.config import GPT2_EOT_ID
+from gpt2lab.errors import GPT2LabError
 from gpt2lab.kernels.compiled_decoding import CompiledDecoder, cache_capacity
 
 

@@ -18,7 +18,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from gpt2lab.attention import CausalSelfAttention
-from gpt2lab.config import GPT2LabError, GPTConfig
+from gpt2lab.config import GPTConfig
+from gpt2lab.errors import GPT2LabError
 from gpt2lab.kernels.cpu_linear import Linear
 from gpt2lab.kernels.lm_head_loss import LMHeadLoss
 from gpt2lab.kv_cache import KVCache

@@ -23,7 +23,7 @@ import numpy as np
 import tiktoken
 from tiktoken.load import data_gym_to_mergeable_bpe_ranks
 
-from gpt2lab.config import GPT2LabError, closest_hint
+from gpt2lab.errors import GPT2LabError, closest_hint
 from gpt2lab.files import read_json, write_json
 
 # GPT-2's pre-tokenizer pattern (OpenAI's encoder.py), as tiktoken writes it.

@@ -362,7 +362,7 @@ HUB_SCRIPT = """
 import sys, time
 import huggingface_hub  # imported up front: the time measured is the loader's, not the import's
 from gpt2lab import GPT
-from gpt2lab.config import GPT2LabError
+from gpt2lab.errors import GPT2LabError
 for name in sys.argv[1:]:
     start = time.perf_counter()
     try:

@@ -12,9 +12,10 @@ import pytest
 from training_helpers import tiny_config
 
 from gpt2lab.cli.main import main
-from gpt2lab.config import GPT2LabError, GPTConfig
+from gpt2lab.config import GPTConfig
 from gpt2lab.data.count_models import bigram_loss, unigram_loss
 from gpt2lab.data.tokens import TokenData, prepare
+from gpt2lab.errors import GPT2LabError
 from gpt2lab.model import GPT
 from gpt2lab.train.config import TrainConfig
 

@@ -8,7 +8,8 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from gpt2lab.analysis import mean_keys_seen, model_report
 from gpt2lab.cli.main import main
-from gpt2lab.config import GPT2LabError, GPTConfig
+from gpt2lab.config import GPTConfig
+from gpt2lab.errors import GPT2LabError
 from gpt2lab.model import GPT
 from gpt2lab.train.config import load_model_config, parse_overrides
 

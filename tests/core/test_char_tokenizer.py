@@ -17,8 +17,8 @@ from training_helpers import tiny_config
 
 from gpt2lab import GPT, GPTConfig, load_tokenizer
 from gpt2lab.cli.main import main
-from gpt2lab.config import GPT2LabError
 from gpt2lab.data.tokens import TokenData, prepare
+from gpt2lab.errors import GPT2LabError
 from gpt2lab.tokenizer import TOKENIZER_FILE, CharTokenizer, save_tokenizer
 from gpt2lab.train.loop import train
 

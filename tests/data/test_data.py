@@ -11,8 +11,8 @@ import numpy as np
 import pytest
 
 from gpt2lab.cli.main import main
-from gpt2lab.config import GPT2LabError
 from gpt2lab.data.tokens import TokenData, prepare
+from gpt2lab.errors import GPT2LabError
 from gpt2lab.tokenizer import load_tokenizer
 
 TEXTS = {"a.txt": "Hello world.\nSecond line.\n", "b.txt": "Ünïcode — and more text " * 20, "c.md": "# Title\n"}

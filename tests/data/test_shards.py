@@ -16,10 +16,10 @@ import pytest
 from training_helpers import tiny_config
 
 from gpt2lab.cli.main import main
-from gpt2lab.config import GPT2LabError
 from gpt2lab.data.shards import prepare_shards
 from gpt2lab.data.sources import SourceOptions
 from gpt2lab.data.tokens import ShardedTokens, TokenData
+from gpt2lab.errors import GPT2LabError
 from gpt2lab.tokenizer import load_tokenizer
 from gpt2lab.train.loop import train
 

@@ -11,8 +11,9 @@ import torch
 from training_helpers import tiny_config
 
 from gpt2lab.cli.main import main
-from gpt2lab.config import GPT2LabError, GPTConfig
+from gpt2lab.config import GPTConfig
 from gpt2lab.data.tokens import token_byte_lengths
+from gpt2lab.errors import GPT2LabError
 from gpt2lab.eval.loss import evaluate, load_tokens, write_by_position
 from gpt2lab.model import GPT
 from gpt2lab.train.loop import train

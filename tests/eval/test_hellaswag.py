@@ -11,7 +11,8 @@ import torch
 from training_helpers import tiny_config
 
 from gpt2lab.cli.main import main
-from gpt2lab.config import GPT2LabError, GPTConfig
+from gpt2lab.config import GPTConfig
+from gpt2lab.errors import GPT2LabError
 from gpt2lab.eval.hellaswag import accuracies, evaluate_hellaswag, load_examples
 from gpt2lab.model import GPT
 from gpt2lab.tokenizer import load_tokenizer

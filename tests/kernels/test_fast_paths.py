@@ -8,7 +8,7 @@ import gpt2lab.kernels.choice as kernel_choice
 import gpt2lab.kernels.cpu_linear as cpu_linear
 import gpt2lab.sliding_window as sliding_window
 from gpt2lab import GPT, GPTConfig
-from gpt2lab.config import GPT2LabError
+from gpt2lab.errors import GPT2LabError
 from gpt2lab.kernels.cpu_linear import Linear
 
 pytestmark = pytest.mark.usefixtures("fresh_kernel_choices")  # conftest: no choice cached across tests

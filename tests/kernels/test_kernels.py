@@ -11,7 +11,7 @@ from training_helpers import tiny_config
 import gpt2lab.kernels.choice as kernel_choice
 from gpt2lab import GPT, GPTConfig
 from gpt2lab.cli.main import main
-from gpt2lab.config import GPT2LabError
+from gpt2lab.errors import GPT2LabError
 from gpt2lab.eval.loss import evaluate, load_tokens
 from gpt2lab.train.loop import train
 

@@ -17,8 +17,9 @@ import torch
 import torch.nn.functional as F
 
 from gpt2lab.checkpoints.convert import pool_kv_heads
-from gpt2lab.config import GPT2LabError, GPTConfig
+from gpt2lab.config import GPTConfig
 from gpt2lab.data.count_models import interpolated_bigram_loss, ngram_references
+from gpt2lab.errors import GPT2LabError
 from gpt2lab.model import GPT
 from gpt2lab.study.extrapolation import sliding
 from gpt2lab.study.probe import PROBE_VOCAB, key_visible

@@ -5,7 +5,7 @@ import json
 import pytest
 
 from gpt2lab.cli.main import main
-from gpt2lab.config import GPT2LabError
+from gpt2lab.errors import GPT2LabError
 from gpt2lab.train.config import load_config
 from gpt2lab.train.plan import plan
 

@@ -10,7 +10,8 @@ import json
 import pytest
 import torch
 
-from gpt2lab.config import GPT2LabError, GPTConfig
+from gpt2lab.config import GPTConfig
+from gpt2lab.errors import GPT2LabError
 from gpt2lab.model import GPT
 from gpt2lab.train.run import load_checkpoint, load_model, read_metrics, save_checkpoint, start_metrics
 

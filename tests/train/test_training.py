@@ -17,7 +17,8 @@ from training_helpers import logged_losses, start_training, tiny_args, tiny_conf
 
 import gpt2lab.kernels.choice as kernel_choice
 from gpt2lab.cli.main import main
-from gpt2lab.config import GPT2LabError, GPTConfig
+from gpt2lab.config import GPTConfig
+from gpt2lab.errors import GPT2LabError
 from gpt2lab.model import GPT
 from gpt2lab.train.config import TrainConfig, load_config
 from gpt2lab.train.loop import train

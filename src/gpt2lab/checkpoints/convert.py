@@ -9,7 +9,8 @@ from __future__ import annotations
 
 import torch
 
-from gpt2lab.config import GPT2LabError, GPTConfig
+from gpt2lab.config import GPTConfig
+from gpt2lab.errors import GPT2LabError
 
 
 @torch.no_grad()

@@ -18,7 +18,7 @@ from pathlib import Path
 
 from gpt2lab.checkpoints.native import is_gpt2lab_config
 from gpt2lab.checkpoints.tf_bundle import tf_prefix
-from gpt2lab.config import GPT2LabError, closest_hint
+from gpt2lab.errors import GPT2LabError, closest_hint
 from gpt2lab.files import one_line, read_json
 
 __all__ = ["HUB_TIMEOUT_S", "LEGACY_HUB_NAMES", "Source", "locate"]

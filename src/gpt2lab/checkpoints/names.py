@@ -13,7 +13,8 @@ from collections.abc import Callable, Mapping
 
 import torch
 
-from gpt2lab.config import GPT2LabError, GPTConfig
+from gpt2lab.config import GPTConfig
+from gpt2lab.errors import GPT2LabError
 
 __all__ = ["GPT2LAB_LAYOUT", "HF_LAYOUT", "TF_LAYOUT", "Layout", "collect_state", "gpt_state_shapes"]
 

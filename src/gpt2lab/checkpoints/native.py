@@ -13,7 +13,8 @@ import torch
 
 from gpt2lab.checkpoints.names import GPT2LAB_LAYOUT, collect_state
 from gpt2lab.checkpoints.tensor_files import read_weight_files, write_safetensors
-from gpt2lab.config import GPT2LabError, GPTConfig
+from gpt2lab.config import GPTConfig
+from gpt2lab.errors import GPT2LabError
 from gpt2lab.files import read_json, write_json
 
 __all__ = ["GPT2LAB_FORMAT", "GPT2LAB_FORMAT_VERSION", "is_gpt2lab_config", "read_gpt2lab", "write_gpt2lab"]

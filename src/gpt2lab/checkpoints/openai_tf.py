@@ -12,7 +12,8 @@ import torch
 
 from gpt2lab.checkpoints.names import TF_LAYOUT, collect_state
 from gpt2lab.checkpoints.tf_bundle import TFCheckpointReader
-from gpt2lab.config import GPT2LabError, GPTConfig
+from gpt2lab.config import GPTConfig
+from gpt2lab.errors import GPT2LabError
 from gpt2lab.files import read_json
 
 __all__ = ["read_openai_tf"]

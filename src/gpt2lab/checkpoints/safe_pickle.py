@@ -18,7 +18,7 @@ from typing import Any
 
 import torch
 
-from gpt2lab.config import GPT2LabError
+from gpt2lab.errors import GPT2LabError
 from gpt2lab.files import one_line
 
 

@@ -12,7 +12,7 @@ from pathlib import Path
 import torch
 
 from gpt2lab.checkpoints.safe_pickle import load_weights_only
-from gpt2lab.config import GPT2LabError
+from gpt2lab.errors import GPT2LabError
 from gpt2lab.files import atomic_file, one_line
 
 __all__ = ["read_weight_files", "write_safetensors"]

@@ -17,7 +17,7 @@ from typing import Any
 import crc32c
 import numpy as np
 
-from gpt2lab.config import GPT2LabError, closest_hint
+from gpt2lab.errors import GPT2LabError, closest_hint
 
 __all__ = ["TFCheckpointReader", "TFTensorEntry", "masked_crc32c", "tf_prefix"]
 

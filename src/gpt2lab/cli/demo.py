@@ -14,9 +14,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from gpt2lab.config import GPT2LabError
 from gpt2lab.data.count_models import bigram_loss, unigram_loss
 from gpt2lab.data.tokens import TokenData, prepare
+from gpt2lab.errors import GPT2LabError
 from gpt2lab.eval.loss import evaluate
 from gpt2lab.generation import stream_text
 from gpt2lab.model import GPT

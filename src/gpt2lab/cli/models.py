@@ -6,7 +6,7 @@ from __future__ import annotations
 import sys
 
 from gpt2lab.cli import arguments as arg
-from gpt2lab.config import GPT2LabError
+from gpt2lab.errors import GPT2LabError
 
 DTYPES = ("float32", "bfloat16")  # names gpt2lab.kernels.precision.parse_dtype reads
 INFERENCE_DTYPES = (*DTYPES, "int8")  # int8: weights quantized after loading (gpt2lab.kernels.quantize)

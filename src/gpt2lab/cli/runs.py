@@ -6,7 +6,7 @@ from __future__ import annotations
 import os
 
 from gpt2lab.cli import arguments as arg
-from gpt2lab.config import GPT2LabError
+from gpt2lab.errors import GPT2LabError
 
 # ---------------------------------------------------------------------------------------- prepare
 

@@ -26,9 +26,9 @@ from pathlib import Path
 import numpy as np
 from tqdm import tqdm
 
-from gpt2lab.config import GPT2LabError, is_int
 from gpt2lab.data.sources import SourceOptions, count_documents, iter_texts
 from gpt2lab.data.tokens import DTYPE
+from gpt2lab.errors import GPT2LabError, is_int
 from gpt2lab.files import atomic_file, read_json, write_json
 from gpt2lab.tokenizer import GPT2_TOKENIZER, load_tokenizer
 

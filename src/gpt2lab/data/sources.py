@@ -14,8 +14,8 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
-from gpt2lab.config import GPT2LabError
 from gpt2lab.data.tokens import iter_documents
+from gpt2lab.errors import GPT2LabError
 
 TABLE_SUFFIXES = (".parquet", ".jsonl", ".arrow")
 HF_PREFIX = "hf:"

@@ -23,7 +23,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from gpt2lab.config import GPT2LabError, check_number, closest_hint, is_int
+from gpt2lab.errors import GPT2LabError, check_number, closest_hint, is_int
 from gpt2lab.files import atomic_file, read_json, scratch_file, write_json
 from gpt2lab.tokenizer import (
     TOKENIZERS,

@@ -20,7 +20,7 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from gpt2lab.config import GPT2LabError, closest_hint
+from gpt2lab.errors import GPT2LabError, closest_hint
 from gpt2lab.files import one_line, write_json
 from gpt2lab.model import GPT
 from gpt2lab.tokenizer import EOT_TOKEN, load_tokenizer

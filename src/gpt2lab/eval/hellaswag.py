@@ -24,7 +24,7 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from gpt2lab.config import GPT2LabError
+from gpt2lab.errors import GPT2LabError
 from gpt2lab.files import write_bytes
 from gpt2lab.tokenizer import load_tokenizer
 

@@ -15,8 +15,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from gpt2lab.config import GPT2LabError
 from gpt2lab.data.tokens import TokenData
+from gpt2lab.errors import GPT2LabError
 from gpt2lab.files import atomic_file
 from gpt2lab.model import GPT
 from gpt2lab.plots import plot_loss_by_position

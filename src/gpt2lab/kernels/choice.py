@@ -21,7 +21,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from gpt2lab.config import GPT2LabError, closest_hint
+from gpt2lab.errors import GPT2LabError, closest_hint
 from gpt2lab.kernels.precision import has_native_bf16
 
 ENV = "GPT2LAB_KERNEL"

@@ -30,7 +30,7 @@ import warnings
 import torch
 from torch._dynamo.exc import BackendCompilerFailed
 
-from gpt2lab.config import GPT2LabError
+from gpt2lab.errors import GPT2LabError
 from gpt2lab.kernels.choice import choose
 from gpt2lab.kv_cache import KVCache
 

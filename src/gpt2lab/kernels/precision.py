@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import torch
 
-from gpt2lab.config import GPT2LabError, closest_hint
+from gpt2lab.errors import GPT2LabError, closest_hint
 
 DTYPE_NAMES: dict[str, torch.dtype] = {
     "float32": torch.float32,

@@ -20,7 +20,7 @@ from torch import nn
 from torch.ao.nn.quantized.dynamic import Linear as DynamicInt8Linear
 from torch.ao.quantization.observer import PerChannelMinMaxObserver
 
-from gpt2lab.config import GPT2LabError
+from gpt2lab.errors import GPT2LabError
 
 SCHEMES = ("int8",)
 

@@ -23,7 +23,7 @@ import json
 import statistics
 from pathlib import Path
 
-from gpt2lab.config import GPT2LabError
+from gpt2lab.errors import GPT2LabError
 from gpt2lab.files import read_json, write_text
 from gpt2lab.study.runs import Runs, eval_tokens
 from gpt2lab.study.suite import Suite, group_by_variant, receptive_reach, write_csv

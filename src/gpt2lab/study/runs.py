@@ -20,7 +20,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from gpt2lab.config import GPT2LabError
+from gpt2lab.errors import GPT2LabError
 from gpt2lab.files import read_json, write_text
 
 PR_SET_PDEATHSIG = 1  # prctl(2): the signal this process gets when its parent dies

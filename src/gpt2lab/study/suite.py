@@ -8,7 +8,8 @@ import dataclasses
 from pathlib import Path
 from typing import Any
 
-from gpt2lab.config import GPT2_VOCAB_SIZE, GPT2LabError, GPTConfig, closest_hint
+from gpt2lab.config import GPT2_VOCAB_SIZE, GPTConfig
+from gpt2lab.errors import GPT2LabError, closest_hint
 from gpt2lab.files import atomic_file
 from gpt2lab.train.config import TRAIN_FIELDS, parse_set, read_toml
 

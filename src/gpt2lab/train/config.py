@@ -14,7 +14,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from gpt2lab.config import PRESETS, GPT2LabError, GPTConfig, check_number, closest_hint, is_int
+from gpt2lab.config import PRESETS, GPTConfig
+from gpt2lab.errors import GPT2LabError, check_number, closest_hint, is_int
 from gpt2lab.files import read_json
 
 GPT_FIELDS = [f.name for f in dataclasses.fields(GPTConfig)]

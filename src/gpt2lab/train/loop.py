@@ -17,8 +17,8 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-from gpt2lab.config import GPT2LabError
 from gpt2lab.data.tokens import TokenData, gather_batch, sample_offsets
+from gpt2lab.errors import GPT2LabError
 from gpt2lab.eval.hellaswag import accuracies, evaluate_hellaswag, load_examples
 from gpt2lab.files import write_json
 from gpt2lab.kernels.precision import grad_scaler

@@ -27,7 +27,8 @@ from pathlib import Path
 from typing import Any
 
 from gpt2lab.analysis import model_report
-from gpt2lab.config import GPT2_VOCAB_SIZE, GPT2LabError, GPTConfig, check_number, is_int
+from gpt2lab.config import GPT2_VOCAB_SIZE, GPTConfig
+from gpt2lab.errors import GPT2LabError, check_number, is_int
 from gpt2lab.files import read_json
 from gpt2lab.train.config import TrainConfig, load_model_config
 

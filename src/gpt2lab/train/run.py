@@ -21,7 +21,8 @@ import numpy as np
 import torch
 
 from gpt2lab.checkpoints.safe_pickle import load_weights_only
-from gpt2lab.config import GPT2LabError, GPTConfig
+from gpt2lab.config import GPTConfig
+from gpt2lab.errors import GPT2LabError
 from gpt2lab.files import atomic_file, remove_stale_temp_files, write_text
 from gpt2lab.kernels.precision import parse_dtype
 from gpt2lab.model import GPT

@@ -10,8 +10,9 @@ import warnings
 import numpy as np
 import torch
 
-from gpt2lab.config import GPT2LabError, GPTConfig
+from gpt2lab.config import GPTConfig
 from gpt2lab.data.tokens import TokenData
+from gpt2lab.errors import GPT2LabError
 from gpt2lab.kernels.choice import faster_training_dtype
 from gpt2lab.kernels.precision import has_native_bf16, has_native_fp16, parse_dtype
 from gpt2lab.model import GPT

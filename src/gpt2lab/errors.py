@@ -1,0 +1,41 @@
+"""The one kind of error a user sees, and the checks that raise it: one line that names the problem."""
+
+from __future__ import annotations
+
+import difflib
+import math
+from typing import Any
+
+
+class GPT2LabError(ValueError):
+    """A user-facing error: the message is one line that names the problem.
+
+    The CLI prints it as ``error: <message>`` and exits with status 2 instead of a traceback.
+    """
+
+
+def closest_hint(name: str, choices) -> str:
+    """`` (did you mean 'x'?)`` when a close match exists, else an empty string."""
+    match = difflib.get_close_matches(name, list(choices), n=1)
+    return f" (did you mean '{match[0]}'?)" if match else ""
+
+
+def is_int(value: Any) -> bool:
+    """An integer, and not a bool (``True`` is an int to Python, never a size to a user)."""
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def check_number(
+    name: str, value: Any, low: float | None = None, high: float | None = None, low_open: bool = False
+) -> None:
+    """Refuse with one line a value that is not a finite number in [low, high) (or (low, high) if low_open)."""
+    ok = isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value)
+    if ok and low is not None:
+        ok = value > low if low_open else value >= low
+    if ok and high is not None:
+        ok = value < high
+    if not ok:
+        lo = "" if low is None else f"{'>' if low_open else '>='} {low:g}"
+        hi = "" if high is None else f"< {high:g}"
+        bounds = " and ".join(part for part in (lo, hi) if part)
+        raise GPT2LabError(f"{name} must be a finite number{' ' + bounds if bounds else ''}, got {value!r}")
