@@ -184,3 +184,17 @@ def test_the_documented_study_command_writes_into_a_fresh_folder():
         out = Path(namespace.out)
         assert not out.is_absolute() and ".." not in out.parts, where
         assert out.parts[0] in ignored, f"{where}: --out {out} is not in a git-ignored folder ({sorted(ignored)})"
+
+
+# Paths the docs name in prose or code; a file a reader is told to create is not expected to exist.
+REPO_PATH = re.compile(
+    r"\b(src/gpt2lab/[\w/]+\.py|tests/[\w/]+\.py|benchmarks/\w+\.py|scripts/[\w-]+\.sh|configs/[\w/-]+\.toml"
+    r"|notebooks/\w+\.ipynb)"
+)
+EXAMPLE_FILES = {"configs/mine.toml"}
+
+
+@pytest.mark.parametrize("doc", COMMAND_DOCS, ids=[str(d.relative_to(ROOT)) for d in COMMAND_DOCS])
+def test_every_source_file_the_docs_name_exists(doc):
+    named = set(REPO_PATH.findall(doc.read_text(encoding="utf-8"))) - EXAMPLE_FILES
+    assert not sorted(p for p in named if not (ROOT / p).exists()), doc.relative_to(ROOT)
