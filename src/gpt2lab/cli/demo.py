@@ -1,4 +1,4 @@
-"""``gpt2lab demo``: the first thing a newcomer runs, offline, in about two minutes on two CPU cores.
+"""``gpt2lab demo``: the first thing a newcomer runs, offline: about 250 CPU-seconds of training.
 
 It trains a small character-level GPT on Tiny Shakespeare (shipped with the package), reports its
 validation loss beside what unigram and bigram count models score on the same characters, and samples

@@ -27,7 +27,11 @@ def add_generate(sub) -> None:
     p.add_argument("--top-p", type=arg.probability("top_p"), default=None)
     p.add_argument("--seed", type=int, default=None)
     p.add_argument(
-        "--stop", type=arg.stop_string, action="append", default=None, help=r"stop string (repeatable; \n, \t escapes)"
+        "--stop",
+        type=arg.stop_string,
+        action="append",
+        default=None,
+        help=r"stop string (repeatable; reads \n, \t, \r and \\ as escapes)",
     )
     p.add_argument("--dtype", choices=INFERENCE_DTYPES, default="float32", help="weight dtype (int8: CPU only)")
     p.add_argument("--device", type=arg.device, default="cpu")
@@ -205,7 +209,10 @@ def _eval_hellaswag(model, source: str, limit: int | None) -> None:
 
 
 def add_harness(sub) -> None:
-    p = sub.add_parser("harness", help="run EleutherAI's lm-evaluation-harness tasks on a model (pip install lm-eval)")
+    p = sub.add_parser(
+        "harness",
+        help="run EleutherAI's lm-evaluation-harness tasks on a model (needs pip install 'gpt2lab[harness]')",
+    )
     p.add_argument("--model", default="gpt2", help="run folder, training checkpoint, or any model generate reads")
     p.add_argument("--tasks", required=True, help="comma-separated harness tasks, e.g. lambada_openai,wikitext")
     p.add_argument("--limit", type=arg.positive_int("limit"), default=None, help="at most this many examples per task")

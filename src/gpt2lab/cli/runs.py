@@ -146,7 +146,8 @@ def cmd_train(args) -> int:
 
 def add_demo(sub) -> None:
     p = sub.add_parser(
-        "demo", help="train a character-level GPT on the bundled Tiny Shakespeare (offline, ~2 minutes), then sample"
+        "demo",
+        help="train a character-level GPT on the bundled Tiny Shakespeare (offline, ~4 CPU-minutes), then sample",
     )
     p.add_argument(
         "--pretrained", default=None, help="fine-tune this checkpoint (hub id or path) on the Python docs instead"
