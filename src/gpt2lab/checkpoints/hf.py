@@ -15,7 +15,7 @@ from typing import Any
 
 import torch
 
-from gpt2lab.checkpoints.names import HF_LAYOUT, collect_state
+from gpt2lab.checkpoints.names import CONFIG_FILE, HF_LAYOUT, WEIGHTS_FILE, collect_state
 from gpt2lab.checkpoints.tensor_files import read_weight_files, write_safetensors
 from gpt2lab.config import GPT2_EOT_ID, GPT2_VOCAB_SIZE, GPTConfig
 from gpt2lab.errors import GPT2LabError
@@ -34,7 +34,7 @@ _HF_DEFAULTS = dict(
 )
 
 
-def hf_config_to_gpt(hf: Mapping[str, Any], where: str = "config.json") -> GPTConfig:
+def hf_config_to_gpt(hf: Mapping[str, Any], where: str = CONFIG_FILE) -> GPTConfig:
     """The :class:`GPTConfig` of a transformers GPT2Config dict, refusing what gpt2lab cannot compute.
 
     ``reorder_and_upcast_attn`` is accepted: it only changes the precision of the attention scores in
@@ -155,8 +155,8 @@ def write_hf(
     directory.mkdir(parents=True, exist_ok=True)
     # gpt2lab's names are GPT2LMHeadModel's; transformers, too, saves the tied lm_head only as wte.
     hf_state = {name: HF_LAYOUT.from_gpt(name, t).contiguous() for name, t in state.items()}
-    write_safetensors(directory / "model.safetensors", hf_state)
-    write_json(directory / "config.json", gpt_config_to_hf(config, dtype=dtype))
+    write_safetensors(directory / WEIGHTS_FILE, hf_state)
+    write_json(directory / CONFIG_FILE, gpt_config_to_hf(config, dtype=dtype))
 
 
 def _refuse_what_transformers_cannot_compute(c: GPTConfig) -> None:

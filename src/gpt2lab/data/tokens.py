@@ -270,14 +270,14 @@ class TokenData:
             data.tokenizer  # noqa: B018 (a character vocabulary is cheap to read: check it now, not mid-run)
         return data
 
-    def check_fits(self, block_size: int) -> None:
-        """Each split must hold at least one sequence of ``block_size`` inputs + 1 target."""
+    def check_fits(self, seq_len: int) -> None:
+        """Each split must hold at least one sequence of ``seq_len`` inputs + 1 target."""
         for name in ("train", "val"):
             n = len(getattr(self, name))
-            if n < block_size + 1:
+            if n < seq_len + 1:
                 raise GPT2LabError(
                     f"the {name} split of {self.path} has {n} tokens, fewer than one sequence of "
-                    f"block_size {block_size} + 1; use a smaller block_size or more data"
+                    f"seq_len {seq_len} + 1; use a smaller seq_len or more data"
                 )
 
 
@@ -323,14 +323,14 @@ def max_token_id(tokens: np.ndarray, chunk: int = 1 << 26) -> int:
     return max(int(tokens[start : start + chunk].max()) for start in range(0, len(tokens), chunk))
 
 
-def sample_offsets(n_tokens: int, block_size: int, count: int, generator: torch.Generator) -> torch.Tensor:
-    """``count`` random start positions of (block_size + 1)-token windows, drawn from ``generator``."""
-    return torch.randint(n_tokens - block_size, (count,), generator=generator)
+def sample_offsets(n_tokens: int, seq_len: int, count: int, generator: torch.Generator) -> torch.Tensor:
+    """``count`` random start positions of (seq_len + 1)-token windows, drawn from ``generator``."""
+    return torch.randint(n_tokens - seq_len, (count,), generator=generator)
 
 
-def gather_batch(tokens: np.ndarray, offsets: torch.Tensor, block_size: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Inputs and next-token targets (B, block_size) at ``offsets``."""
-    rows = np.stack([tokens[o : o + block_size + 1] for o in offsets.tolist()]).astype(np.int64)
+def gather_batch(tokens: np.ndarray, offsets: torch.Tensor, seq_len: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Inputs and next-token targets (B, seq_len) at ``offsets``."""
+    rows = np.stack([tokens[o : o + seq_len + 1] for o in offsets.tolist()]).astype(np.int64)
     batch = torch.from_numpy(rows)
     return batch[:, :-1], batch[:, 1:]
 

@@ -59,9 +59,9 @@ def _evaluations(cfg: TrainConfig) -> int:
 
 
 def _flops(cfg: TrainConfig, config: GPTConfig) -> dict[str, float]:
-    forward = model_report(config, cfg.block_size)["flops_per_token"]["total"]
-    tokens_per_step = cfg.batch_size * cfg.block_size * cfg.grad_accum
-    eval_tokens = _evaluations(cfg) * 2 * cfg.eval_iters * cfg.batch_size * cfg.block_size  # train + val
+    forward = model_report(config, cfg.seq_len)["flops_per_token"]["total"]
+    tokens_per_step = cfg.batch_size * cfg.seq_len * cfg.grad_accum
+    eval_tokens = _evaluations(cfg) * 2 * cfg.eval_iters * cfg.batch_size * cfg.seq_len  # train + val
     return {
         "forward_per_token": forward,
         "train_per_token": 3 * forward,
@@ -86,7 +86,7 @@ def memory(cfg: TrainConfig, config: GPTConfig, gpus: int) -> dict[str, dict[str
     params = model_report(config)["params"]
     n = params["total"]
     act_bytes = 1 if _train_dtype(cfg) == "bfloat16" else 2  # × 2 bytes: 16-bit activations, or fp32
-    tokens = cfg.batch_size * cfg.block_size  # one micro-batch per process at a time
+    tokens = cfg.batch_size * cfg.seq_len  # one micro-batch per process at a time
     activations = tokens * config.n_layer * ACTIVATION_BYTES_PER_TOKEN_LAYER * config.n_embd * act_bytes
     activations += tokens * config.n_embd * 4  # the fp32 embedding sum that starts the residual stream
     distributed = gpus > 1  # one process trains the bare model: no DDP buckets, nothing sharded
@@ -126,7 +126,7 @@ def plan(cfg: TrainConfig, gpus: int = 1, mfu: float = 0.4, gpu_names: list[str]
     for name in names:
         peak = PEAK_FLOPS[name][dtype] * mfu
         hours[name] = (flops["train_run"] / (gpus * peak) + flops["eval_run"] / peak) / 3600
-    tokens_per_step = cfg.batch_size * cfg.block_size * cfg.grad_accum
+    tokens_per_step = cfg.batch_size * cfg.seq_len * cfg.grad_accum
     return {
         "model": config.to_dict(),
         "params": model_report(config)["params"]["total"],

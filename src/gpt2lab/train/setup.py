@@ -15,11 +15,11 @@ from gpt2lab.data.tokens import TokenData
 from gpt2lab.errors import GPT2LabError
 from gpt2lab.kernels.choice import faster_training_dtype
 from gpt2lab.kernels.precision import has_native_bf16, has_native_fp16, parse_dtype
+from gpt2lab.loading import load_model
 from gpt2lab.model import GPT
 from gpt2lab.tokenizer import describe, load_tokenizer, same_tokenizer
 from gpt2lab.train.config import TrainConfig
 from gpt2lab.train.distributed import Dist
-from gpt2lab.train.run import load_model
 
 
 def lr_at(step: int, cfg: TrainConfig) -> float:
@@ -107,8 +107,8 @@ def check_fits(cfg: TrainConfig, data: TokenData, config: GPTConfig) -> None:
             f"{cfg.init_from} reads {describe(load_tokenizer(cfg.init_from))} but {cfg.data_dir} was prepared "
             f"with {describe(data.tokenizer)}; prepare the data with the model's tokenizer"
         )
-    if cfg.block_size > config.block_size:
+    if cfg.seq_len > config.block_size:
         raise GPT2LabError(
-            f"batch block_size ({cfg.block_size}) is longer than the model context ({config.block_size})"
+            f"seq_len ({cfg.seq_len}) is longer than the model's context (block_size {config.block_size})"
         )
-    data.check_fits(cfg.block_size)
+    data.check_fits(cfg.seq_len)
