@@ -17,14 +17,16 @@ import torch
 
 from gpt2lab.checkpoints.names import CONFIG_FILE, HF_LAYOUT, WEIGHTS_FILE, collect_state
 from gpt2lab.checkpoints.tensor_files import read_weight_files, write_safetensors
-from gpt2lab.config import GPT2_EOT_ID, GPT2_VOCAB_SIZE, GPTConfig
+from gpt2lab.config import ACTIVATIONS, GPT2_EOT_ID, GPT2_VOCAB_SIZE, GPTConfig
 from gpt2lab.errors import GPT2LabError
 from gpt2lab.files import read_json, write_json
 
 __all__ = ["HF_ACTIVATION", "gpt_config_to_hf", "hf_config_to_gpt", "read_hf", "special_token_id", "write_hf"]
 
-# gpt2lab's activation name -> transformers' ``activation_function`` that computes the same function.
-HF_ACTIVATION = {"gelu_tanh": "gelu_new", "gelu": "gelu", "relu": "relu"}
+# gpt2lab's activations (config.ACTIVATIONS) -> transformers' ``activation_function`` that computes the
+# same function; an activation added to the config without its transformers name fails here, at import.
+_HF_NAMES = {"gelu_tanh": "gelu_new", "gelu": "gelu", "relu": "relu"}
+HF_ACTIVATION = {name: _HF_NAMES[name] for name in ACTIVATIONS}
 # and back; gelu_pytorch_tanh is the same tanh GELU as gelu_new, in one fused kernel.
 ACTIVATION_FROM_HF = {**{hf: gpt for gpt, hf in HF_ACTIVATION.items()}, "gelu_pytorch_tanh": "gelu_tanh"}
 

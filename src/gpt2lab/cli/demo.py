@@ -15,7 +15,7 @@ import numpy as np
 import torch
 
 from gpt2lab.data.count_models import bigram_loss, unigram_loss
-from gpt2lab.data.tokens import TokenData, prepare
+from gpt2lab.data.tokens import META_FILE, TokenData, prepare
 from gpt2lab.errors import GPT2LabError
 from gpt2lab.eval.loss import evaluate
 from gpt2lab.generation import stream_text
@@ -76,7 +76,7 @@ def demo_config(out_dir: str, data_dir: str, pretrained: str | None, max_iters: 
 
 
 def _prepare_data(data_dir: str, pretrained: str | None) -> None:
-    if (Path(data_dir) / "meta.json").is_file():
+    if (Path(data_dir) / META_FILE).is_file():
         return
     if pretrained is None:
         print(f"preparing Tiny Shakespeare (shipped with gpt2lab) as characters in {data_dir}")

@@ -35,6 +35,7 @@ from gpt2lab.tokenizer import (
     token_byte_lengths,
 )
 
+META_FILE = "meta.json"  # a prepared data folder's metadata, written last: it marks the folder complete
 DTYPE = np.uint16  # GPT-2's 50257 ids fit in 16 bits: half the disk and memory of int32
 SHAKESPEARE_FILE = "tinyshakespeare.txt.gz"  # package data (src/gpt2lab/corpora/README.md says where it is from)
 TEXT_SUFFIXES = (".txt", ".text", ".md", ".rst")
@@ -147,7 +148,7 @@ def prepare(
             meta = _write_splits(stream_path, out, n_tokens, val_fraction, enc)
         meta.update(documents=n_docs, sources=[str(s) for s in sources])
         save_tokenizer(enc, out)  # before meta.json, which marks the folder complete
-        write_json(out / "meta.json", meta)
+        write_json(out / META_FILE, meta)
     except BaseException:
         if created and not any(out.iterdir()):
             out.rmdir()  # a failed first prepare leaves no empty folder behind
@@ -248,7 +249,7 @@ class TokenData:
     def open(cls, path: str | Path, vocab_size: int | None = None) -> TokenData:
         """Open and check a prepared folder; ``vocab_size`` is the model's, to catch foreign token ids."""
         path = Path(path)
-        if not (path / "meta.json").is_file():
+        if not (path / META_FILE).is_file():
             raise GPT2LabError(
                 f"no prepared data in {path} (missing meta.json); run: gpt2lab prepare SOURCE --out {path}"
             )
@@ -282,7 +283,7 @@ class TokenData:
 
 
 def _read_meta(path: Path) -> dict:
-    meta = read_json(path / "meta.json")
+    meta = read_json(path / META_FILE)
     if meta.get("tokenizer") not in TOKENIZERS:
         raise GPT2LabError(
             f"{path} was made with tokenizer {meta.get('tokenizer')!r}, not one of {', '.join(TOKENIZERS)}; "

@@ -25,7 +25,7 @@ from pathlib import Path
 
 from gpt2lab.analysis import model_report
 from gpt2lab.data.count_models import ngram_references
-from gpt2lab.data.tokens import TokenData, prepare
+from gpt2lab.data.tokens import META_FILE, TokenData, prepare
 from gpt2lab.errors import GPT2LabError
 from gpt2lab.files import read_json, write_text
 from gpt2lab.study.extrapolation import band_means
@@ -60,7 +60,7 @@ def _claim_folder(out: Path, suite: Suite) -> None:
 
 def _prepare(suite: Suite, data_dir: Path) -> int:
     """Prepare the suite's data once; its vocabulary size."""
-    if not (data_dir / "meta.json").is_file():
+    if not (data_dir / META_FILE).is_file():
         # The default (GPT-2 BPE) needs no tokenizer argument; other tokenizers name themselves.
         options = {} if suite.tokenizer == "gpt2" else {"tokenizer": suite.tokenizer}
         prepare(suite.data, data_dir, **options)

@@ -19,11 +19,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from gpt2lab.config import PRESETS, GPTConfig
+from gpt2lab.checkpoints.names import CONFIG_FILE
+from gpt2lab.config import FIELDS, PRESETS, GPTConfig
 from gpt2lab.errors import GPT2LabError, check_number, closest_hint, is_int
 from gpt2lab.files import read_json
-
-GPT_FIELDS = [f.name for f in dataclasses.fields(GPTConfig)]
 
 # Training-config keys renamed since run folders and TOML files were first written: old -> new.
 RENAMED = {"block_size": "seq_len"}
@@ -104,7 +103,7 @@ def load_model_config(source: str, overrides: dict[str, Any] | None = None) -> G
         return GPTConfig.from_preset(source, **overrides)
     path = Path(source)
     if path.is_dir():
-        path = path / "config.json"
+        path = path / CONFIG_FILE
     if not path.is_file():
         raise GPT2LabError(f"'{source}' is neither a preset ({', '.join(PRESETS)}) nor a config file")
     data = read_toml(path) if path.suffix == ".toml" else read_json(path)
@@ -286,13 +285,13 @@ def _set(cfg: TrainConfig, section: str | None, key: str, value: Any, where: str
         if key in sections[sec]:
             setattr(cfg, sections[sec][key], value)
             return
-    if "model" in candidates and key in GPT_FIELDS:
+    if "model" in candidates and key in FIELDS:
         cfg.model[key] = value
         return
-    home = [sec for sec in sections if key in sections[sec] or (sec == "model" and key in GPT_FIELDS)]
+    home = [sec for sec in sections if key in sections[sec] or (sec == "model" and key in FIELDS)]
     if home:
         raise GPT2LabError(f"config: '{key}' belongs in [{home[0]}], not [{section}]")
-    known = [k for keys in sections.values() for k in keys] + GPT_FIELDS
+    known = [k for keys in sections.values() for k in keys] + list(FIELDS)
     where = f" in [{section}]" if section else ""
     raise GPT2LabError(f"config: unknown key '{key}'{where}{closest_hint(key, known)}")
 

@@ -28,6 +28,7 @@ from typing import Any
 
 from gpt2lab.analysis import model_report
 from gpt2lab.config import GPT2_VOCAB_SIZE, GPTConfig
+from gpt2lab.data.tokens import META_FILE
 from gpt2lab.errors import GPT2LabError, check_number, is_int
 from gpt2lab.files import read_json
 from gpt2lab.train.config import TrainConfig, load_model_config
@@ -47,7 +48,7 @@ def model_config_of(cfg: TrainConfig) -> GPTConfig:
     if cfg.init_from is not None:
         config = load_model_config(cfg.init_from)
         return config.replace(n_kv_head=cfg.convert_n_kv_head) if cfg.convert_n_kv_head else config
-    meta = Path(cfg.data_dir) / "meta.json"
+    meta = Path(cfg.data_dir) / META_FILE
     vocab = read_json(meta).get("vocab_size", GPT2_VOCAB_SIZE) if meta.is_file() else GPT2_VOCAB_SIZE
     fields = {"vocab_size": vocab, **cfg.model}
     return GPTConfig.from_preset(cfg.preset, **fields) if cfg.preset else GPTConfig.from_dict(fields)
