@@ -107,19 +107,32 @@ def layer_of(module: str) -> int | None:
     return max(hits)[1] if hits else None
 
 
-def layer_violations() -> list[str]:
-    """One line per import that runs against the map, naming the file, the line and the rule."""
+@dataclass(frozen=True)
+class Violation:
+    path: Path
+    line: int
+    importer: str
+    target: str
+    why: str
+
+    def __str__(self) -> str:
+        where = self.path.relative_to(PACKAGE.parent)
+        return f"{where}:{self.line}: {self.importer} imports {self.target} ({self.why})"
+
+
+def layer_violations() -> list[Violation]:
+    """Every import that runs against the map, with its file, line and the rule it breaks."""
     found = []
     for path in MODULES:
         importer = module_name(path)
         for imp in scan_imports(path):
-            where = f"{path.relative_to(PACKAGE.parent)}:{imp.line}: {importer} imports {imp.target}"
             mine, theirs = layer_of(importer), layer_of(imp.target)
             if mine is not None and theirs is not None and theirs > mine:
-                found.append(f"{where} ({LAYERS[mine][0]} may not import {LAYERS[theirs][0]})")
+                why = f"{LAYERS[mine][0]} may not import {LAYERS[theirs][0]}"
+                found.append(Violation(path, imp.line, importer, imp.target, why))
             for (low, high), why in NEVER.items():
                 if _matches(importer, low) and _matches(imp.target, high):
-                    found.append(f"{where} ({why})")
+                    found.append(Violation(path, imp.line, importer, imp.target, why))
     return found
 
 
@@ -162,7 +175,7 @@ def test_in_package_imports_are_at_the_top(path):
 
 def test_layers():
     violations = layer_violations()
-    assert not violations, "imports against the layer map:\n" + "\n".join(violations)
+    assert not violations, "imports against the layer map:\n" + "\n".join(map(str, violations))
 
 
 def test_no_import_cycles():
