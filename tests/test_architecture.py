@@ -120,20 +120,24 @@ class Violation:
         return f"{where}:{self.line}: {self.importer} imports {self.target} ({self.why})"
 
 
+def broken_rules(importer: str, target: str) -> list[str]:
+    """Why ``importer`` may not import ``target`` (empty when it may)."""
+    mine, theirs = layer_of(importer), layer_of(target)
+    found = []
+    if mine is not None and theirs is not None and theirs > mine:
+        found.append(f"{LAYERS[mine][0]} may not import {LAYERS[theirs][0]}")
+    found += [why for (low, high), why in NEVER.items() if _matches(importer, low) and _matches(target, high)]
+    return found
+
+
 def layer_violations() -> list[Violation]:
     """Every import that runs against the map, with its file, line and the rule it breaks."""
-    found = []
-    for path in MODULES:
-        importer = module_name(path)
-        for imp in scan_imports(path):
-            mine, theirs = layer_of(importer), layer_of(imp.target)
-            if mine is not None and theirs is not None and theirs > mine:
-                why = f"{LAYERS[mine][0]} may not import {LAYERS[theirs][0]}"
-                found.append(Violation(path, imp.line, importer, imp.target, why))
-            for (low, high), why in NEVER.items():
-                if _matches(importer, low) and _matches(imp.target, high):
-                    found.append(Violation(path, imp.line, importer, imp.target, why))
-    return found
+    return [
+        Violation(path, imp.line, module_name(path), imp.target, why)
+        for path in MODULES
+        for imp in scan_imports(path)
+        for why in broken_rules(module_name(path), imp.target)
+    ]
 
 
 def test_the_scan_sees_the_package():
@@ -148,6 +152,15 @@ def test_the_map_sees_every_module_and_spots_an_upward_import():
     assert layer_of("gpt2lab") < layer_of("gpt2lab.eval.loss") < layer_of("gpt2lab.train.loop")
     assert layer_of("gpt2lab.checkpoints.hf") == layer_of("gpt2lab.kernels.quantize") < layer_of("gpt2lab.model")
     assert layer_of("gpt2lab.serve.app") == layer_of("gpt2lab.cli.main")  # a future app package sits beside cli
+    assert broken_rules("gpt2lab.eval.harness", "gpt2lab.train.run") == ["eval may not import train"]
+    assert broken_rules("gpt2lab.kernels.quantize", "gpt2lab.model") == ["formats, data, kernels may not import core"]
+    assert broken_rules("gpt2lab.model", "gpt2lab.kernels.cpu_linear") == [NEVER[("gpt2lab.model", "gpt2lab.kernels")]]
+    assert broken_rules("gpt2lab.checkpoints.hf", "gpt2lab.model") == [
+        "formats, data, kernels may not import core",
+        NEVER[("gpt2lab.checkpoints", "gpt2lab.model")],
+    ]
+    assert broken_rules("gpt2lab.train.loop", "gpt2lab.eval.loss") == []
+    assert broken_rules("gpt2lab.loading", "gpt2lab.kernels.precision") == []  # the core applies kernels
 
 
 @pytest.mark.parametrize("path", MODULES, ids=lambda p: module_name(p))
