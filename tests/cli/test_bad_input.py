@@ -126,7 +126,7 @@ def test_stop_string_escapes_reach_the_generator(inputs, monkeypatch, capsys):
         seen["stop"] = stop
         return iter(())
 
-    monkeypatch.setattr("gpt2lab.generation.stream_text", fake_stream_text)
+    monkeypatch.setattr("gpt2lab.cli.models.stream_text", fake_stream_text)
     args = ["generate", "--model", f"{inputs}/model", "--prompt", "Hi", "--stop", "\\n\\n", "--stop", "a\\tb\\\\n"]
     assert main(args) == 0
     assert seen["stop"] == ["\n\n", "a\tb\\n"]

@@ -68,7 +68,7 @@ def test_demo_prepares_tiny_shakespeare_as_characters_on_first_use(tmp_path, cap
 def test_demo_defaults_are_a_character_model_of_tiny_shakespeare():
     cfg = TrainConfig()
     assert cfg.data_dir == "data/shakespeare-char" and "vocab_size" not in cfg.model  # the data's 65
-    assert cfg.model["block_size"] == cfg.block_size  # the sample fills the trained context
+    assert cfg.model["block_size"] == cfg.seq_len  # the sample fills the trained context
 
 
 def test_demo_offline_hub_name_trains_from_scratch(corpus, tmp_path, capsys, monkeypatch, small_demo):

@@ -71,13 +71,13 @@ def test_int8_logits_follow_fp32_on_a_124m_shaped_model():
 def trained_run(corpus, tmp_path_factory):
     """A small model trained a little on the pydoc corpus: its predictions are far from uniform."""
     run = tmp_path_factory.mktemp("int8") / "run"
-    train(tiny_config(corpus, run, "max_iters=150", "n_layer=2", "n_embd=64", "block_size=32", "batch_size=4"))
+    train(tiny_config(corpus, run, "max_iters=150", "n_layer=2", "n_embd=64", "seq_len=32", "batch_size=4"))
     return run
 
 
 def test_int8_perplexity_and_greedy_tokens_follow_fp32(trained_run, corpus):
     """Held-out perplexity within 1% of fp32's; greedy continuations of 16 prompts mostly identical."""
-    from gpt2lab.train.run import load_model
+    from gpt2lab.loading import load_model
 
     fp32, int8 = load_model(trained_run).eval(), load_model(trained_run).quantize("int8")
     tokens = load_tokens(corpus)[0]

@@ -12,10 +12,10 @@ import torch
 from training_helpers import logged_losses, tiny_config
 
 from gpt2lab import GPT2LabError
+from gpt2lab.checkpoints.train_state import load_checkpoint
 from gpt2lab.kernels import precision
 from gpt2lab.kernels.lm_head_loss import LMHeadLoss
 from gpt2lab.train.loop import train
-from gpt2lab.train.run import load_checkpoint
 from gpt2lab.train.setup import resolve_dtype
 
 

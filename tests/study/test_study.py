@@ -3,6 +3,7 @@ built from checked against hand computations: t quantiles and intervals, n-gram 
 probe's window boundary, sliding-context evaluation, first-head K/V conversion."""
 
 import csv
+import json
 import math
 import os
 import re
@@ -24,8 +25,8 @@ from gpt2lab.model import GPT
 from gpt2lab.study.extrapolation import sliding
 from gpt2lab.study.probe import PROBE_VOCAB, key_visible
 from gpt2lab.study.report import RESULT_COLUMNS, num
-from gpt2lab.study.run import run_study
-from gpt2lab.study.runs import eval_tokens, fingerprint_tokens, run_isolated, train_and_measure
+from gpt2lab.study.run import _claim_folder, run_study
+from gpt2lab.study.runs import Runs, eval_tokens, fingerprint_tokens, run_isolated, train_and_measure
 from gpt2lab.study.stats import paired_difference, t_quantile
 from gpt2lab.study.suite import load_suite, receptive_reach
 
@@ -269,6 +270,35 @@ def test_set_errors_are_one_line(tmp_path, item, message):
         load_suite(path, overrides=[item])
 
 
+def test_a_study_written_with_the_old_block_size_still_reads(tmp_path, capsys):
+    """Before seq_len had its name, [train] block_size was the training length: a suite file, a study
+    folder's suite.json and a finished run's result.json that spell it so are read as seq_len."""
+    path = tmp_path / "old.toml"
+    path.write_text(SUITE.replace("[train]\n", "[train]\nblock_size = 16\n"))
+    suite = load_suite(path)
+    assert suite.train["seq_len"] == 16 and "block_size" not in suite.train
+    assert capsys.readouterr().err.count("block_size is now called seq_len") == 1
+
+    out = tmp_path / "study"
+    _claim_folder(out, suite)
+    saved = json.loads((out / "suite.json").read_text())
+    saved["train"]["block_size"] = saved["train"].pop("seq_len")  # as the old layout wrote it
+    (out / "suite.json").write_text(json.dumps(saved))
+    _claim_folder(out, suite)  # the same study: accepted
+    saved["train"]["block_size"] = 8
+    (out / "suite.json").write_text(json.dumps(saved))
+    with pytest.raises(GPT2LabError, match="holds a study of other settings"):
+        _claim_folder(out, suite)
+
+    runs = Runs(out / "runs", {"seq_len": 16, "data_dir": "d"}, {}, 1, log=lambda line: None)
+    finished = out / "runs" / "baseline-s1"
+    finished.mkdir(parents=True)
+    old_fields = {"block_size": 16, "data_dir": "d", "seed": 1, "out_dir": str(finished)}
+    (finished / "result.json").write_text(json.dumps({"fields": old_fields, "val_loss": 1.5}))
+    assert runs.run("baseline", 1, {})["val_loss"] == 1.5  # kept, not trained again
+    runs.close()
+
+
 def test_compare_to_must_name_a_variant(tmp_path):
     path = tmp_path / "tiny.toml"
     path.write_text(SUITE.replace('compare_to = "rope"', 'compare_to = "ropee"'))
@@ -298,10 +328,10 @@ def test_default_suite_can_tell_the_variants_apart():
 def test_a_run_stopped_by_a_signal_is_not_recorded_as_finished(tmp_path, corpus, monkeypatch):
     """Ctrl-C reaches the study's training children too: each saves its checkpoint and returns "stopped".
     Scoring that half-trained model as the run's result would let a re-run keep it as finished."""
-    import gpt2lab.train.loop
+    import gpt2lab.study.runs
 
-    monkeypatch.setattr(gpt2lab.train.loop, "train", lambda cfg, resume: {"stopped": True, "signal": 2, "step": 3})
-    fields = {"data_dir": str(corpus), "out_dir": str(tmp_path / "run"), "preset": None, "block_size": 32}
+    monkeypatch.setattr(gpt2lab.study.runs, "train", lambda cfg, resume: {"stopped": True, "signal": 2, "step": 3})
+    fields = {"data_dir": str(corpus), "out_dir": str(tmp_path / "run"), "preset": None, "seq_len": 32}
     fields["model"] = {"n_layer": 1, "n_head": 2, "n_embd": 16}
     with pytest.raises(GPT2LabError, match="stopped at step 3 by a signal: run the study again to resume"):
         train_and_measure(fields, {"max_tokens": 64}, str(tmp_path / "run"))

@@ -12,8 +12,8 @@ import pytest
 import torch
 from training_helpers import logged_losses, tiny_args, tiny_config
 
+from gpt2lab.checkpoints.train_state import load_checkpoint
 from gpt2lab.train.loop import train
-from gpt2lab.train.run import load_checkpoint
 
 
 def _torchrun(corpus, out, *overrides, resume=False):

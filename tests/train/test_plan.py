@@ -13,7 +13,7 @@ from gpt2lab.train.plan import plan
 TINY = [
     "preset=tiny", "model.n_layer=2", "model.n_head=2", "model.n_embd=8", "model.block_size=8",
     "model.pos_encoding='learned'", "model.window='full'",  # GPT-2's shape, whatever the demo's defaults
-    "batch_size=2", "batch.block_size=8", "grad_accum=2", "max_iters=10", "eval_interval=4", "eval_iters=3",
+    "batch_size=2", "batch.seq_len=8", "grad_accum=2", "max_iters=10", "eval_interval=4", "eval_iters=3",
     "warmup_iters=0",
 ]  # fmt: skip
 

@@ -17,11 +17,13 @@ import pytest
 import torch
 from training_helpers import logged_losses, start_training, tiny_args, tiny_config, wait_for_step
 
+from gpt2lab.checkpoints.train_state import load_checkpoint
 from gpt2lab.cli.main import main
 from gpt2lab.data.tokens import TokenData, prepare
 from gpt2lab.errors import GPT2LabError
+from gpt2lab.loading import load_model
 from gpt2lab.train.loop import train
-from gpt2lab.train.run import holds_run, load_checkpoint, load_model, read_metrics
+from gpt2lab.train.run import holds_run, read_metrics
 
 
 def reference_losses(corpus: Path, out: Path, *overrides: str) -> dict[int, float]:

@@ -10,10 +10,12 @@ import json
 import pytest
 import torch
 
+from gpt2lab.checkpoints.train_state import load_checkpoint, save_checkpoint
 from gpt2lab.config import GPTConfig
 from gpt2lab.errors import GPT2LabError
+from gpt2lab.loading import load_model
 from gpt2lab.model import GPT
-from gpt2lab.train.run import load_checkpoint, load_model, read_metrics, save_checkpoint, start_metrics
+from gpt2lab.train.run import read_metrics, start_metrics
 
 
 def test_checkpoint_is_a_checksum_line_then_torch_save_bytes(tmp_path):

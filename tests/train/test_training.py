@@ -16,13 +16,13 @@ import torch
 from training_helpers import logged_losses, start_training, tiny_args, tiny_config, wait_for_step
 
 import gpt2lab.kernels.choice as kernel_choice
+from gpt2lab.checkpoints.train_state import load_checkpoint, save_checkpoint
 from gpt2lab.cli.main import main
 from gpt2lab.config import GPTConfig
 from gpt2lab.errors import GPT2LabError
 from gpt2lab.model import GPT
 from gpt2lab.train.config import TrainConfig, load_config
 from gpt2lab.train.loop import train
-from gpt2lab.train.run import load_checkpoint
 from gpt2lab.train.setup import lr_at, make_optimizer, resolve_dtype
 
 CONFIGS = Path(__file__).resolve().parents[2] / "configs"
@@ -46,12 +46,38 @@ def test_shipped_configs_load(name):
 
 def test_overrides_and_sections(tmp_path):
     path = tmp_path / "c.toml"
-    path.write_text('[model]\npreset = "tiny"\npos_encoding = "rope"\n[optim]\nlr = 3e-4\n[batch]\nblock_size = 64\n')
+    path.write_text('[model]\npreset = "tiny"\npos_encoding = "rope"\n[optim]\nlr = 3e-4\n[batch]\nseq_len = 64\n')
     cfg = load_config(path, ["optim.lr=1e-3", "strategy=fsdp", "n_kv_head=2", "betas=[0.9, 0.99]", "compile=true"])
     assert cfg.model == {"pos_encoding": "rope", "n_kv_head": 2}  # a file's [model] replaces the default shape
-    assert (cfg.lr, cfg.strategy, cfg.block_size, cfg.betas, cfg.compile) == (1e-3, "fsdp", 64, [0.9, 0.99], True)
+    assert (cfg.lr, cfg.strategy, cfg.seq_len, cfg.betas, cfg.compile) == (1e-3, "fsdp", 64, [0.9, 0.99], True)
     assert load_config(None, ["model.block_size=512"]).model["block_size"] == 512
     assert load_config(None, ["data.dir=some/folder"]).data_dir == "some/folder"
+
+
+def test_the_old_block_size_of_the_batch_is_read_as_seq_len(tmp_path, capsys):
+    """[batch] block_size was the training length before seq_len had its own name: a TOML file and --set
+    that spell it so still work, with one note on stderr per source; model.block_size stays the model's."""
+    path = tmp_path / "old.toml"
+    path.write_text('[model]\npreset = "tiny"\nblock_size = 256\n[batch]\nblock_size = 64\n')
+    cfg = load_config(path)
+    assert (cfg.seq_len, cfg.model["block_size"]) == (64, 256)
+    assert capsys.readouterr().err == f"note: {path}: [batch] block_size is now called seq_len; read as seq_len\n"
+    assert load_config(None, ["block_size=48"]).seq_len == 48  # bare: the batch's, as it always was
+    assert load_config(None, ["batch.block_size=40"]).seq_len == 40
+    assert "note: --set: [batch] block_size is now called seq_len" in capsys.readouterr().err
+    assert load_config(None, ["model.block_size=512"]).model["block_size"] == 512
+
+
+def test_a_run_saved_with_the_old_block_size_resumes_and_is_still_checked(corpus, tmp_path):
+    """A checkpoint written before the renaming holds train_config["block_size"]: resuming it with the same
+    length works, and a different seq_len is still refused (the old key is compared, not ignored)."""
+    train(tiny_config(corpus, tmp_path, "max_iters=1"))
+    state = load_checkpoint(tmp_path / "ckpt.pt")
+    state["train_config"]["block_size"] = state["train_config"].pop("seq_len")
+    save_checkpoint(tmp_path / "ckpt.pt", state)
+    with pytest.raises(GPT2LabError, match="seq_len 16 -> 8"):
+        train(tiny_config(corpus, tmp_path, "max_iters=2", "seq_len=8"), resume=True)
+    assert train(tiny_config(corpus, tmp_path, "max_iters=2"), resume=True)["step"] == 2
 
 
 @pytest.mark.parametrize(
@@ -263,7 +289,7 @@ def test_resume_errors(corpus, tmp_path):
 @pytest.mark.parametrize(
     ("overrides", "message"),
     [
-        (["block_size=64"], r"batch block_size \(64\) is longer than the model context \(32\)"),
+        (["seq_len=64"], r"seq_len \(64\) is longer than the model's context \(block_size 32\)"),
         (["grad_accum=3"], None),  # fine in one process; only a multiple of the world size is required
     ],
 )
@@ -304,7 +330,7 @@ def test_per_layer_window_list_in_toml_trains_and_loads(corpus, tmp_path):
     path = tmp_path / "c.toml"
     path.write_text('[model]\nn_layer = 2\nn_head = 2\nn_embd = 32\nblock_size = 32\nwindow = [8, "full"]\n')
     run = tmp_path / "run"
-    overrides = ["block_size=16", "batch_size=2", "eval_iters=1", "max_iters=2", "dtype='float32'"]
+    overrides = ["seq_len=16", "batch_size=2", "eval_iters=1", "max_iters=2", "dtype='float32'"]
     cfg = load_config(path, [*overrides, f"data.dir='{corpus}'", f"out_dir='{run}'"])
     assert cfg.model["window"] == [8, "full"]
     assert load_config(None, ["n_layer=2", 'window=[8, "full"]']).model["window"] == [8, "full"]

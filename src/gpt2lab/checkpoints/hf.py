@@ -15,16 +15,18 @@ from typing import Any
 
 import torch
 
-from gpt2lab.checkpoints.names import HF_LAYOUT, collect_state
+from gpt2lab.checkpoints.names import CONFIG_FILE, HF_LAYOUT, WEIGHTS_FILE, collect_state
 from gpt2lab.checkpoints.tensor_files import read_weight_files, write_safetensors
-from gpt2lab.config import GPT2_EOT_ID, GPT2_VOCAB_SIZE, GPTConfig
+from gpt2lab.config import ACTIVATIONS, GPT2_EOT_ID, GPT2_VOCAB_SIZE, GPTConfig
 from gpt2lab.errors import GPT2LabError
 from gpt2lab.files import read_json, write_json
 
 __all__ = ["HF_ACTIVATION", "gpt_config_to_hf", "hf_config_to_gpt", "read_hf", "special_token_id", "write_hf"]
 
-# gpt2lab's activation name -> transformers' ``activation_function`` that computes the same function.
-HF_ACTIVATION = {"gelu_tanh": "gelu_new", "gelu": "gelu", "relu": "relu"}
+# gpt2lab's activations (config.ACTIVATIONS) -> transformers' ``activation_function`` that computes the
+# same function; an activation added to the config without its transformers name fails here, at import.
+_HF_NAMES = {"gelu_tanh": "gelu_new", "gelu": "gelu", "relu": "relu"}
+HF_ACTIVATION = {name: _HF_NAMES[name] for name in ACTIVATIONS}
 # and back; gelu_pytorch_tanh is the same tanh GELU as gelu_new, in one fused kernel.
 ACTIVATION_FROM_HF = {**{hf: gpt for gpt, hf in HF_ACTIVATION.items()}, "gelu_pytorch_tanh": "gelu_tanh"}
 
@@ -34,7 +36,7 @@ _HF_DEFAULTS = dict(
 )
 
 
-def hf_config_to_gpt(hf: Mapping[str, Any], where: str = "config.json") -> GPTConfig:
+def hf_config_to_gpt(hf: Mapping[str, Any], where: str = CONFIG_FILE) -> GPTConfig:
     """The :class:`GPTConfig` of a transformers GPT2Config dict, refusing what gpt2lab cannot compute.
 
     ``reorder_and_upcast_attn`` is accepted: it only changes the precision of the attention scores in
@@ -155,8 +157,8 @@ def write_hf(
     directory.mkdir(parents=True, exist_ok=True)
     # gpt2lab's names are GPT2LMHeadModel's; transformers, too, saves the tied lm_head only as wte.
     hf_state = {name: HF_LAYOUT.from_gpt(name, t).contiguous() for name, t in state.items()}
-    write_safetensors(directory / "model.safetensors", hf_state)
-    write_json(directory / "config.json", gpt_config_to_hf(config, dtype=dtype))
+    write_safetensors(directory / WEIGHTS_FILE, hf_state)
+    write_json(directory / CONFIG_FILE, gpt_config_to_hf(config, dtype=dtype))
 
 
 def _refuse_what_transformers_cannot_compute(c: GPTConfig) -> None:

@@ -29,6 +29,7 @@ import torch
 
 from gpt2lab.checkpoints.convert import repeat_kv_heads
 from gpt2lab.checkpoints.hf import HF_ACTIVATION, special_token_id, write_hf
+from gpt2lab.checkpoints.names import CONFIG_FILE, WEIGHTS_FILE
 from gpt2lab.checkpoints.tensor_files import write_safetensors
 from gpt2lab.config import GPTConfig
 from gpt2lab.errors import GPT2LabError
@@ -80,8 +81,8 @@ def export_hf(
         tensors, hf_config = _starcoder2_state(config, state), _starcoder2_config(config, dtype)
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
-    write_safetensors(directory / "model.safetensors", tensors)
-    write_json(directory / "config.json", hf_config)
+    write_safetensors(directory / WEIGHTS_FILE, tensors)
+    write_json(directory / CONFIG_FILE, hf_config)
     return architecture
 
 

@@ -16,6 +16,7 @@ import re
 from dataclasses import dataclass
 from pathlib import Path
 
+from gpt2lab.checkpoints.names import CONFIG_FILE, PICKLED_WEIGHTS_FILE, WEIGHTS_FILE, WEIGHTS_INDEX_FILE
 from gpt2lab.checkpoints.native import is_gpt2lab_config
 from gpt2lab.checkpoints.tf_bundle import tf_prefix
 from gpt2lab.errors import GPT2LabError, closest_hint
@@ -32,7 +33,7 @@ HUB_TIMEOUT_S = 5.0
 LEGACY_HUB_NAMES = ("gpt2", "gpt2-medium", "gpt2-large", "gpt2-xl", "distilgpt2")
 
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*(/[A-Za-z0-9][\w.-]*)?$")
-_HF_WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin")
+_HF_WEIGHT_FILES = (WEIGHTS_FILE, WEIGHTS_INDEX_FILE, PICKLED_WEIGHTS_FILE)
 _OFFLINE_ADVICE = "pass a local folder with config.json + model.safetensors, or an OpenAI TF checkpoint folder"
 
 
@@ -73,18 +74,18 @@ def locate(name: str) -> Source:
 def _local_source(path: Path) -> Source:
     """Classify an existing file or folder by the files it holds."""
     if path.is_file():
-        if path.name == "config.json":
+        if path.name == CONFIG_FILE:
             return _local_source(path.parent)
         if path.suffix == ".index":
             return _tf_source(path.with_suffix(""))
         if path.suffix in (".safetensors", ".bin"):
-            return _source_from_config(path.parent / "config.json", (path,))
+            return _source_from_config(path.parent / CONFIG_FILE, (path,))
         raise GPT2LabError(f"{path}: not a checkpoint file (expected .safetensors, .bin or a TF .index)")
     folder = path
-    if (folder / "config.json").is_file():
+    if (folder / CONFIG_FILE).is_file():
         for weights in _HF_WEIGHT_FILES:
             if (folder / weights).is_file():
-                return _source_from_config(folder / "config.json", _expand_shards(folder / weights))
+                return _source_from_config(folder / CONFIG_FILE, _expand_shards(folder / weights))
         raise GPT2LabError(f"{folder} has config.json but no {', '.join(_HF_WEIGHT_FILES)}")
     if (folder / "hparams.json").is_file() or any(folder.glob("*.index")):
         return _tf_source(folder)
@@ -123,7 +124,7 @@ def _tf_source(path: Path) -> Source:
 def _hub_source(repo_id: str) -> Source:
     """Download (or find in the cache) config.json and the weights of ``repo_id``."""
     offline_reason = _hub_unreachable(repo_id)
-    config = _hub_file(repo_id, "config.json", offline_reason)
+    config = _hub_file(repo_id, CONFIG_FILE, offline_reason)
     if config is None:
         if offline_reason:
             raise _offline_error(repo_id, offline_reason)
@@ -155,7 +156,7 @@ def _hub_unreachable(repo_id: str) -> str | None:
     if constants.HF_HUB_OFFLINE:
         return "HF_HUB_OFFLINE is set"
     try:
-        get_hf_file_metadata(hf_hub_url(repo_id, "config.json"), timeout=HUB_TIMEOUT_S)
+        get_hf_file_metadata(hf_hub_url(repo_id, CONFIG_FILE), timeout=HUB_TIMEOUT_S)
     except RepositoryNotFoundError as err:
         raise GPT2LabError(
             f"no model '{repo_id}' on the Hugging Face hub (or it is private or gated: log in with `hf auth login`)"

@@ -16,7 +16,16 @@ import torch
 from gpt2lab.config import GPTConfig
 from gpt2lab.errors import GPT2LabError
 
-__all__ = ["GPT2LAB_LAYOUT", "HF_LAYOUT", "TF_LAYOUT", "Layout", "collect_state", "gpt_state_shapes"]
+__all__ = [
+    "CONFIG_FILE", "GPT2LAB_LAYOUT", "HF_LAYOUT", "TF_LAYOUT", "WEIGHTS_FILE", "Layout", "collect_state",
+    "gpt_state_shapes",
+]  # fmt: skip
+
+# The file names of a saved model folder (gpt2lab's format and the hub layout alike), named once here.
+CONFIG_FILE = "config.json"
+WEIGHTS_FILE = "model.safetensors"
+WEIGHTS_INDEX_FILE = "model.safetensors.index.json"  # sharded safetensors
+PICKLED_WEIGHTS_FILE = "pytorch_model.bin"
 
 
 def gpt_state_shapes(config: GPTConfig) -> dict[str, tuple[int, ...]]:

@@ -11,7 +11,7 @@ from typing import Any
 
 import torch
 
-from gpt2lab.checkpoints.names import GPT2LAB_LAYOUT, collect_state
+from gpt2lab.checkpoints.names import CONFIG_FILE, GPT2LAB_LAYOUT, WEIGHTS_FILE, collect_state
 from gpt2lab.checkpoints.tensor_files import read_weight_files, write_safetensors
 from gpt2lab.config import GPTConfig
 from gpt2lab.errors import GPT2LabError
@@ -52,6 +52,6 @@ def write_gpt2lab(directory: str | os.PathLike, config: GPTConfig, state: dict[s
     """
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
-    write_safetensors(directory / "model.safetensors", state)
+    write_safetensors(directory / WEIGHTS_FILE, state)
     marked = {"format": GPT2LAB_FORMAT, "format_version": GPT2LAB_FORMAT_VERSION, **config.to_dict()}
-    write_json(directory / "config.json", marked)
+    write_json(directory / CONFIG_FILE, marked)

@@ -15,15 +15,16 @@ import numpy as np
 import torch
 
 from gpt2lab.data.count_models import bigram_loss, unigram_loss
-from gpt2lab.data.tokens import TokenData, prepare
+from gpt2lab.data.tokens import META_FILE, TokenData, prepare
 from gpt2lab.errors import GPT2LabError
 from gpt2lab.eval.loss import evaluate
 from gpt2lab.generation import stream_text
+from gpt2lab.loading import load_model, load_model_and_tokenizer
 from gpt2lab.model import GPT
 from gpt2lab.tokenizer import load_tokenizer
 from gpt2lab.train.config import TrainConfig
 from gpt2lab.train.loop import train
-from gpt2lab.train.run import check_run_folder, load_model, load_model_and_tokenizer
+from gpt2lab.train.run import check_run_folder
 
 DATA_DIRS = {"scratch": "data/shakespeare-char", "pretrained": "data/pydoc"}
 PROMPTS = {"scratch": "ROMEO:\n", "pretrained": "The for statement"}
@@ -65,7 +66,7 @@ def demo_config(out_dir: str, data_dir: str, pretrained: str | None, max_iters: 
         # Fine-tuning a 124M+ model on CPU: short sequences, few steps, a small learning rate.
         cfg.init_from, cfg.preset, cfg.model = pretrained, None, {}
         cfg.lr, cfg.min_lr, cfg.warmup_iters, cfg.max_iters = 1e-4, 1e-5, 5, 30
-        cfg.batch_size, cfg.block_size, cfg.eval_iters = 4, 128, 4
+        cfg.batch_size, cfg.seq_len, cfg.eval_iters = 4, 128, 4
         cfg.eval_interval = cfg.ckpt_interval = cfg.max_iters
     if max_iters is not None:
         cfg.max_iters = max_iters
@@ -75,7 +76,7 @@ def demo_config(out_dir: str, data_dir: str, pretrained: str | None, max_iters: 
 
 
 def _prepare_data(data_dir: str, pretrained: str | None) -> None:
-    if (Path(data_dir) / "meta.json").is_file():
+    if (Path(data_dir) / META_FILE).is_file():
         return
     if pretrained is None:
         print(f"preparing Tiny Shakespeare (shipped with gpt2lab) as characters in {data_dir}")
@@ -127,7 +128,7 @@ def run_demo(
             _parity_check(pretrained, model)
     cfg = demo_config(out_dir, data_dir, pretrained, max_iters)
     what = f"fine-tuning {pretrained}" if pretrained else "training a small GPT from scratch"
-    print(f"{what} on {data_dir}: {cfg.max_iters} steps of {cfg.batch_size}×{cfg.block_size} tokens -> {out_dir}")
+    print(f"{what} on {data_dir}: {cfg.max_iters} steps of {cfg.batch_size}×{cfg.seq_len} tokens -> {out_dir}")
     summary = train(cfg, overwrite=overwrite)
     if summary["stopped"]:
         print(f"stopped at step {summary['step']}; continue with: gpt2lab train --out {out_dir} --resume")
@@ -135,8 +136,8 @@ def run_demo(
     model, tokenizer = load_model_and_tokenizer(out_dir)
     # The whole validation split of Tiny Shakespeare (111,540 characters) takes seconds; a fine-tuned 124M
     # model is measured on as many tokens as its last evaluation.
-    max_tokens = 1 << 17 if pretrained is None else cfg.eval_iters * cfg.batch_size * cfg.block_size
-    report_loss(model, TokenData.open(data_dir), cfg.block_size, max_tokens)
+    max_tokens = 1 << 17 if pretrained is None else cfg.eval_iters * cfg.batch_size * cfg.seq_len
+    report_loss(model, TokenData.open(data_dir), cfg.seq_len, max_tokens)
     _sample(model, tokenizer, prompt)
     print(
         f"\n\nmore: gpt2lab generate --model {out_dir} --prompt '...'; gpt2lab eval --model {out_dir} --data {data_dir}"

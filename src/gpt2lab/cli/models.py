@@ -3,10 +3,20 @@
 
 from __future__ import annotations
 
+import json
 import sys
+from pathlib import Path
 
+from gpt2lab.analysis import format_report, model_report
 from gpt2lab.cli import arguments as arg
+from gpt2lab.cli.kernel_report import format_kernel_report, kernel_report
 from gpt2lab.errors import GPT2LabError
+from gpt2lab.eval.hellaswag import accuracies, evaluate_hellaswag, load_examples
+from gpt2lab.eval.loss import evaluate, load_tokens, write_by_position
+from gpt2lab.generation import stream_text
+from gpt2lab.loading import load_model, load_model_and_tokenizer
+from gpt2lab.tokenizer import save_tokenizer
+from gpt2lab.train.config import load_model_config, parse_overrides
 
 DTYPES = ("float32", "bfloat16")  # names gpt2lab.kernels.precision.parse_dtype reads
 INFERENCE_DTYPES = (*DTYPES, "int8")  # int8: weights quantized after loading (gpt2lab.kernels.quantize)
@@ -42,9 +52,6 @@ def add_generate(sub) -> None:
 
 
 def cmd_generate(args) -> int:
-    from gpt2lab.generation import stream_text
-    from gpt2lab.train.run import load_model_and_tokenizer
-
     sampling = dict(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, seed=args.seed)
     prompt = sys.stdin.read() if args.prompt == "-" else args.prompt
     model, tokenizer = load_model_and_tokenizer(args.model, dtype=args.dtype, device=args.device)
@@ -71,9 +78,6 @@ def add_convert(sub) -> None:
 
 
 def cmd_convert(args) -> int:
-    from gpt2lab.tokenizer import save_tokenizer
-    from gpt2lab.train.run import load_model_and_tokenizer
-
     model, tokenizer = load_model_and_tokenizer(args.model)
     converted = model.convert_to_gqa(args.n_kv_head)
     converted.save_pretrained(args.out)
@@ -97,8 +101,6 @@ def add_export(sub) -> None:
 
 
 def cmd_export(args) -> int:
-    from gpt2lab.train.run import load_model
-
     model_type = load_model(args.model, dtype=args.dtype).export_hf(args.out)
     print(f"exported as transformers' '{model_type}' to {args.out}")
     return 0
@@ -127,15 +129,8 @@ def add_info(sub) -> None:
 
 
 def cmd_info(args) -> int:
-    import json
-
-    from gpt2lab.analysis import format_report, model_report
-    from gpt2lab.train.config import load_model_config, parse_overrides
-
     config = load_model_config(args.config, parse_overrides(args.set))
     if args.kernels:
-        from gpt2lab.cli.kernel_report import format_kernel_report, kernel_report
-
         report = kernel_report(config)
         print(json.dumps(report, indent=2) if args.json else format_kernel_report(report))
         return 0
@@ -171,11 +166,6 @@ def add_eval(sub) -> None:
 
 
 def cmd_eval(args) -> int:
-    from pathlib import Path
-
-    from gpt2lab.eval.loss import evaluate, load_tokens, write_by_position
-    from gpt2lab.train.run import load_model_and_tokenizer
-
     if args.data is None and args.hellaswag is None:
         raise GPT2LabError("eval needs --data, --hellaswag, or both")
     model, tokenizer = load_model_and_tokenizer(args.model, dtype=args.dtype, device=args.device)
@@ -195,8 +185,6 @@ def cmd_eval(args) -> int:
 
 
 def _eval_hellaswag(model, source: str, limit: int | None) -> None:
-    from gpt2lab.eval.hellaswag import accuracies, evaluate_hellaswag, load_examples
-
     examples = load_examples(source, limit, vocab_size=model.config.vocab_size)
     result = accuracies(evaluate_hellaswag(model, examples, model.config.block_size, progress=True))
     print(
@@ -233,10 +221,9 @@ def add_harness(sub) -> None:
 
 
 def cmd_harness(args) -> int:
-    from pathlib import Path
-
     if args.output and Path(args.output).exists() and not args.overwrite:  # before minutes of work, not after
         raise GPT2LabError(f"{args.output} exists; pass --overwrite to replace it")
+    # eval.harness needs the optional lm-eval package at import time: imported only when asked for
     from gpt2lab.eval.harness import format_results, run_harness, write_results
 
     results = run_harness(

@@ -3,10 +3,21 @@
 
 from __future__ import annotations
 
+import json
 import os
 
 from gpt2lab.cli import arguments as arg
+from gpt2lab.cli.demo import run_demo
+from gpt2lab.data.shards import SHARD_TOKENS, VAL_TOKENS, prepare_shards
+from gpt2lab.data.sources import SourceOptions, is_table_source
+from gpt2lab.data.tokens import prepare
 from gpt2lab.errors import GPT2LabError
+from gpt2lab.study.run import run_study
+from gpt2lab.study.suite import load_suite
+from gpt2lab.tokenizer import TOKENIZERS
+from gpt2lab.train.config import load_config
+from gpt2lab.train.loop import train
+from gpt2lab.train.plan import format_plan, plan
 
 # ---------------------------------------------------------------------------------------- prepare
 
@@ -32,8 +43,6 @@ def add_prepare(sub) -> None:
     shards.add_argument("--hf-revision", default=None, help="hf: a branch or commit, e.g. refs/convert/parquet")
     shards.add_argument("--shard-tokens", type=arg.positive_int("shard_tokens"), default=None, help="(100,000,000)")
     shards.add_argument("--val-tokens", type=arg.positive_int("val_tokens"), default=None, help="(10,000,000)")
-    from gpt2lab.tokenizer import TOKENIZERS
-
     p.add_argument(
         "--tokenizer",
         choices=TOKENIZERS,
@@ -44,11 +53,7 @@ def add_prepare(sub) -> None:
 
 
 def cmd_prepare(args) -> int:
-    from gpt2lab.data.sources import SourceOptions, is_table_source
-
     if any(map(is_table_source, args.source)) or args.shard_tokens or args.val_tokens:
-        from gpt2lab.data.shards import SHARD_TOKENS, VAL_TOKENS, prepare_shards
-
         if args.val_fraction is not None:
             raise GPT2LabError("a sharded prepare holds out --val-tokens (the first documents), not --val-fraction")
         if args.tokenizer != "gpt2":
@@ -58,8 +63,6 @@ def cmd_prepare(args) -> int:
         meta = prepare_shards(args.source, args.out, options, workers=args.threads, **sizes)
         shards = f" in {len(meta['shards']['train'])} train shard(s) + {len(meta['shards']['val'])} val"
     else:
-        from gpt2lab.data.tokens import prepare
-
         fraction = args.val_fraction or 0.1
         meta = prepare(args.source, args.out, val_fraction=fraction, num_threads=args.threads, tokenizer=args.tokenizer)
         shards = ""
@@ -104,11 +107,6 @@ def add_plan(sub) -> None:
 
 
 def cmd_plan(args) -> int:
-    import json
-
-    from gpt2lab.train.config import load_config
-    from gpt2lab.train.plan import format_plan, plan
-
     result = plan(load_config(args.config, args.set), gpus=args.gpus, mfu=args.mfu, gpu_names=args.gpu)
     print(json.dumps(result, indent=2) if args.json else format_plan(result))
     return 0
@@ -130,9 +128,6 @@ def _report_run(summary: dict) -> int:
 
 
 def cmd_train(args) -> int:
-    from gpt2lab.train.config import load_config
-    from gpt2lab.train.loop import train
-
     if args.plan:
         return cmd_plan(args)
     cfg = load_config(args.config, args.set)
@@ -167,8 +162,6 @@ def add_demo(sub) -> None:
 
 
 def cmd_demo(args) -> int:
-    from gpt2lab.cli.demo import run_demo
-
     return run_demo(args.out, args.data, args.pretrained, args.max_iters, prompt=args.prompt, overwrite=args.overwrite)
 
 
@@ -187,9 +180,6 @@ def add_study(sub) -> None:
 
 
 def cmd_study(args) -> int:
-    from gpt2lab.study.run import run_study
-    from gpt2lab.study.suite import load_suite
-
     report = run_study(load_suite(args.suite, data=args.data, overrides=args.set), args.out)
     print(f"report: {report}")
     return 0

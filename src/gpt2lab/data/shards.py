@@ -27,7 +27,7 @@ import numpy as np
 from tqdm import tqdm
 
 from gpt2lab.data.sources import SourceOptions, count_documents, iter_texts
-from gpt2lab.data.tokens import DTYPE
+from gpt2lab.data.tokens import DTYPE, META_FILE
 from gpt2lab.errors import GPT2LabError, is_int
 from gpt2lab.files import atomic_file, read_json, write_json
 from gpt2lab.tokenizer import GPT2_TOKENIZER, load_tokenizer
@@ -171,7 +171,7 @@ def _start(out: Path, settings: dict) -> dict:
                 f"{out} holds a prepare of other sources or settings ({MANIFEST}); use another --out or remove it"
             )
         return manifest
-    if (out / "meta.json").is_file():
+    if (out / META_FILE).is_file():
         raise GPT2LabError(f"{out} holds prepared data already; use another --out or remove it")
     manifest = {"format": FORMAT, "version": 1, "settings": settings, "shards": [], "complete": False}
     write_json(out / MANIFEST, manifest)
@@ -203,7 +203,7 @@ def prepare_shards(
     settings = {"sources": [str(s) for s in sources], **vars(options), "tokenizer": GPT2_TOKENIZER}
     manifest = _start(out, settings | {"shard_tokens": shard_tokens, "val_tokens": val_tokens})
     if manifest["complete"]:
-        return read_json(out / "meta.json")
+        return read_json(out / META_FILE)
     workers = workers or os.cpu_count() or 1
     with worker_pool(workers) as pool:  # first: the hub reader below may start threads
         done = _documents_done(manifest)
@@ -257,7 +257,7 @@ def _finish(out: Path, manifest: dict) -> dict:
         "shards": {name: [s["file"] for s in part] for name, part in split.items()},
         "split": "val: the first documents (at least val_tokens tokens); train: the rest, in shards",
     }
-    write_json(out / "meta.json", meta)
+    write_json(out / META_FILE, meta)
     manifest["complete"] = True
     write_json(out / MANIFEST, manifest)
     return meta

@@ -35,6 +35,7 @@ from gpt2lab.tokenizer import (
     token_byte_lengths,
 )
 
+META_FILE = "meta.json"  # a prepared data folder's metadata, written last: it marks the folder complete
 DTYPE = np.uint16  # GPT-2's 50257 ids fit in 16 bits: half the disk and memory of int32
 SHAKESPEARE_FILE = "tinyshakespeare.txt.gz"  # package data (src/gpt2lab/corpora/README.md says where it is from)
 TEXT_SUFFIXES = (".txt", ".text", ".md", ".rst")
@@ -147,7 +148,7 @@ def prepare(
             meta = _write_splits(stream_path, out, n_tokens, val_fraction, enc)
         meta.update(documents=n_docs, sources=[str(s) for s in sources])
         save_tokenizer(enc, out)  # before meta.json, which marks the folder complete
-        write_json(out / "meta.json", meta)
+        write_json(out / META_FILE, meta)
     except BaseException:
         if created and not any(out.iterdir()):
             out.rmdir()  # a failed first prepare leaves no empty folder behind
@@ -248,7 +249,7 @@ class TokenData:
     def open(cls, path: str | Path, vocab_size: int | None = None) -> TokenData:
         """Open and check a prepared folder; ``vocab_size`` is the model's, to catch foreign token ids."""
         path = Path(path)
-        if not (path / "meta.json").is_file():
+        if not (path / META_FILE).is_file():
             raise GPT2LabError(
                 f"no prepared data in {path} (missing meta.json); run: gpt2lab prepare SOURCE --out {path}"
             )
@@ -270,19 +271,19 @@ class TokenData:
             data.tokenizer  # noqa: B018 (a character vocabulary is cheap to read: check it now, not mid-run)
         return data
 
-    def check_fits(self, block_size: int) -> None:
-        """Each split must hold at least one sequence of ``block_size`` inputs + 1 target."""
+    def check_fits(self, seq_len: int) -> None:
+        """Each split must hold at least one sequence of ``seq_len`` inputs + 1 target."""
         for name in ("train", "val"):
             n = len(getattr(self, name))
-            if n < block_size + 1:
+            if n < seq_len + 1:
                 raise GPT2LabError(
                     f"the {name} split of {self.path} has {n} tokens, fewer than one sequence of "
-                    f"block_size {block_size} + 1; use a smaller block_size or more data"
+                    f"seq_len {seq_len} + 1; use a smaller seq_len or more data"
                 )
 
 
 def _read_meta(path: Path) -> dict:
-    meta = read_json(path / "meta.json")
+    meta = read_json(path / META_FILE)
     if meta.get("tokenizer") not in TOKENIZERS:
         raise GPT2LabError(
             f"{path} was made with tokenizer {meta.get('tokenizer')!r}, not one of {', '.join(TOKENIZERS)}; "
@@ -323,14 +324,14 @@ def max_token_id(tokens: np.ndarray, chunk: int = 1 << 26) -> int:
     return max(int(tokens[start : start + chunk].max()) for start in range(0, len(tokens), chunk))
 
 
-def sample_offsets(n_tokens: int, block_size: int, count: int, generator: torch.Generator) -> torch.Tensor:
-    """``count`` random start positions of (block_size + 1)-token windows, drawn from ``generator``."""
-    return torch.randint(n_tokens - block_size, (count,), generator=generator)
+def sample_offsets(n_tokens: int, seq_len: int, count: int, generator: torch.Generator) -> torch.Tensor:
+    """``count`` random start positions of (seq_len + 1)-token windows, drawn from ``generator``."""
+    return torch.randint(n_tokens - seq_len, (count,), generator=generator)
 
 
-def gather_batch(tokens: np.ndarray, offsets: torch.Tensor, block_size: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Inputs and next-token targets (B, block_size) at ``offsets``."""
-    rows = np.stack([tokens[o : o + block_size + 1] for o in offsets.tolist()]).astype(np.int64)
+def gather_batch(tokens: np.ndarray, offsets: torch.Tensor, seq_len: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Inputs and next-token targets (B, seq_len) at ``offsets``."""
+    rows = np.stack([tokens[o : o + seq_len + 1] for o in offsets.tolist()]).astype(np.int64)
     batch = torch.from_numpy(rows)
     return batch[:, :-1], batch[:, 1:]
 

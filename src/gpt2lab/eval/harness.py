@@ -22,9 +22,9 @@ from tqdm import tqdm
 
 from gpt2lab.errors import GPT2LabError, closest_hint
 from gpt2lab.files import one_line, write_json
+from gpt2lab.loading import load_model
 from gpt2lab.model import GPT
 from gpt2lab.tokenizer import EOT_TOKEN, load_tokenizer
-from gpt2lab.train.run import load_model
 
 try:
     from lm_eval.api.model import TemplateLM
@@ -41,7 +41,7 @@ class GPT2LabLM(TemplateLM):
     """A gpt2lab model as an lm_eval model: ``gpt2lab harness`` passes an instance; once this module is
     imported, ``simple_evaluate(model="gpt2lab", model_args="pretrained=PATH")`` finds it by name.
 
-    ``pretrained`` is a :class:`GPT` or anything :func:`gpt2lab.train.run.load_model` reads. Scores
+    ``pretrained`` is a :class:`GPT` or anything :func:`gpt2lab.loading.load_model` reads. Scores
     are computed in float32 whatever the weights' dtype; contexts longer than ``max_length`` (the
     model's block_size by default) keep their most recent tokens, as the harness's ``hf`` model does.
     """

@@ -8,6 +8,7 @@ from pathlib import Path
 import numpy as np
 
 from gpt2lab.plots import plot_file
+from gpt2lab.study.probe import KEYS
 from gpt2lab.study.suite import Suite, group_by_variant, read_csv
 
 WIDE = (9, 4.5)
@@ -103,8 +104,6 @@ def _plot_comparisons(path: Path, rows: list[dict]) -> None:
 
 
 def _plot_probe(path: Path, rows: list[dict]) -> None:
-    from gpt2lab.study.probe import KEYS
-
     with plot_file(path, size=WIDE, dpi=110) as (ax,):
         for i, name in enumerate(dict.fromkeys(r["variant"] for r in rows)):
             mine = [r for r in rows if r["variant"] == name]

@@ -16,6 +16,7 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from gpt2lab.config import GPTConfig
+from gpt2lab.model import GPT
 
 FILLERS = 16  # filler symbols 0..15
 KEYS = 8  # key symbols 16..23: chance accuracy is 1/8
@@ -46,8 +47,6 @@ def _answer_logits(model, x: torch.Tensor) -> torch.Tensor:
 
 def train_probe(config: GPTConfig, settings: dict, seed: int):
     """A fresh model of ``config`` (probe vocabulary) trained on passkeys at distances 1..context-1."""
-    from gpt2lab.model import GPT
-
     torch.manual_seed(seed)
     context = settings["context"]
     model = GPT(config.replace(vocab_size=PROBE_VOCAB, block_size=context, dropout=0.0))

@@ -9,6 +9,7 @@ import statistics
 from pathlib import Path
 
 from gpt2lab.files import write_text
+from gpt2lab.study.probe import KEYS
 from gpt2lab.study.suite import VARIANT_KEYS, Suite, read_csv
 
 RESULT_COLUMNS = [  # (results.csv column, title, format)
@@ -91,7 +92,6 @@ def probe_section(out: Path) -> list[str]:
     if not path.is_file():
         return []
     rows = read_csv(path)
-    from gpt2lab.study.probe import KEYS
 
     def mean_acc(variant: str, distance: int) -> str:
         got = [float(r["accuracy"]) for r in rows if r["variant"] == variant and int(r["distance"]) == distance]

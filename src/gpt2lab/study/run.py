@@ -23,10 +23,20 @@ import json
 import statistics
 from pathlib import Path
 
+from gpt2lab.analysis import model_report
+from gpt2lab.data.count_models import ngram_references
+from gpt2lab.data.tokens import META_FILE, TokenData, prepare
 from gpt2lab.errors import GPT2LabError
 from gpt2lab.files import read_json, write_text
+from gpt2lab.study.extrapolation import band_means
+from gpt2lab.study.plots import write_plots
+from gpt2lab.study.probe import probe_distances, run_probe
+from gpt2lab.study.report import write_report
 from gpt2lab.study.runs import Runs, eval_tokens
+from gpt2lab.study.stats import paired_difference
 from gpt2lab.study.suite import Suite, group_by_variant, receptive_reach, write_csv
+from gpt2lab.study.uptrain import run_uptraining, uptrain_pairs
+from gpt2lab.train.config import upgrade_train_fields
 
 
 def _claim_folder(out: Path, suite: Suite) -> None:
@@ -34,7 +44,10 @@ def _claim_folder(out: Path, suite: Suite) -> None:
     marker = out / "suite.json"
     fingerprint = json.loads(json.dumps(suite.fingerprint()))  # as JSON reads it back (tuples -> lists)
     if marker.is_file():
-        if read_json(marker) != fingerprint:
+        saved = read_json(marker)
+        if isinstance(saved.get("train"), dict):  # a study made before [train] block_size became seq_len
+            saved["train"] = upgrade_train_fields(saved["train"], str(marker))
+        if saved != fingerprint:
             raise GPT2LabError(
                 f"{out} holds a study of other settings (see {marker}); use a new --out or delete that folder"
             )
@@ -47,9 +60,7 @@ def _claim_folder(out: Path, suite: Suite) -> None:
 
 def _prepare(suite: Suite, data_dir: Path) -> int:
     """Prepare the suite's data once; its vocabulary size."""
-    from gpt2lab.data.tokens import TokenData, prepare
-
-    if not (data_dir / "meta.json").is_file():
+    if not (data_dir / META_FILE).is_file():
         # The default (GPT-2 BPE) needs no tokenizer argument; other tokenizers name themselves.
         options = {} if suite.tokenizer == "gpt2" else {"tokenizer": suite.tokenizer}
         prepare(suite.data, data_dir, **options)
@@ -57,15 +68,12 @@ def _prepare(suite: Suite, data_dir: Path) -> int:
 
 
 def run_study(suite: Suite, out_dir: str | Path, log=print) -> Path:
-    from gpt2lab.data.count_models import ngram_references
-    from gpt2lab.data.tokens import TokenData
-
     out = Path(out_dir)
     _claim_folder(out, suite)
     data_dir = out / "data"
     vocab = _prepare(suite, data_dir)
-    context = suite.train.get("block_size", suite.model.get("block_size", 256))
-    base_fields = {**suite.train, "data_dir": str(data_dir), "block_size": context}
+    context = suite.train.get("seq_len", suite.model.get("block_size", 256))
+    base_fields = {**suite.train, "data_dir": str(data_dir), "seq_len": context}
     settings = {"max_tokens": suite.eval["max_tokens"], "extrapolation": suite.extrapolation}
     runs = Runs(out / "runs", base_fields, settings, suite.parallel, log)
     data = TokenData.open(data_dir)
@@ -82,8 +90,6 @@ def run_study(suite: Suite, out_dir: str | Path, log=print) -> Path:
     done = runs.many(jobs)
     results = [{"variant": name, "seed": seed, **r} for (name, seed, _), r in zip(jobs, done, strict=True)]
     if suite.uptrain:
-        from gpt2lab.study.uptrain import run_uptraining, uptrain_pairs
-
         base = {r["seed"]: r["val_loss"] for r in results if r["variant"] == "baseline"}
         rows = run_uptraining(suite, runs, base, context, log)
         write_csv(out / "uptrain.csv", rows)
@@ -92,9 +98,6 @@ def run_study(suite: Suite, out_dir: str | Path, log=print) -> Path:
         _run_probe(out, suite, vocab, runs, log)
     runs.close()
     _write_tables(out, suite, results, vocab, context)
-    from gpt2lab.study.plots import write_plots
-    from gpt2lab.study.report import write_report
-
     write_plots(out, suite, results, context)
     return write_report(out, suite, context)
 
@@ -112,8 +115,6 @@ def probe_settings(suite: Suite) -> dict:
 
 
 def _run_probe(out: Path, suite: Suite, vocab: int, runs: Runs, log) -> None:
-    from gpt2lab.study.probe import probe_distances
-
     settings = probe_settings(suite)
     configs = {v["name"]: suite.variant_config(v, vocab) for v in suite.variants}
     names = settings.get("variants") or list(configs)
@@ -139,8 +140,6 @@ def _run_probe(out: Path, suite: Suite, vocab: int, runs: Runs, log) -> None:
 
 def _cached_probe(runs: Runs, path: Path, fields: dict, settings: dict, seed: int, distances: list[int], log) -> dict:
     """One probe's measurements, kept in ``path`` with what made them: an interrupted study keeps finished probes."""
-    from gpt2lab.study.probe import run_probe
-
     made_by = json.loads(json.dumps({"fields": fields, "settings": settings, "seed": seed, "distances": distances}))
     if path.is_file() and (kept := read_json(path))["made_by"] == made_by:
         return kept
@@ -151,8 +150,6 @@ def _cached_probe(runs: Runs, path: Path, fields: dict, settings: dict, seed: in
 
 
 def _write_tables(out: Path, suite: Suite, results: list[dict], vocab: int, context: int) -> None:
-    from gpt2lab.study.stats import paired_difference
-
     write_csv(
         out / "runs.csv",
         [
@@ -172,8 +169,6 @@ def _write_tables(out: Path, suite: Suite, results: list[dict], vocab: int, cont
         write_csv(out / "comparisons.csv", comparisons)
     write_csv(out / "bands.csv", _position_bands(suite, results, vocab, context))
     if suite.extrapolation:
-        from gpt2lab.study.extrapolation import band_means
-
         rows = []
         for name, curves in group_by_variant([r for r in results if r.get("extrapolation")], "extrapolation").items():
             for method in curves[0]:
@@ -186,8 +181,6 @@ def _write_tables(out: Path, suite: Suite, results: list[dict], vocab: int, cont
 
 
 def _variant_row(suite: Suite, variant: dict, vocab: int, context: int, results: list[dict]) -> dict:
-    from gpt2lab.analysis import model_report
-
     config = suite.variant_config(variant, vocab)
     report = model_report(config, context)
     mine = [r for r in results if r["variant"] == variant["name"]]

@@ -20,8 +20,16 @@ from typing import Any
 import numpy as np
 import torch
 
+from gpt2lab.checkpoints.train_state import CKPT_NAME
+from gpt2lab.data.tokens import TokenData
 from gpt2lab.errors import GPT2LabError
+from gpt2lab.eval.loss import evaluate
 from gpt2lab.files import read_json, write_text
+from gpt2lab.loading import load_model
+from gpt2lab.study.extrapolation import extrapolate
+from gpt2lab.train.config import TrainConfig, upgrade_train_fields
+from gpt2lab.train.loop import train
+from gpt2lab.train.run import read_metrics
 
 PR_SET_PDEATHSIG = 1  # prctl(2): the signal this process gets when its parent dies
 
@@ -69,8 +77,6 @@ def run_isolated(fn, *args, threads: int | None = None):
 def eval_tokens(data_dir: str, context: int, max_tokens: int | None) -> np.ndarray:
     """The study's evaluation tokens: the validation split's first whole windows of ``context`` (all of
     them, or as many as ``max_tokens`` allows), + 1 target. Every run and baseline is scored on these."""
-    from gpt2lab.data.tokens import TokenData
-
     val = np.asarray(TokenData.open(data_dir).val)
     budget = len(val) - 1 if max_tokens is None else min(len(val) - 1, max_tokens)
     return val[: (budget // context) * context + 1]
@@ -89,21 +95,14 @@ def _tokens_per_second(rows: list[dict], tokens_per_step: int) -> float:
 
 def train_and_measure(train_fields: dict[str, Any], settings: dict[str, Any], run_dir: str) -> dict:
     """Train (resuming if a checkpoint exists), evaluate, and write ``result.json``. Own process."""
-    from gpt2lab.data.tokens import TokenData
-    from gpt2lab.eval.loss import evaluate
-    from gpt2lab.study.extrapolation import extrapolate
-    from gpt2lab.train.config import TrainConfig
-    from gpt2lab.train.loop import train
-    from gpt2lab.train.run import CKPT_NAME, load_model, read_metrics
-
     cfg = TrainConfig(**train_fields)
     cfg.validate()
     summary = train(cfg, resume=(Path(run_dir) / CKPT_NAME).is_file())
     if summary["stopped"]:  # a signal (Ctrl-C, kill): the checkpoint is saved; the run is not finished
         raise GPT2LabError(f"{run_dir} stopped at step {summary['step']} by a signal: run the study again to resume")
     model = load_model(run_dir).eval()
-    tokens = eval_tokens(cfg.data_dir, cfg.block_size, settings["max_tokens"])
-    result = evaluate(model, tokens, context=cfg.block_size)
+    tokens = eval_tokens(cfg.data_dir, cfg.seq_len, settings["max_tokens"])
+    result = evaluate(model, tokens, context=cfg.seq_len)
     # only this training's rows: a step past the run's last would be another run's leftover
     rows = [r for r in read_metrics(run_dir) if r.get("step", 0) <= summary["step"]]
     out = {
@@ -111,14 +110,14 @@ def train_and_measure(train_fields: dict[str, Any], settings: dict[str, Any], ru
         "val_loss": result.loss,
         "eval_tokens": result.tokens,
         "eval_sha": fingerprint_tokens(tokens),
-        "train_tok_s": _tokens_per_second(rows, cfg.grad_accum * cfg.batch_size * cfg.block_size),
+        "train_tok_s": _tokens_per_second(rows, cfg.grad_accum * cfg.batch_size * cfg.seq_len),
         "by_position": result.by_position.tolist(),
         "val_curve": [(r["step"], r["val_loss"]) for r in rows if "val_loss" in r],
         "steps": summary["step"],
     }
     if settings.get("extrapolation") is not None:
         val = np.asarray(TokenData.open(cfg.data_dir).val)
-        out["extrapolation"] = extrapolate(model, val, cfg.block_size, settings["extrapolation"])
+        out["extrapolation"] = extrapolate(model, val, cfg.seq_len, settings["extrapolation"])
     write_text(Path(run_dir) / "result.json", json.dumps(out) + "\n")
     return out
 
@@ -142,7 +141,7 @@ class Runs:
         done = run_dir / "result.json"
         if done.is_file():
             result = read_json(done)
-            if result.get("fields") != train_fields:
+            if upgrade_train_fields(result.get("fields") or {}, str(self.runs_dir)) != train_fields:
                 raise GPT2LabError(f"{run_dir} holds a run of other settings; remove it or use a new --out")
             self.log(f"[study] {run_dir.name}: done earlier, kept")
             return result

@@ -11,7 +11,7 @@ from typing import Any
 from gpt2lab.config import GPT2_VOCAB_SIZE, GPTConfig
 from gpt2lab.errors import GPT2LabError, closest_hint
 from gpt2lab.files import atomic_file
-from gpt2lab.train.config import TRAIN_FIELDS, parse_set, read_toml
+from gpt2lab.train.config import TRAIN_FIELDS, parse_set, read_toml, upgrade_train_fields
 
 SUITE_TABLES = ("model", "train", "eval", "uptrain", "probe", "extrapolation", "cost")
 SUITE_SECTIONS = {"name", "data", "tokenizer", "seeds", "parallel", "variants", *SUITE_TABLES}
@@ -111,6 +111,8 @@ def load_suite(path: str | Path, data: str | None = None, overrides: list[str] |
         raise GPT2LabError(f"no such suite file: {path}")
     doc = read_toml(path)
     _apply_overrides(doc, overrides or [])
+    if isinstance(doc.get("train"), dict):
+        doc["train"] = upgrade_train_fields(doc["train"], str(path))
     _check(doc, path)
     suite = Suite(
         name=doc.get("name", path.stem),

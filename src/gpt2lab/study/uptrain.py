@@ -13,7 +13,10 @@ from typing import Any
 import numpy as np
 import torch
 
+from gpt2lab.eval.loss import evaluate
+from gpt2lab.loading import load_model
 from gpt2lab.study.runs import Runs, eval_tokens
+from gpt2lab.study.stats import paired_difference
 
 DEFAULTS = {"n_kv_heads": [2, 1], "fractions": [0.0, 0.025, 0.05, 0.1, 0.2], "first_head_fraction": 0.05}
 
@@ -21,9 +24,6 @@ DEFAULTS = {"n_kv_heads": [2, 1], "fractions": [0.0, 0.025, 0.05, 0.1, 0.2], "fi
 @torch.no_grad()
 def converted_losses(base_dirs: list[str], n_kv_head: int, init: str, data_dir: str, context: int, max_tokens):
     """Evaluation loss of each trained baseline right after its K/V heads are merged, before any training."""
-    from gpt2lab.eval.loss import evaluate
-    from gpt2lab.train.run import load_model
-
     tokens = eval_tokens(data_dir, context, max_tokens)
     models = (load_model(d).convert_to_gqa(n_kv_head, init=init) for d in base_dirs)
     return [evaluate(model, tokens, context=context).loss for model in models]
@@ -99,8 +99,6 @@ def run_uptraining(suite, runs: Runs, base_losses: dict[int, float], context: in
 
 def uptrain_pairs(rows: list[dict]) -> list[dict]:
     """Each converted cell's paired difference to the control at the same fraction (same seeds)."""
-    from gpt2lab.study.stats import paired_difference
-
     control = {(r["fraction"], r["seed"]): r["val_loss"] for r in rows if r["method"] == "control"}
     cells = dict.fromkeys(
         (r["method"], r["n_kv_head"], r["fraction"], r["steps"]) for r in rows if r["method"] != "control"

@@ -4,21 +4,45 @@ One grammar serves ``train``, ``info`` and ``study``: ``--set key=value`` or ``-
 the value read as a TOML value (``4``, ``1e-3``, ``true``, ``[256, "full"]``, ``'quoted'``), else taken as
 a bare string (``pos_encoding=rope``, ``data.dir=some/folder``). TOML has no null: a global layer in a
 per-layer window list is spelled ``"full"``, which :class:`GPTConfig` reads as None.
+
+``seq_len`` (in ``[batch]``) was called ``block_size`` before, the name of the model's context too; the
+old spelling is still read, from TOML files, ``--set`` and the configs saved in run and study folders,
+with a one-line note on stderr.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import sys
 import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from gpt2lab.config import PRESETS, GPTConfig
+from gpt2lab.checkpoints.names import CONFIG_FILE
+from gpt2lab.config import FIELDS, PRESETS, GPTConfig
 from gpt2lab.errors import GPT2LabError, check_number, closest_hint, is_int
 from gpt2lab.files import read_json
 
-GPT_FIELDS = [f.name for f in dataclasses.fields(GPTConfig)]
+# Training-config keys renamed since run folders and TOML files were first written: old -> new.
+RENAMED = {"block_size": "seq_len"}
+_noted: set[tuple[str, str]] = set()
+
+
+def _note_old_name(old: str, where: str) -> None:
+    """One line on stderr, once per source, when an old key is read."""
+    if (where, old) not in _noted:
+        _noted.add((where, old))
+        print(f"note: {where}: [batch] {old} is now called {RENAMED[old]}; read as {RENAMED[old]}", file=sys.stderr)
+
+
+def upgrade_train_fields(fields: dict[str, Any], where: str) -> dict[str, Any]:
+    """A saved training config (a run's ``train_config``, a study's ``[train]`` table) with its old keys
+    renamed, so a folder written before the renaming reads as it did."""
+    old = [k for k in RENAMED if k in fields and RENAMED[k] not in fields]
+    for key in old:
+        _note_old_name(key, where)
+    return {RENAMED.get(k, k) if k in old else k: v for k, v in fields.items()}
 
 
 # ---------------------------------------------------------------------------------------- the grammar
@@ -79,7 +103,7 @@ def load_model_config(source: str, overrides: dict[str, Any] | None = None) -> G
         return GPTConfig.from_preset(source, **overrides)
     path = Path(source)
     if path.is_dir():
-        path = path / "config.json"
+        path = path / CONFIG_FILE
     if not path.is_file():
         raise GPT2LabError(f"'{source}' is neither a preset ({', '.join(PRESETS)}) nor a config file")
     data = read_toml(path) if path.suffix == ".toml" else read_json(path)
@@ -106,7 +130,7 @@ class TrainConfig:
 
     In TOML the fields are grouped in sections ``[model] [data] [optim] [batch] [run]``; ``[model]``
     also takes any :class:`GPTConfig` field (``n_layer``, ``pos_encoding``, ``n_kv_head``, ``window``…),
-    collected in ``model``. ``block_size`` in ``[batch]`` is the training sequence length; the model's
+    collected in ``model``. ``seq_len`` in ``[batch]`` is the training sequence length; the model's
     context is ``model.block_size`` (the preset's unless set) and must be at least as long.
     """
 
@@ -133,7 +157,7 @@ class TrainConfig:
     skip_nonfinite: bool = _opt("optim", False)  # skip a step with a non-finite loss or gradient instead of stopping
     # [batch]
     batch_size: int = _opt("batch", 8)  # sequences per micro-batch per process
-    block_size: int = _opt("batch", 128)
+    seq_len: int = _opt("batch", 128)  # tokens per training sequence (was block_size)
     grad_accum: int = _opt("batch", 1)  # micro-batches per step, in total over all processes
     # [run]
     out_dir: str = _opt("run", "runs/demo")
@@ -228,7 +252,7 @@ _CHOICES = {
     "convert_kv_init": ("mean", "first"),
 }
 _INTEGERS = {  # field: smallest value
-    **dict.fromkeys(("max_iters", "batch_size", "block_size", "grad_accum", "eval_iters"), 1),
+    **dict.fromkeys(("max_iters", "batch_size", "seq_len", "grad_accum", "eval_iters"), 1),
     **dict.fromkeys(("eval_interval", "ckpt_interval", "log_interval"), 1),
     **dict.fromkeys(("warmup_iters", "seed", "hellaswag_interval"), 0),
 }
@@ -246,11 +270,14 @@ def _keys() -> dict[str, dict[str, str]]:
     return sections
 
 
-def _set(cfg: TrainConfig, section: str | None, key: str, value: Any) -> None:
+def _set(cfg: TrainConfig, section: str | None, key: str, value: Any, where: str = "--set") -> None:
     if section == "reference" or (section is None and key == "reference"):  # a table of its own
         cfg.reference = value if section is None else {**cfg.reference, key: value}
         return
     sections = _keys()
+    if key in RENAMED and section in (None, "batch"):  # a bare block_size was the batch's before, as now
+        _note_old_name(key, where)
+        key = RENAMED[key]
     if section is not None and section not in sections:
         raise GPT2LabError(f"config: unknown section [{section}]{closest_hint(section, sections)}")
     candidates = [section] if section else list(sections)
@@ -258,13 +285,13 @@ def _set(cfg: TrainConfig, section: str | None, key: str, value: Any) -> None:
         if key in sections[sec]:
             setattr(cfg, sections[sec][key], value)
             return
-    if "model" in candidates and key in GPT_FIELDS:  # a bare block_size is the batch's, set above
+    if "model" in candidates and key in FIELDS:
         cfg.model[key] = value
         return
-    home = [sec for sec in sections if key in sections[sec] or (sec == "model" and key in GPT_FIELDS)]
+    home = [sec for sec in sections if key in sections[sec] or (sec == "model" and key in FIELDS)]
     if home:
         raise GPT2LabError(f"config: '{key}' belongs in [{home[0]}], not [{section}]")
-    known = [k for keys in sections.values() for k in keys] + GPT_FIELDS
+    known = [k for keys in sections.values() for k in keys] + list(FIELDS)
     where = f" in [{section}]" if section else ""
     raise GPT2LabError(f"config: unknown key '{key}'{where}{closest_hint(key, known)}")
 
@@ -280,7 +307,7 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
             if not isinstance(table, dict):
                 raise GPT2LabError(f"{path}: '{section}' must be a [section]; keys go inside one")
             for key, value in table.items():
-                _set(cfg, section, key, value)
+                _set(cfg, section, key, value, where=str(path))
     for item in overrides or []:
         _set(cfg, *parse_set(item))
     cfg.validate()

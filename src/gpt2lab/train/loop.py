@@ -17,6 +17,7 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
+from gpt2lab.checkpoints.train_state import CKPT_NAME, save_checkpoint
 from gpt2lab.data.tokens import TokenData, gather_batch, sample_offsets
 from gpt2lab.errors import GPT2LabError
 from gpt2lab.eval.hellaswag import accuracies, evaluate_hellaswag, load_examples
@@ -28,7 +29,8 @@ from gpt2lab.tokenizer import copy_tokenizer
 from gpt2lab.train.config import TrainConfig
 from gpt2lab.train.distributed import Dist, gather_state, load_state, setup, sync_context, teardown, wrap_model
 from gpt2lab.train.run import (
-    CKPT_NAME,
+    LOSS_PLOT_FILE,
+    TRAIN_CONFIG_FILE,
     RunLock,
     append_metrics,
     capture_rng,
@@ -38,7 +40,6 @@ from gpt2lab.train.run import (
     read_metrics,
     restore_rng,
     resume_checkpoint,
-    save_checkpoint,
     start_metrics,
 )
 from gpt2lab.train.setup import (
@@ -115,13 +116,13 @@ class Trainer:
         lr = lr_at(self.step, cfg)
         for group in self.optimizer.param_groups:
             group["lr"] = lr
-        offsets = sample_offsets(len(self.data.train), cfg.block_size, cfg.grad_accum * cfg.batch_size, self.data_gen)
+        offsets = sample_offsets(len(self.data.train), cfg.seq_len, cfg.grad_accum * cfg.batch_size, self.data_gen)
         mine = offsets.view(cfg.grad_accum, cfg.batch_size)[
             self.dist.rank * self.accum : (self.dist.rank + 1) * self.accum
         ]
         total = torch.zeros((), device=device)
         for i, micro in enumerate(mine):
-            x, y = (t.to(device) for t in gather_batch(self.data.train, micro, cfg.block_size))
+            x, y = (t.to(device) for t in gather_batch(self.data.train, micro, cfg.seq_len))
             with sync_context(self.wrapped, last=i == self.accum - 1), self.autocast():
                 _, loss = self.model(x, y, return_logits=False)
             self.scaler.scale(loss / self.accum).backward()  # fp16: scaled so small gradients survive
@@ -174,8 +175,8 @@ class Trainer:
             tokens = getattr(self.data, split)
             losses = []
             for _ in range(cfg.eval_iters):
-                offsets = sample_offsets(len(tokens), cfg.block_size, cfg.batch_size, gen)
-                x, y = (t.to(self.dist.device) for t in gather_batch(tokens, offsets, cfg.block_size))
+                offsets = sample_offsets(len(tokens), cfg.seq_len, cfg.batch_size, gen)
+                x, y = (t.to(self.dist.device) for t in gather_batch(tokens, offsets, cfg.seq_len))
                 with self.autocast():
                     _, loss = self.model(x, y, return_logits=False)
                 losses.append(loss.item())
@@ -216,7 +217,7 @@ class Trainer:
         if self.dist.master:
             self.out.mkdir(parents=True, exist_ok=True)
             start_metrics(self.out, keep_until=self.step if self.resumed else None)
-            write_json(self.out / "train_config.json", self.cfg.to_dict())
+            write_json(self.out / TRAIN_CONFIG_FILE, self.cfg.to_dict())
             copy_tokenizer(self.data.path, self.out)  # generate / eval read and write what the data holds
 
     def _on_signal(self, signum, frame) -> None:
@@ -233,7 +234,7 @@ class Trainer:
         if self.scaler.is_enabled():
             row |= {"loss_scale": self.scaler.get_scale(), "overflow_steps": self.overflows}
         self.log(row)
-        tokens_per_step = self.cfg.grad_accum * self.cfg.batch_size * self.cfg.block_size
+        tokens_per_step = self.cfg.grad_accum * self.cfg.batch_size * self.cfg.seq_len
         bar.set_postfix(loss=f"{value:.4f}", tok_s=f"{tokens_per_step / dt:,.0f}")
 
     def _evaluate_and_log(self, bar: tqdm | None = None) -> None:
@@ -247,7 +248,7 @@ class Trainer:
     def _reference_note(self) -> str:
         """`` (reference NAME: val X at N tokens)``: the published loss nearest ahead of the tokens seen so far."""
         cfg = self.cfg
-        point = cfg.reference_at(self.step * cfg.grad_accum * cfg.batch_size * cfg.block_size)
+        point = cfg.reference_at(self.step * cfg.grad_accum * cfg.batch_size * cfg.seq_len)
         if point is None:
             return ""
         tokens = next(
@@ -323,7 +324,7 @@ class Trainer:
             plain = GPT(self.model_config)
             plain.load_state_dict(model_state)
             plain.save_pretrained(self.out)
-            plot_losses(read_metrics(self.out), self.out / "loss.png")
+            plot_losses(read_metrics(self.out), self.out / LOSS_PLOT_FILE)
         self.dist.barrier()
 
 

@@ -28,6 +28,7 @@ from typing import Any
 
 from gpt2lab.analysis import model_report
 from gpt2lab.config import GPT2_VOCAB_SIZE, GPTConfig
+from gpt2lab.data.tokens import META_FILE
 from gpt2lab.errors import GPT2LabError, check_number, is_int
 from gpt2lab.files import read_json
 from gpt2lab.train.config import TrainConfig, load_model_config
@@ -47,7 +48,7 @@ def model_config_of(cfg: TrainConfig) -> GPTConfig:
     if cfg.init_from is not None:
         config = load_model_config(cfg.init_from)
         return config.replace(n_kv_head=cfg.convert_n_kv_head) if cfg.convert_n_kv_head else config
-    meta = Path(cfg.data_dir) / "meta.json"
+    meta = Path(cfg.data_dir) / META_FILE
     vocab = read_json(meta).get("vocab_size", GPT2_VOCAB_SIZE) if meta.is_file() else GPT2_VOCAB_SIZE
     fields = {"vocab_size": vocab, **cfg.model}
     return GPTConfig.from_preset(cfg.preset, **fields) if cfg.preset else GPTConfig.from_dict(fields)
@@ -59,9 +60,9 @@ def _evaluations(cfg: TrainConfig) -> int:
 
 
 def _flops(cfg: TrainConfig, config: GPTConfig) -> dict[str, float]:
-    forward = model_report(config, cfg.block_size)["flops_per_token"]["total"]
-    tokens_per_step = cfg.batch_size * cfg.block_size * cfg.grad_accum
-    eval_tokens = _evaluations(cfg) * 2 * cfg.eval_iters * cfg.batch_size * cfg.block_size  # train + val
+    forward = model_report(config, cfg.seq_len)["flops_per_token"]["total"]
+    tokens_per_step = cfg.batch_size * cfg.seq_len * cfg.grad_accum
+    eval_tokens = _evaluations(cfg) * 2 * cfg.eval_iters * cfg.batch_size * cfg.seq_len  # train + val
     return {
         "forward_per_token": forward,
         "train_per_token": 3 * forward,
@@ -86,7 +87,7 @@ def memory(cfg: TrainConfig, config: GPTConfig, gpus: int) -> dict[str, dict[str
     params = model_report(config)["params"]
     n = params["total"]
     act_bytes = 1 if _train_dtype(cfg) == "bfloat16" else 2  # × 2 bytes: 16-bit activations, or fp32
-    tokens = cfg.batch_size * cfg.block_size  # one micro-batch per process at a time
+    tokens = cfg.batch_size * cfg.seq_len  # one micro-batch per process at a time
     activations = tokens * config.n_layer * ACTIVATION_BYTES_PER_TOKEN_LAYER * config.n_embd * act_bytes
     activations += tokens * config.n_embd * 4  # the fp32 embedding sum that starts the residual stream
     distributed = gpus > 1  # one process trains the bare model: no DDP buckets, nothing sharded
@@ -126,7 +127,7 @@ def plan(cfg: TrainConfig, gpus: int = 1, mfu: float = 0.4, gpu_names: list[str]
     for name in names:
         peak = PEAK_FLOPS[name][dtype] * mfu
         hours[name] = (flops["train_run"] / (gpus * peak) + flops["eval_run"] / peak) / 3600
-    tokens_per_step = cfg.batch_size * cfg.block_size * cfg.grad_accum
+    tokens_per_step = cfg.batch_size * cfg.seq_len * cfg.grad_accum
     return {
         "model": config.to_dict(),
         "params": model_report(config)["params"]["total"],

@@ -1,15 +1,14 @@
-"""A training run on disk: its checkpoint file, RNG states, metrics log, and models loaded from it.
+"""A training run on disk: its files, RNG states, metrics log, lock, and the checks before a resume.
 
-A run folder holds ``ckpt.pt`` (everything an exact resume needs), ``metrics.jsonl`` (one JSON row per
-logged step or evaluation) and, once the run has finished or stopped, the exported model
-(``config.json`` + ``model.safetensors``). :func:`load_model` reads any of these, or anything
-:meth:`GPT.from_pretrained` reads, so every ``--model`` argument accepts a run in progress.
+A run folder holds ``ckpt.pt`` (everything an exact resume needs, written and read by
+:mod:`gpt2lab.checkpoints.train_state`), ``metrics.jsonl`` (one JSON row per logged step or evaluation)
+and, once the run has finished or stopped, the exported model (``config.json`` + ``model.safetensors``).
+:func:`gpt2lab.loading.load_model` loads a model from any of these.
 """
 
 from __future__ import annotations
 
 import fcntl
-import hashlib
 import json
 import math
 import os
@@ -20,68 +19,17 @@ from typing import Any
 import numpy as np
 import torch
 
-from gpt2lab.checkpoints.safe_pickle import load_weights_only
+from gpt2lab.checkpoints.names import CONFIG_FILE, WEIGHTS_FILE
+from gpt2lab.checkpoints.train_state import CKPT_NAME, load_checkpoint
 from gpt2lab.config import GPTConfig
 from gpt2lab.errors import GPT2LabError
-from gpt2lab.files import atomic_file, remove_stale_temp_files, write_text
-from gpt2lab.kernels.precision import parse_dtype
-from gpt2lab.model import GPT
-from gpt2lab.tokenizer import TOKENIZER_FILE, Tokenizer, check_model_vocab, load_tokenizer
-from gpt2lab.train.config import TrainConfig
+from gpt2lab.files import remove_stale_temp_files, write_text
+from gpt2lab.tokenizer import TOKENIZER_FILE
+from gpt2lab.train.config import TrainConfig, upgrade_train_fields
 
-CKPT_NAME = "ckpt.pt"
 METRICS_NAME = "metrics.jsonl"
-CKPT_MAGIC = b"GPT2LAB-TRAIN-CKPT v1 sha256="
-_DIGEST_PLACEHOLDER = b"0" * hashlib.sha256().digest_size * 2  # hex digits
-
-
-# ---------------------------------------------------------------------------------------- checkpoint file
-
-
-class _HashingWriter:
-    """What ``torch.save`` writes to: each chunk goes to the file and into the SHA-256, so the payload is
-    never held in memory a second time."""
-
-    def __init__(self, file) -> None:
-        self.file, self.sha = file, hashlib.sha256()
-
-    def write(self, data) -> int:
-        self.sha.update(data)
-        return self.file.write(data)
-
-    def flush(self) -> None:
-        self.file.flush()
-
-
-def save_checkpoint(path: str | Path, payload: dict) -> None:
-    """Written through :func:`atomic_file`: a crash mid-write (even ``kill -9``) leaves the previous
-    checkpoint intact. The header line carries a SHA-256 of the payload that follows it."""
-    with atomic_file(path) as tmp, open(tmp, "wb") as f:
-        f.write(CKPT_MAGIC + _DIGEST_PLACEHOLDER + b"\n")  # the digest is known only at the end
-        writer = _HashingWriter(f)
-        torch.save(payload, writer)
-        f.seek(len(CKPT_MAGIC))
-        f.write(writer.sha.hexdigest().encode())
-
-
-def _is_checkpoint(path: Path) -> bool:
-    if not path.is_file():
-        return False
-    with open(path, "rb") as f:
-        return f.read(len(CKPT_MAGIC)) == CKPT_MAGIC
-
-
-def load_checkpoint(path: str | Path) -> dict:
-    """Verify the checksum before unpickling anything, then load tensors only (``weights_only``)."""
-    path = Path(path)
-    with open(path, "rb") as f:
-        header = f.readline().removesuffix(b"\n")
-        data = f.read()
-    if not header.startswith(CKPT_MAGIC):
-        raise GPT2LabError(f"{path} is not a gpt2lab training checkpoint (bad header); it was not loaded")
-    if hashlib.sha256(data).hexdigest().encode() != header[len(CKPT_MAGIC) :]:
-        raise GPT2LabError(f"checkpoint {path} is corrupted (checksum mismatch); it was not loaded")
-    return load_weights_only(data, str(path))
+TRAIN_CONFIG_FILE = "train_config.json"  # the run's TrainConfig, for a reader (the checkpoint holds it too)
+LOSS_PLOT_FILE = "loss.png"
 
 
 # ---------------------------------------------------------------------------------------- RNG states
@@ -160,7 +108,7 @@ def append_metrics(run_dir: str | Path, row: dict[str, Any]) -> None:
 
 
 RUN_FILES = (
-    CKPT_NAME, METRICS_NAME, "train_config.json", "config.json", "model.safetensors", "loss.png", TOKENIZER_FILE,
+    CKPT_NAME, METRICS_NAME, TRAIN_CONFIG_FILE, CONFIG_FILE, WEIGHTS_FILE, LOSS_PLOT_FILE, TOKENIZER_FILE,
 )  # fmt: skip
 
 
@@ -206,7 +154,7 @@ def resume_checkpoint(cfg: TrainConfig, data_meta: dict, config: GPTConfig, allo
     diff = [f"{k}: {saved.get(k)!r} vs {now.get(k)!r}" for k in now if saved.get(k) != now.get(k)]
     if diff:
         raise GPT2LabError(f"{run_dir} holds a run of a different model ({'; '.join(diff)} in checkpoint vs config)")
-    saved_cfg, now_cfg = state.get("train_config", {}), cfg.to_dict()
+    saved_cfg, now_cfg = upgrade_train_fields(state.get("train_config", {}), str(ckpt_path)), cfg.to_dict()
     changes = [
         f"{k} {saved_cfg[k]!r} -> {now_cfg[k]!r}"
         for k in now_cfg
@@ -259,52 +207,3 @@ class RunLock:
     def release(self) -> None:
         fcntl.flock(self.fd, fcntl.LOCK_UN)
         os.close(self.fd)
-
-
-# ---------------------------------------------------------------------------------------- models
-
-
-def _model_from_checkpoint(path: Path) -> GPT:
-    ckpt = load_checkpoint(path)
-    model = GPT(GPTConfig.from_dict(ckpt["model_config"]))
-    model.load_state_dict(ckpt["model"])
-    return model
-
-
-def _exported_is_newest(run_dir: Path) -> bool:
-    """Whether the run's exported model is at least as new as its checkpoint. A run exports after its
-    last checkpoint; a checkpoint written later (the run was resumed, then killed) holds newer weights."""
-    model = run_dir / "model.safetensors"
-    if not (run_dir / "config.json").is_file() or not model.is_file():
-        return False
-    return model.stat().st_mtime_ns >= (run_dir / CKPT_NAME).stat().st_mtime_ns
-
-
-def load_model(
-    path: str | Path, dtype: torch.dtype | str | None = None, device: torch.device | str | None = None
-) -> GPT:
-    """A training checkpoint file, a run folder (the newer of its exported model and its checkpoint), or anything
-    :meth:`GPT.from_pretrained` reads (gpt2lab / hub-layout folders, hub ids, TF checkpoints); cast to
-    ``dtype`` (a ``torch.dtype`` or a name such as ``"bf16"``) and moved to ``device`` when given."""
-    p = Path(path)
-    if p.is_dir() and _is_checkpoint(p / CKPT_NAME) and not _exported_is_newest(p):
-        p = p / CKPT_NAME
-    if not _is_checkpoint(p):
-        return GPT.from_pretrained(path, dtype=dtype, device=device)
-    model = _model_from_checkpoint(p)
-    dtype = parse_dtype(dtype)
-    return model.to(device=device, dtype=dtype) if dtype is not None or device is not None else model
-
-
-def load_model_and_tokenizer(
-    path: str | Path, dtype: torch.dtype | str | None = None, device: torch.device | str | None = None
-) -> tuple[GPT, Tokenizer]:
-    """:func:`load_model` and the tokenizer stored beside it (GPT-2's BPE where none is), checked to fit.
-    ``dtype="int8"`` quantizes the fp32 weights after loading (:meth:`GPT.quantize`)."""
-    if dtype == "int8":
-        model = load_model(path, device=device).quantize("int8")
-    else:
-        model = load_model(path, dtype=dtype, device=device)
-    tokenizer = load_tokenizer(path)
-    check_model_vocab(tokenizer, model.config.vocab_size, path)
-    return model, tokenizer

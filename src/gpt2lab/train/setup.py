@@ -15,11 +15,11 @@ from gpt2lab.data.tokens import TokenData
 from gpt2lab.errors import GPT2LabError
 from gpt2lab.kernels.choice import faster_training_dtype
 from gpt2lab.kernels.precision import has_native_bf16, has_native_fp16, parse_dtype
+from gpt2lab.loading import load_model
 from gpt2lab.model import GPT
 from gpt2lab.tokenizer import describe, load_tokenizer, same_tokenizer
 from gpt2lab.train.config import TrainConfig
 from gpt2lab.train.distributed import Dist
-from gpt2lab.train.run import load_model
 
 
 def lr_at(step: int, cfg: TrainConfig) -> float:
@@ -36,8 +36,8 @@ def lr_at(step: int, cfg: TrainConfig) -> float:
 def make_optimizer(model: torch.nn.Module, cfg: TrainConfig, device: torch.device) -> torch.optim.AdamW:
     """AdamW with weight decay on matrices only: biases and LayerNorm gains are not shrunk toward 0.
 
-    The fused kernel (one pass over each tensor) is used on CUDA and CPU: on 2 CPU threads it steps
-    124M parameters in 0.07 s against 0.5 s for the multi-tensor (foreach) path, which is kept elsewhere.
+    The fused kernel (one pass over each tensor) is used on CUDA and CPU, where it steps several times
+    faster than the multi-tensor (foreach) path, which is kept elsewhere.
     """
     params = [p for p in model.parameters() if p.requires_grad]
     groups = [
@@ -51,8 +51,7 @@ def make_optimizer(model: torch.nn.Module, cfg: TrainConfig, device: torch.devic
 def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
     """``auto`` picks whichever of float32 and bfloat16 autocast a short probe finds faster on this machine
     (:func:`~gpt2lab.kernels.choice.faster_training_dtype`). Without native matrix instructions bf16 and fp16
-    run through generic kernels, many times slower than fp32 (20x for a small GPT on a 2-core AVX2 CPU):
-    asking for them there gives a warning."""
+    run through generic kernels, many times slower than fp32: asking for them there gives a warning."""
     if name == "auto":
         return faster_training_dtype(device)
     dtype = parse_dtype(name)
@@ -107,8 +106,8 @@ def check_fits(cfg: TrainConfig, data: TokenData, config: GPTConfig) -> None:
             f"{cfg.init_from} reads {describe(load_tokenizer(cfg.init_from))} but {cfg.data_dir} was prepared "
             f"with {describe(data.tokenizer)}; prepare the data with the model's tokenizer"
         )
-    if cfg.block_size > config.block_size:
+    if cfg.seq_len > config.block_size:
         raise GPT2LabError(
-            f"batch block_size ({cfg.block_size}) is longer than the model context ({config.block_size})"
+            f"seq_len ({cfg.seq_len}) is longer than the model's context (block_size {config.block_size})"
         )
-    data.check_fits(cfg.block_size)
+    data.check_fits(cfg.seq_len)
