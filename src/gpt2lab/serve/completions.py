@@ -52,9 +52,9 @@ def encode_prompts(served: ServedModel, request: CompletionRequest, limits: Limi
     """Token ids of each prompt, checked against the prompt limit and the model's context."""
     tok, config = served.tokenizer, served.model.config
     eot = getattr(tok, "eot_token", None)
-    # Every layer windowed: the cache rolls, so only the prompt itself is bounded. Else the whole
-    # sequence must fit the context.
-    rolling = config.max_window is not None
+    # Every layer windowed and RoPE positions: the cache rolls and positions go on, so only the prompt
+    # itself is bounded. Else (a global layer, or learned positions) the whole sequence must fit the context.
+    rolling = config.max_window is not None and config.pos_encoding == "rope"
     prompts = []
     for i, text in enumerate(request.prompt):
         try:

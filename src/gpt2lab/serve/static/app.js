@@ -159,4 +159,5 @@ $("cancel").addEventListener("click", () => running && running.abort());
 $("model").addEventListener("change", () => { fillLayers(); drawAttention(); });
 $("layer").addEventListener("change", drawAttention);
 $("head").addEventListener("change", drawAttention);
+$("api_key").addEventListener("change", loadModels);
 loadModels();
