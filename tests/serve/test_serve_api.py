@@ -10,6 +10,9 @@ import torch
 
 from gpt2lab.generation import generate
 
+pytest.importorskip("fastapi", reason="the serve extra is not installed: pip install 'gpt2lab[serve]'")
+pytest.importorskip("openai", reason="the openai client is not installed (pip install openai)")
+
 EOT = 50256
 
 

@@ -40,7 +40,9 @@ def wait_until_up(port: int, process: subprocess.Popen, timeout: float = 90) -> 
     pytest.fail("the server did not come up")
 
 
+@pytest.mark.slow
 def test_sigterm_finishes_the_request_in_flight_then_exits(model_dirs):
+    pytest.importorskip("uvicorn", reason="the serve extra is not installed: pip install 'gpt2lab[serve]'")
     port = free_port()
     env = {**os.environ, "PYTHONPATH": str(SRC), "GPT2LAB_API_KEY": ""}
     command = [
@@ -104,6 +106,7 @@ def test_refusals_are_one_line(monkeypatch, capsys, argv, message):
 
 
 def test_a_model_that_does_not_load_is_one_line(capsys, tmp_path):
+    pytest.importorskip("uvicorn", reason="the serve extra is not installed: pip install 'gpt2lab[serve]'")
     assert main(["serve", "--model", f"x={tmp_path / 'missing'}"]) == 2
     err = capsys.readouterr().err.strip()
     assert err.startswith("error:") and "\n" not in err

@@ -8,9 +8,12 @@ import json
 import threading
 
 import pytest
-from conftest import running_server
 
-from gpt2lab.serve.schema import Limits
+pytest.importorskip("fastapi", reason="the serve extra is not installed: pip install 'gpt2lab[serve]'")
+pytest.importorskip("uvicorn", reason="the serve extra is not installed: pip install 'gpt2lab[serve]'")
+from serve_helpers import running_server  # noqa: E402
+
+from gpt2lab.serve.schema import Limits  # noqa: E402
 
 LONG_PROMPT = "word " * 200  # 200 tokens: over the test models' context of 128
 GOOD = {"model": "tiny", "prompt": "Hi", "max_tokens": 2}

@@ -85,6 +85,8 @@ def resolve_api_key(host: str, given: str | None) -> str | None:
 
 
 def cmd_serve(args) -> int:
+    specs = model_specs(args.model, args.models)
+    api_key = resolve_api_key(args.host, args.api_key)
     try:
         import fastapi  # noqa: F401
         import uvicorn
@@ -95,8 +97,6 @@ def cmd_serve(args) -> int:
     from gpt2lab.serve.app import build_app, load_models, stop_all
     from gpt2lab.serve.schema import Limits
 
-    specs = model_specs(args.model, args.models)
-    api_key = resolve_api_key(args.host, args.api_key)
     if args.threads:
         torch.set_num_threads(args.threads)
     limits = Limits(args.max_body_bytes, args.max_tokens, args.max_prompt_tokens, args.max_batch, args.max_queue)
