@@ -73,6 +73,13 @@ def test_a_body_over_the_limit_is_a_413_before_it_is_read(model_dirs):
         status, answer = server.post("/v1/completions", {**GOOD, "prompt": "x" * 2000})
         assert status == 413 and "1000 bytes" in answer["error"]["message"]
         assert server.post("/v1/completions", GOOD)[0] == 200
+        # a chunked upload has no Content-Length: it is cut off as it arrives
+        connection = http.client.HTTPConnection("127.0.0.1", server.port, timeout=30)
+        chunks = (json.dumps({**GOOD, "prompt": "x" * 2000})[i : i + 500].encode() for i in range(0, 2100, 500))
+        connection.request("POST", "/v1/completions", chunks, {"Content-Type": "application/json"},
+                           encode_chunked=True)  # fmt: skip
+        response = connection.getresponse()
+        assert response.status == 413 and "1000 bytes" in json.loads(response.read())["error"]["message"]
 
 
 def test_unknown_route_and_method_are_json_errors(server):
