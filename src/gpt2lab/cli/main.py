@@ -10,6 +10,7 @@ import sys
 
 from gpt2lab.cli.models import add_convert, add_eval, add_export, add_generate, add_harness, add_info
 from gpt2lab.cli.runs import add_demo, add_plan, add_prepare, add_study, add_train
+from gpt2lab.cli.serve import add_serve
 from gpt2lab.errors import GPT2LabError
 
 
@@ -40,6 +41,7 @@ COMMANDS = [
     add_harness,
     add_demo,
     add_study,
+    add_serve,
 ]
 
 
