@@ -54,7 +54,11 @@ NEVER: dict[tuple[str, str], str] = {
 
 # In-package imports that may sit inside a function: modules that import an optional third-party
 # package at their top and refuse to load without it. module -> the extra it needs.
-NEEDS_AN_EXTRA = {"gpt2lab.eval.harness": "lm-eval"}
+NEEDS_AN_EXTRA = {
+    "gpt2lab.eval.harness": "lm-eval",
+    "gpt2lab.serve.app": "serve (fastapi, uvicorn)",
+    "gpt2lab.serve.schema": "serve (pydantic, starlette)",
+}
 
 
 def module_name(path: Path) -> str:

@@ -19,6 +19,7 @@ from fastapi.responses import HTMLResponse, JSONResponse, Response, StreamingRes
 from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from gpt2lab.loading import load_model_and_tokenizer
 from gpt2lab.serve.attention_view import attention_view
 from gpt2lab.serve.batching import Scheduler
 from gpt2lab.serve.completions import ClientGone, ServedModel, check_request, complete, stream, submit
@@ -193,8 +194,6 @@ def _add_page_routes(app: FastAPI) -> None:
 
 def load_models(specs: dict[str, str], limits: Limits, dtype: str = "float32", device: str = "cpu") -> dict:
     """Load every model named in ``specs`` (name -> path or hub id) and start its scheduler."""
-    from gpt2lab.train.run import load_model_and_tokenizer
-
     served = {}
     for name, path in specs.items():
         model, tokenizer = load_model_and_tokenizer(path, dtype=dtype, device=device)
