@@ -8,7 +8,7 @@ import sys
 from gpt2lab.cli import arguments as arg
 from gpt2lab.errors import GPT2LabError
 
-DTYPES = ("float32", "bfloat16")  # names gpt2lab.kernels.precision.parse_dtype reads
+DTYPES = ("float32", "bfloat16")  # names gpt2lab.config.parse_dtype reads
 INFERENCE_DTYPES = (*DTYPES, "int8")  # int8: weights quantized after loading (gpt2lab.kernels.quantize)
 
 

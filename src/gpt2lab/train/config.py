@@ -14,11 +14,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from gpt2lab.config import PRESETS, GPTConfig
+from gpt2lab.config import FIELDS, PRESETS, GPTConfig
 from gpt2lab.errors import GPT2LabError, check_number, closest_hint, is_int
 from gpt2lab.files import read_json
 
-GPT_FIELDS = [f.name for f in dataclasses.fields(GPTConfig)]
+GPT_FIELDS = list(FIELDS)  # GPTConfig's fields, keys of the [model] table
 
 
 # ---------------------------------------------------------------------------------------- the grammar
