@@ -51,7 +51,7 @@ def _banded_sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, window: int,
 
     The 2W-key blocks are copies, and so are their gradients: twice the memory of the CPU path.
     Chunks are folded into the batch dimension because SDPA's flash kernels take 4-D inputs only;
-    5-D inputs fall back to the math kernel, which materialises the scores (2x slower here).
+    5-D inputs fall back to the math kernel, which materialises the scores (slower: docs/benchmarks.md).
     """
     B, nh, L, hs = q.shape
     nkv, n = k.shape[1], L // window
@@ -96,7 +96,7 @@ class _BandedAttentionCPU(torch.autograd.Function):
     """The banded kernel on the CPU flash operator, with views instead of copies.
 
     Through SDPA, the (2W-key) blocks must be materialised (2x K and V) and so must their gradients,
-    which took about twice the peak memory of full causal attention at T=8192. Here the blocks are
+    which took more peak memory than full causal attention at long T (docs/benchmarks.md). Here the blocks are
     overlapping views of K and V, the output is written in place, and the backward pass runs a few
     chunks at a time, accumulating straight into the input gradients: beyond those three gradients
     and the output, only per-call temporaries are alive, so the peak stays below full attention's.

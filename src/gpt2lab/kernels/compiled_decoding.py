@@ -35,8 +35,8 @@ from torch._dynamo.exc import BackendCompilerFailed
 from gpt2lab.errors import GPT2LabError
 from gpt2lab.kernels.choice import candidates, choose
 
-# Cache slots are allocated in steps of this many tokens: at most 63 unused slots (for GPT-2 124M, ~4.6 MB
-# more to read per step, against 124 MB of int8 weights) buy fewer recompilations.
+# Cache slots are allocated in steps of this many tokens: at most 63 unused slots (a few MB more to read per step
+# for GPT-2 124M, against its 124M int8 weights) buy fewer recompilations.
 CAPACITY_STEP = 64
 
 

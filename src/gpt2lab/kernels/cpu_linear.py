@@ -58,8 +58,8 @@ class Linear(nn.Linear):
       use, holds every bf16 value exactly (fp16 has 3 more mantissa bits; only magnitudes below 2^-17,
       which fp16 stores as subnormals, round, by at most 2^-25). Inputs are widened to fp32 and the
       fp32-accumulated result is rounded once to bf16: what a bf16 kernel computes. On CPUs without
-      bf16 instructions PyTorch's own bf16 product is a generic kernel about 50x slower than fp32, and
-      this one about 2x faster than fp32. The packed copy costs 2 bytes per weight.
+      bf16 instructions PyTorch's own bf16 product is a generic kernel many times slower than fp32, and
+      this one faster than fp32 (docs/benchmarks.md). The packed copy costs 2 bytes per weight.
 
     fp16 weights have the same candidates (the packed copy then holds the weights exactly as they are).
 
@@ -169,7 +169,7 @@ def _packed_fp16_linear(x: torch.Tensor, packed, n_out: int) -> torch.Tensor:
     """16-bit ``x`` times FBGEMM-packed weights, in fp32, rounded once to ``x``'s dtype.
 
     Rows go through in groups whose fp32 result stays under ``PACKED_RESULT_BYTES``: a forward pass
-    over 1,024 tokens would otherwise hold GPT-2's logits in fp32 (206 MB) beside their bf16 copy.
+    over 1,024 tokens would otherwise hold GPT-2's logits in fp32 (4 bytes x 50,257 per token) beside their bf16 copy.
     """
     x2 = x.reshape(-1, x.shape[-1])
     out = x.new_empty(x2.shape[0], n_out)

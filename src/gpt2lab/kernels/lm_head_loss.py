@@ -73,7 +73,7 @@ class LMHeadLoss(torch.autograd.Function):
             for start in range(0, N, rows):
                 end = min(start + rows, N)
                 h, t, ok = hidden[start:end].to(dtype), index[None, start:end], valid[start:end]
-                # Logits transposed, (V, n): this product runs ~1.4x faster than (n, V) on CPU.
+                # Logits transposed, (V, n): on CPU this product runs faster than (n, V) (docs/benchmarks.md).
                 logits = torch.mm(w, h.T, out=buffer[: V * (end - start)].view(V, -1)).float()
                 lse = torch.logsumexp(logits, dim=0)  # (n,)
                 total += ((lse - logits.gather(0, t)[0]) * ok).sum()

@@ -19,7 +19,7 @@ def has_native_bf16(device: torch.device | str = "cpu") -> bool:
 
 def has_native_fp16(device: torch.device | str = "cpu") -> bool:
     """Whether ``device`` multiplies fp16 natively: CUDA (tensor cores), or a CPU with AMX-FP16. AVX2 and
-    AVX-512 CPUs convert every fp16 product through generic kernels, about 12x slower than fp32."""
+    AVX-512 CPUs convert every fp16 product through generic kernels, many times slower than fp32."""
     device = torch.device(device)
     if device.type == "cuda":
         return True
