@@ -209,3 +209,23 @@ def test_inference_loading_swaps_kernels_only_where_they_win(tmp_path):
         with torch.no_grad():
             cosine = F.cosine_similarity(model(idx).double().flatten(), reference(idx).double().flatten(), dim=0)
         assert cosine > (0.999999 if dtype == "float32" else 0.99), dtype
+
+
+def test_decode_step_at_an_explicit_index_gives_the_cached_forward_logits():
+    """Compiled decoding's path run eagerly: each step written at the index it is given (the ring of a
+    window of 5 wraps), no flag on the cache, the same logits as the eager cached forward."""
+    torch.manual_seed(0)
+    model = GPT(GPTConfig.from_preset("tiny", vocab_size=97, pos_encoding="rope", n_kv_head=2, window=5)).eval()
+    idx = torch.randint(0, 97, (1, 9))
+    with torch.no_grad():
+        eager, static = model.new_cache(1, 20), model.new_cache(1, 20)
+        model(idx, cache=eager)
+        model(idx, cache=static)
+        for step, token in enumerate((3, 50, 7, 96, 0, 11)):
+            tokens = torch.tensor([[token]])
+            logits = model.decode_step(tokens, torch.tensor([9 + step]), static)
+            for layer in static:  # the caller (CompiledDecoder) advances the lengths
+                layer.length += 1
+            assert logits.shape == (1, 1, 97)
+            torch.testing.assert_close(logits, model(tokens, cache=eager), atol=1e-5, rtol=0)
+    assert not hasattr(static[0], "step_index")
