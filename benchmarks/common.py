@@ -104,6 +104,7 @@ def load_reference(directory: Path, dtype: torch.dtype = torch.float32):
 
 
 def load_gpt2lab(directory: Path, dtype: torch.dtype = torch.float32):
-    from gpt2lab import GPT
+    """As gpt2lab's inference loading path does: the kernels that win for ``dtype`` swapped in."""
+    from gpt2lab import GPT, apply_inference_kernels
 
-    return GPT.from_pretrained(directory).to(dtype).eval()
+    return apply_inference_kernels(GPT.from_pretrained(directory), dtype)

@@ -21,6 +21,7 @@ from pathlib import Path
 import torch
 from torch.ao.nn.quantized.dynamic import Linear as DynamicInt8Linear
 
+from gpt2lab import quantize
 from gpt2lab.cli.kernel_report import cpu_description
 from gpt2lab.config import GPTConfig
 from gpt2lab.kernels.compiled_decoding import CompiledDecoder, cache_capacity
@@ -53,7 +54,7 @@ def main() -> None:
     torch.manual_seed(0)
     model = GPT(GPTConfig(n_layer=12, n_head=12, n_embd=768, vocab_size=50257, block_size=1024)).eval()
     weight_bytes = sum(p.numel() for n, p in model.named_parameters() if p.dim() == 2 and "wpe" not in n)
-    model.quantize("int8")
+    quantize(model, "int8")
     decode_step_median(model, args.steps, compiled=True)  # compile outside the timed rows
     layers = [m for m in model.modules() if isinstance(m, DynamicInt8Linear)]
     rows = {layer.in_features: torch.randn(1, layer.in_features) for layer in layers}

@@ -31,6 +31,7 @@ from common import load_gpt2lab, load_reference, save_random_reference  # noqa: 
 
 from gpt2lab.config import GPTConfig  # noqa: E402
 from gpt2lab.files import write_json, write_text  # noqa: E402
+from gpt2lab.kernels.lm_head_loss import lm_head_loss  # noqa: E402
 from gpt2lab.model import GPT  # noqa: E402
 from gpt2lab.train.plan import PEAK_FLOPS, plan  # noqa: E402
 
@@ -115,7 +116,7 @@ def _fwd_bwd_ms(model: GPT, x: torch.Tensor, repeats: int) -> float:
         sync(x.device)
         start = time.perf_counter()
         with torch.autocast(x.device.type, dtype=torch.bfloat16, enabled=x.device.type == "cuda"):
-            _, loss = model(x, x, return_logits=False)
+            loss = lm_head_loss(model.hidden_states(x), model.lm_head.weight, x)  # what `gpt2lab train` runs
         loss.backward()
         sync(x.device)
         if i >= 2:

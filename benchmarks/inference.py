@@ -32,6 +32,7 @@ from pathlib import Path
 
 import torch
 
+from gpt2lab import quantize
 from gpt2lab.cli.kernel_report import cpu_description
 from gpt2lab.kernels.choice import decisions
 
@@ -84,7 +85,7 @@ def load(directory: Path, impl: str, dtype: str):
     if impl == "reference":
         return load_reference(directory)
     if dtype == "int8":
-        return load_gpt2lab(directory).quantize("int8")
+        return quantize(load_gpt2lab(directory), "int8")
     return load_gpt2lab(directory, DTYPES[dtype])
 
 

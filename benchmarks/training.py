@@ -52,11 +52,12 @@ def build(kind: str, directory: Path):
     """(model, optimizer, loss function) for one contender."""
     if kind == "gpt2lab":
         from gpt2lab import GPT
+        from gpt2lab.kernels.lm_head_loss import lm_head_loss
 
         model = GPT.from_pretrained(directory)
 
         def loss_of(m, x):
-            return m(x, x, return_logits=False)[1]  # what `gpt2lab train` runs
+            return lm_head_loss(m.hidden_states(x), m.lm_head.weight, x)  # what `gpt2lab train` runs
     else:
         from transformers import GPT2LMHeadModel
 

@@ -67,7 +67,7 @@ def _flops_per_token(c: GPTConfig, seq_len: int) -> dict[str, float]:
     C, kv_dim = c.n_embd, c.n_kv_head * c.head_dim
     # Scores q·k and the weighted sum of values each cost 2·hs FLOPs per (query head, key) pair;
     # K/V sharing (GQA) saves memory, not these FLOPs.
-    keys = [mean_keys_seen(seq_len, c.layer_window(i)) for i in range(c.n_layer)]
+    keys = [mean_keys_seen(seq_len, w) for w in c.layer_windows()]
     flops = {
         "attention_proj": c.n_layer * 2 * (C * (C + 2 * kv_dim) + C * C),
         "attention_scores": sum(2 * 2 * c.n_head * c.head_dim * k for k in keys),
@@ -80,7 +80,7 @@ def _flops_per_token(c: GPTConfig, seq_len: int) -> dict[str, float]:
 
 def _kv_cache(c: GPTConfig, seq_len: int, dtype: str) -> dict[str, Any]:
     per_slot = 2 * c.n_kv_head * c.head_dim * DTYPE_BYTES[dtype]  # keys + values of one token, one layer
-    slots = [seq_len if w is None else min(w, seq_len) for w in map(c.layer_window, range(c.n_layer))]
+    slots = [seq_len if w is None else min(w, seq_len) for w in c.layer_windows()]
     return {
         "bytes_per_token": c.n_layer * per_slot,
         "bytes_at_seq_len": per_slot * sum(slots),

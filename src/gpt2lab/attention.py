@@ -7,6 +7,10 @@
   included. Training and prefill use the banded O(T·W) kernel of :mod:`gpt2lab.sliding_window`;
   decoding keeps a ring of W slots in its :class:`~gpt2lab.kv_cache.KVCache`.
 
+Three ways through a layer, chosen by the arguments, never by state set from outside: no cache (training,
+a whole sequence), the growing cache of eager generation, and a static cache written at an explicit
+sequence index (``slot_index``: compiled decoding, one token per row, shapes that never change).
+
 Shapes: B batch, T new tokens, S keys attended (cache + new), nh query heads, nkv key/value heads,
 hs head size.
 """
@@ -18,9 +22,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from gpt2lab.config import GPTConfig
-from gpt2lab.kernels.cpu_linear import Linear
 from gpt2lab.kv_cache import KVCache
-from gpt2lab.sliding_window import sliding_window_attention
+from gpt2lab.sliding_window import causal_attention, sliding_window_attention
 
 
 class CausalSelfAttention(nn.Module):
@@ -36,15 +39,21 @@ class CausalSelfAttention(nn.Module):
         self.window = config.layer_window(layer)
         self.dropout = config.dropout
         kv_dim = self.n_kv_head * self.head_dim
-        self.c_attn = Linear(config.n_embd, config.n_embd + 2 * kv_dim)
-        self.c_proj = Linear(config.n_embd, config.n_embd)
+        self.c_attn = nn.Linear(config.n_embd, config.n_embd + 2 * kv_dim)
+        self.c_proj = nn.Linear(config.n_embd, config.n_embd)
         self.resid_dropout = nn.Dropout(config.dropout)
         self.rotary = RotaryEmbedding(self.head_dim, config.rope_theta) if config.pos_encoding == "rope" else None
 
     def forward(
-        self, x: torch.Tensor, positions: torch.Tensor, cache: KVCache | None = None, valid: torch.Tensor | None = None
+        self,
+        x: torch.Tensor,
+        positions: torch.Tensor,
+        cache: KVCache | None = None,
+        valid: torch.Tensor | None = None,
+        slot_index: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        """``x`` (B, T, C) at sequence ``positions``; ``valid`` (B, T) marks real tokens of a padded batch."""
+        """``x`` (B, T, C) at sequence ``positions``; ``valid`` (B, T) marks real tokens of a padded batch.
+        ``slot_index`` (1,): the sequence index of the one new token, written there in ``cache``."""
         B, T, C = x.shape
         hs, nh, nkv = self.head_dim, self.n_head, self.n_kv_head
         q, k, v = self.c_attn(x).split([nh * hs, nkv * hs, nkv * hs], dim=2)
@@ -53,16 +62,21 @@ class CausalSelfAttention(nn.Module):
         v = v.view(B, T, nkv, hs).transpose(1, 2)  # (B, nkv, T, hs)
         if self.rotary is not None:
             q, k = self.rotary(q, positions), self.rotary(k, positions)
-        y = self._attend(q, k, v, cache, valid)  # (B, nh, T, hs)
+        if slot_index is None:
+            y = self._attend(q, k, v, cache, valid)  # (B, nh, T, hs)
+        else:
+            y = self._attend_at(q, k, v, cache, slot_index)  # (B, nh, 1, hs)
         y = y.transpose(1, 2).contiguous().view(B, T, C)  # re-assemble heads: (B, T, nh·hs)
         return self.resid_dropout(self.c_proj(y))
 
+    def _attend_at(self, q, k, v, cache: KVCache, slot_index: torch.Tensor) -> torch.Tensor:
+        """Compiled decoding's step: write at ``slot_index`` and read every slot through a mask (fixed shapes)."""
+        keys, values, key_index, key_valid = cache.write_at(k, v, slot_index)
+        key_valid = key_valid if cache.has_padding else None
+        return one_query_attention(q, keys, values, slot_index, key_index, key_valid, self.window)
+
     def _attend(self, q, k, v, cache: KVCache | None, valid: torch.Tensor | None) -> torch.Tensor:
         dropout_p = self.dropout if self.training else 0.0
-        if cache is not None and cache.step_index is not None:  # compiled decoding: fixed shapes, no host reads
-            keys, values, key_index, key_valid = cache.write_at(k, v)
-            key_valid = key_valid if cache.has_padding else None
-            return one_query_attention(q, keys, values, cache.step_index, key_index, key_valid, self.window)
         start = 0 if cache is None else cache.length
         if start == 0 and valid is None:  # nothing cached, no padding: the fast kernels
             if cache is not None:
@@ -106,13 +120,6 @@ class RotaryEmbedding(nn.Module):
         return torch.cat((x1 * cos - x2 * sin, x2 * cos + x1 * sin), dim=-1)
 
 
-def causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, dropout_p: float = 0.0) -> torch.Tensor:
-    """Full causal attention, (B, nh, T, hs) x (B, nkv, T, hs) -> (B, nh, T, hs)."""
-    return F.scaled_dot_product_attention(
-        q, k, v, is_causal=True, dropout_p=dropout_p, enable_gqa=q.shape[1] != k.shape[1]
-    )
-
-
 def masked_attention(
     q: torch.Tensor,
     k: torch.Tensor,
@@ -152,7 +159,7 @@ def visible_keys(query_index: torch.Tensor, key_index: torch.Tensor, window: int
 def one_query_attention(q, k, v, query_index, key_index, key_valid: torch.Tensor | None, window: int | None):
     """:func:`masked_attention` for one query per row, written as products and sums: compiled decoding's
     attention. Inductor fuses these into a few loops; SDPA's CPU kernel, called with a mask from inside
-    the compiled graph, made a GPT-2 124M int8 step 1-3 ms slower (docs/benchmarks.md).
+    the compiled graph, was slower (docs/benchmarks.md).
 
     q: (B, nh, 1, hs); k, v: (B, nkv, S, hs); query_index: (1,); the query's own key is among the visible.
     """

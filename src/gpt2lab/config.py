@@ -4,7 +4,11 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass
+from functools import partial
 from typing import Any
+
+import torch
+import torch.nn.functional as F
 
 from gpt2lab.errors import GPT2LabError, check_number, closest_hint, is_int
 
@@ -13,9 +17,14 @@ GPT2_VOCAB_SIZE = 50257
 GPT2_EOT_ID = 50256
 # How a training TOML (which has no null) spells a global layer in a per-layer window list.
 FULL_WINDOW = "full"
-# MLP nonlinearities: GPT-2's tanh approximation of GELU, the exact (erf) GELU, and ReLU (the original
-# Transformer's feed-forward network). model.MLP maps each name to its function.
-ACTIVATIONS = ("gelu_tanh", "gelu", "relu")
+# The MLP's nonlinearity by config name: GPT-2's tanh approximation of GELU, the exact (erf) GELU, and ReLU
+# (the original Transformer's feed-forward network). The exact form moves GPT-2 124M's logits by ~1e-3, so a
+# checkpoint must be run with the one it was trained with.
+ACTIVATIONS = {
+    "gelu_tanh": partial(F.gelu, approximate="tanh"),
+    "gelu": F.gelu,
+    "relu": F.relu,
+}
 
 
 @dataclass
@@ -70,7 +79,7 @@ class GPTConfig:
             raise GPT2LabError(f"config: pos_encoding must be 'learned' or 'rope', got {self.pos_encoding!r}")
         if self.pos_encoding == "rope" and self.head_dim % 2:
             raise GPT2LabError(f"config: rope needs an even head size, got {self.head_dim}")
-        if self.activation not in ACTIVATIONS:
+        if not isinstance(self.activation, str) or self.activation not in ACTIVATIONS:
             raise GPT2LabError(
                 f"config: activation must be one of {', '.join(ACTIVATIONS)}, got {self.activation!r}"
                 + (closest_hint(self.activation, ACTIVATIONS) if isinstance(self.activation, str) else "")
@@ -81,12 +90,11 @@ class GPTConfig:
         self._validate_window()
 
     def _validate_window(self) -> None:
-        windows = self.window if isinstance(self.window, list) else [self.window]
         if isinstance(self.window, list) and len(self.window) != self.n_layer:
             raise GPT2LabError(
                 f"config: window list has {len(self.window)} entries but the model has {self.n_layer} layers"
             )
-        for w in windows:
+        for w in self.window if isinstance(self.window, list) else [self.window]:
             if w is None:
                 continue
             if not is_int(w) or w < 1:
@@ -102,13 +110,12 @@ class GPTConfig:
         return self.n_embd // self.n_head
 
     def layer_window(self, layer: int) -> int | None:
+        """The window of layer ``layer``: W keys seen by each query, or None for a global layer."""
         return self.window[layer] if isinstance(self.window, list) else self.window
 
-    @property
-    def max_window(self) -> int | None:
-        """The largest window, or None if any layer attends globally (its KV cache must grow)."""
-        windows = [self.layer_window(i) for i in range(self.n_layer)]
-        return None if any(w is None for w in windows) else max(windows)
+    def layer_windows(self) -> list[int | None]:
+        """The window of every layer, first to last (None: a global layer)."""
+        return [self.layer_window(i) for i in range(self.n_layer)]
 
     def check_length(self, length: int) -> None:
         """Learned positions stop at block_size; RoPE models extrapolate (and slide, with a window)."""
@@ -151,3 +158,27 @@ PRESETS: dict[str, dict[str, Any]] = {
     "tiny": dict(n_layer=2, n_head=4, n_embd=64, block_size=128),
     "small": dict(n_layer=6, n_head=6, n_embd=384, block_size=256),
 }
+
+
+# Weight dtypes by the names users write (``--dtype``, ``from_pretrained(dtype=...)``).
+DTYPE_NAMES: dict[str, torch.dtype] = {
+    "float32": torch.float32,
+    "fp32": torch.float32,
+    "float": torch.float32,
+    "bfloat16": torch.bfloat16,
+    "bf16": torch.bfloat16,
+    "float16": torch.float16,
+    "fp16": torch.float16,
+    "half": torch.float16,
+    "float64": torch.float64,
+}
+
+
+def parse_dtype(dtype: torch.dtype | str | None) -> torch.dtype | None:
+    """A ``torch.dtype`` from a name such as ``"bfloat16"``, ``"bf16"`` or ``"torch.float32"``; None stays None."""
+    if dtype is None or isinstance(dtype, torch.dtype):
+        return dtype
+    key = str(dtype).removeprefix("torch.")
+    if key not in DTYPE_NAMES:
+        raise GPT2LabError(f"unknown dtype '{dtype}'{closest_hint(key, DTYPE_NAMES)}")
+    return DTYPE_NAMES[key]

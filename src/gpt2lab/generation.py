@@ -18,6 +18,7 @@ import torch
 from gpt2lab.config import GPT2_EOT_ID
 from gpt2lab.errors import GPT2LabError
 from gpt2lab.kernels.compiled_decoding import CompiledDecoder, cache_capacity
+from gpt2lab.tokenizer import load_tokenizer
 
 
 @dataclass(frozen=True)
@@ -189,8 +190,6 @@ class StopConditions:
         self.tokens = {s for s in stop if isinstance(s, int)}
         strings = [s for s in stop if isinstance(s, str)]
         if strings and tokenizer is None:
-            from gpt2lab.tokenizer import load_tokenizer
-
             tokenizer = load_tokenizer()
         self.tokenizer = tokenizer
         self.texts = [StopStrings(strings) for _ in range(batch)] if strings else None

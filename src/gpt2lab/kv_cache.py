@@ -8,9 +8,10 @@ does not matter: masks are built from the sequence index stored with each slot.
 Everything the attention layer needs to choose its path (how many tokens are stored, whether any is
 padding) is kept on the host, so a decoding step never waits for the device to answer a question.
 
-Compiled decoding (:mod:`gpt2lab.kernels.compiled_decoding`) sets ``step_index``, the next token's sequence
-index as a tensor: :meth:`write_at` then writes there and returns the whole buffers, so every step has
-the same shapes and reads nothing from the host, and one compiled graph serves them all.
+Compiled decoding (:mod:`gpt2lab.kernels.compiled_decoding`) calls :meth:`GPT.decode_step` with the next
+token's sequence index as a tensor: attention passes it to :meth:`write_at`, which writes there and returns
+the whole buffers, so every step has the same shapes and reads nothing from the host, and one compiled
+graph serves them all. The decoder, not the cache, advances ``length`` after such a step.
 """
 
 from __future__ import annotations
@@ -42,7 +43,6 @@ class KVCache:
         self.key_valid = torch.ones(batch, size, dtype=torch.bool, device=device)  # False: a padding token
         self.length = 0  # tokens written so far = sequence index of the next token
         self.has_padding = False  # whether any stored token is padding (then key_valid must be applied)
-        self.step_index: torch.Tensor | None = None  # (1,): compiled decoding's next sequence index
 
     @property
     def capacity(self) -> int:
@@ -72,17 +72,17 @@ class KVCache:
         self.v[:, :, slots] = v
         self.length += T
 
-    def write_at(self, k: torch.Tensor, v: torch.Tensor):
-        """Store one new token's (B, nkv, 1, hs) key/value at sequence index ``step_index``, with shapes that
-        never change: return every slot, ``(keys, values, key_index, key_valid)``, for a mask to select from.
+    def write_at(self, k: torch.Tensor, v: torch.Tensor, index: torch.Tensor):
+        """Store one new token's (B, nkv, 1, hs) key/value at sequence ``index`` (a (1,) tensor), with shapes
+        that never change: return every slot, ``(keys, values, key_index, key_valid)``, for a mask to select from.
 
-        Only tensors change; the caller advances ``length`` and ``step_index`` after the step.
+        Only tensors change, so this runs inside a compiled graph; the caller advances ``length`` afterwards.
         """
-        slot = self.step_index % self.capacity  # a ring's slot; a linear buffer's slot is the index itself
+        slot = index % self.capacity  # a ring's slot; a linear buffer's slot is the index itself
         self.k.index_copy_(2, slot, k)
         self.v.index_copy_(2, slot, v)
         if self.window is not None:  # a linear buffer's indices and validity are preset
-            self.key_index.index_copy_(0, slot, self.step_index)
+            self.key_index.index_copy_(0, slot, index)
             self.key_valid.index_fill_(1, slot, True)
         return self.k, self.v, self.key_index, self.key_valid
 

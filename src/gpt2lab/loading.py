@@ -13,7 +13,8 @@ from pathlib import Path
 import torch
 
 from gpt2lab.checkpoints.train_state import read_run_weights, run_checkpoint
-from gpt2lab.kernels.precision import parse_dtype
+from gpt2lab.config import parse_dtype
+from gpt2lab.kernels.inference import apply_inference_kernels
 from gpt2lab.model import GPT
 from gpt2lab.tokenizer import Tokenizer, check_model_vocab, load_tokenizer
 
@@ -36,12 +37,10 @@ def load_model(
 def load_model_and_tokenizer(
     path: str | Path, dtype: torch.dtype | str | None = None, device: torch.device | str | None = None
 ) -> tuple[GPT, Tokenizer]:
-    """:func:`load_model` and the tokenizer stored beside it (GPT-2's BPE where none is), checked to fit.
-    ``dtype="int8"`` quantizes the fp32 weights after loading (:meth:`GPT.quantize`)."""
-    if dtype == "int8":
-        model = load_model(path, device=device).quantize("int8")
-    else:
-        model = load_model(path, dtype=dtype, device=device)
+    """:func:`load_model` for inference: in eval mode, cast to ``dtype`` with the kernels that win for that
+    dtype swapped in (:func:`gpt2lab.kernels.apply_inference_kernels`; ``dtype="int8"`` quantizes the fp32
+    weights), and the tokenizer stored beside it (GPT-2's BPE where none is), checked to fit."""
+    model = apply_inference_kernels(load_model(path, device=device), dtype)
     tokenizer = load_tokenizer(path)
     check_model_vocab(tokenizer, model.config.vocab_size, path)
     return model, tokenizer

@@ -1,16 +1,20 @@
-"""GPT-2, top to bottom: token and position embeddings, pre-norm blocks of attention and MLP, a final
-LayerNorm, and the LM head tied to the token embedding.
+"""GPT-2, top to bottom: the MLP, the attention block (:mod:`gpt2lab.attention`), the pre-norm Block, and
+GPT itself: token and position embeddings, a stack of blocks, a final LayerNorm and the LM head tied to
+the token embedding. Every projection is a plain ``nn.Linear``.
 
 Parameter names follow the original checkpoints (``transformer.h.0.attn.c_attn.weight`` …), so the
-readers in :mod:`gpt2lab.checkpoints` only rename prefixes and transpose Conv1D weights. The attention
-variants live in :mod:`gpt2lab.attention`; the CPU kernel choices in :mod:`gpt2lab.kernels.cpu_linear`; the
-memory-saving loss in :mod:`gpt2lab.kernels.lm_head_loss`; generation in :mod:`gpt2lab.generation`.
+readers in :mod:`gpt2lab.checkpoints` only rename prefixes and transpose Conv1D weights. What makes the
+model faster without changing what it computes lives outside it, in :mod:`gpt2lab.kernels`, and is applied
+from outside: CPU kernels and int8 weights swap its ``nn.Linear`` modules, the training loss reads
+:meth:`GPT.hidden_states`, compiled decoding calls :meth:`GPT.decode_step`. Generation is
+:mod:`gpt2lab.generation`.
+
+Shapes: B batch, T tokens, C = n_embd, V = vocab_size.
 """
 
 from __future__ import annotations
 
 import math
-from functools import partial
 from pathlib import Path
 
 import torch
@@ -18,19 +22,12 @@ import torch.nn.functional as F
 from torch import nn
 
 from gpt2lab.attention import CausalSelfAttention
-from gpt2lab.config import GPTConfig
+from gpt2lab.checkpoints import export_hf, read_checkpoint, write_gpt2lab
+from gpt2lab.checkpoints.convert import pool_kv_heads
+from gpt2lab.config import ACTIVATIONS, GPTConfig, parse_dtype
 from gpt2lab.errors import GPT2LabError
-from gpt2lab.kernels.cpu_linear import Linear
-from gpt2lab.kernels.lm_head_loss import LMHeadLoss
+from gpt2lab.generation import generate
 from gpt2lab.kv_cache import KVCache
-
-# The MLP's nonlinearity by config name. GPT-2 uses the tanh approximation of GELU; the exact erf form
-# moves 124M logits by ~1e-3, so a checkpoint must be run with the one it was trained with.
-ACTIVATION_FUNCTIONS = {
-    "gelu_tanh": partial(F.gelu, approximate="tanh"),
-    "gelu": F.gelu,
-    "relu": F.relu,
-}
 
 
 class MLP(nn.Module):
@@ -38,13 +35,13 @@ class MLP(nn.Module):
 
     def __init__(self, config: GPTConfig) -> None:
         super().__init__()
-        self.c_fc = Linear(config.n_embd, 4 * config.n_embd)
-        self.activation = ACTIVATION_FUNCTIONS[config.activation]
-        self.c_proj = Linear(4 * config.n_embd, config.n_embd)
+        self.c_fc = nn.Linear(config.n_embd, 4 * config.n_embd)
+        self.activation = ACTIVATIONS[config.activation]
+        self.c_proj = nn.Linear(4 * config.n_embd, config.n_embd)
         self.dropout = nn.Dropout(config.dropout)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.dropout(self.c_proj(self.activation(self.c_fc(x))))
+        return self.dropout(self.c_proj(self.activation(self.c_fc(x))))  # (B, T, C) -> (B, T, 4C) -> (B, T, C)
 
 
 class Block(nn.Module):
@@ -57,13 +54,29 @@ class Block(nn.Module):
         self.ln_2 = nn.LayerNorm(config.n_embd, eps=config.layer_norm_epsilon)
         self.mlp = MLP(config)
 
-    def forward(self, x, positions, cache=None, valid=None):
-        x = x + self.attn(self.ln_1(x), positions, cache, valid)
+    def forward(self, x, positions, cache=None, valid=None, slot_index=None):
+        x = x + self.attn(self.ln_1(x), positions, cache, valid, slot_index)  # (B, T, C)
         return x + self.mlp(self.ln_2(x))
 
 
 class GPT(nn.Module):
-    quantized: str | None = None  # "int8" once quantize() has run: inference only
+    """The decoder of "Language Models are Unsupervised Multitask Learners" (Radford et al. 2019).
+
+    The paper's model, in this code:
+
+    * input: token embedding ``transformer.wte`` + learned position embedding ``transformer.wpe``
+      (``pos_encoding="rope"`` drops ``wpe`` and rotates queries and keys instead), then dropout;
+    * ``n_layer`` :class:`Block` s (``transformer.h``), layer normalization moved to the input of each
+      sub-block (section 2.3) and the residual projections' init scaled by 1/sqrt(2·n_layer);
+    * an extra layer normalization after the final block (``transformer.ln_f``);
+    * the output projection ``lm_head``, sharing its matrix with ``wte``.
+
+    :meth:`forward` gives logits; :meth:`hidden_states` the final-LayerNorm activations from which a
+    loss without the logits is computed (:mod:`gpt2lab.kernels.lm_head_loss`); :meth:`loss` the plain
+    cross-entropy.
+    """
+
+    quantized: str | None = None  # the scheme (e.g. "int8") once gpt2lab.quantize has run: inference only
 
     def __init__(self, config: GPTConfig) -> None:
         super().__init__()
@@ -77,7 +90,7 @@ class GPT(nn.Module):
         if config.pos_encoding == "learned":
             parts["wpe"] = nn.Embedding(config.block_size, config.n_embd)
         self.transformer = nn.ModuleDict(parts)
-        self.lm_head = Linear(config.n_embd, config.vocab_size, bias=False)
+        self.lm_head = nn.Linear(config.n_embd, config.vocab_size, bias=False)
         self.lm_head.weight = self.transformer.wte.weight  # tied, as in GPT-2
         self.apply(self._init_weights)
         # GPT-2 scales the init of the projections that write into the residual stream by
@@ -99,47 +112,73 @@ class GPT(nn.Module):
     def forward(
         self,
         idx: torch.Tensor,
-        targets: torch.Tensor | None = None,
         *,
         cache: list[KVCache] | None = None,
         attention_mask: torch.Tensor | None = None,
         position_ids: torch.Tensor | None = None,
         last_only: bool = False,
-        return_logits: bool = True,
-    ):
-        """Logits (B, T, vocab) for token ids (B, T); with ``targets``, also the mean cross-entropy.
+    ) -> torch.Tensor:
+        """Logits (B, T, V) for token ids (B, T); (B, 1, V) for the last position only with ``last_only``.
 
-        ``targets`` equal to -1 are ignored; ``return_logits=False`` (training, evaluation) gives
-        ``(None, loss)``, computed by :class:`LMHeadLoss` without materialising the logits.
         ``cache`` (from :meth:`new_cache`) makes the call incremental; ``attention_mask`` (B, T) marks
         real tokens (1) and padding (0) of a left-padded batch; ``position_ids`` default to the sequence
-        index; ``last_only`` computes logits for the last position only (generation).
+        index.
         """
-        B, T = idx.shape
-        if cache is not None and cache[0].step_index is not None:  # compiled decoding: see kv_cache.py
-            position_ids = cache[0].step_index if position_ids is None else position_ids
-        else:
-            start = 0 if cache is None else cache[0].length
-            self.config.check_length(start + T)
-            if position_ids is None:
-                position_ids = torch.arange(start, start + T, device=idx.device)
-        valid = None if attention_mask is None else attention_mask.to(torch.bool)
+        x = self.hidden_states(idx, cache=cache, attention_mask=attention_mask, position_ids=position_ids)
+        return self.lm_head(x[:, -1:] if last_only else x)  # (B, T, V)
 
-        x = self.transformer.wte(idx)  # token embeddings (B, T, C)
-        if self.config.pos_encoding == "learned":
-            x = x + self.transformer.wpe(position_ids)  # + position embeddings
-        x = self.transformer.drop(x)
+    def hidden_states(
+        self,
+        idx: torch.Tensor,
+        *,
+        cache: list[KVCache] | None = None,
+        attention_mask: torch.Tensor | None = None,
+        position_ids: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """The final LayerNorm's output (B, T, C): what the LM head multiplies by ``wte``. Arguments as
+        :meth:`forward`'s."""
+        T = idx.shape[1]
+        start = 0 if cache is None else cache[0].length
+        self.config.check_length(start + T)
+        if position_ids is None:
+            position_ids = torch.arange(start, start + T, device=idx.device)
+        valid = None if attention_mask is None else attention_mask.to(torch.bool)
+        x = self._embed(idx, position_ids)
         for i, block in enumerate(self.transformer.h):
             x = block(x, position_ids, None if cache is None else cache[i], valid)
-        x = self.transformer.ln_f(x)
-        if last_only:
-            x = x[:, -1:]
-        if targets is None:
-            return self.lm_head(x)  # (B, T, vocab)
-        if not return_logits and self.quantized is None:
-            return None, LMHeadLoss.apply(x.flatten(0, 1), self.lm_head.weight, targets.flatten())
-        logits = self.lm_head(x)
-        return logits, F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten(), ignore_index=-1)
+        return self.transformer.ln_f(x)
+
+    def decode_step(
+        self,
+        tokens: torch.Tensor,
+        index: torch.Tensor,
+        cache: list[KVCache],
+        position_ids: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """Logits (B, 1, V) of one new token per row (``tokens`` (B, 1)) at sequence ``index`` ((1,) tensor).
+
+        Each layer writes its key and value at that index of its cache and attends over every slot
+        through a mask, so all steps have the same shapes and read nothing from the host: one compiled
+        graph serves them all (:mod:`gpt2lab.kernels.compiled_decoding`, which advances the caches'
+        lengths). ``position_ids`` (B, 1) default to ``index`` (they differ for left-padded rows).
+        """
+        positions = index if position_ids is None else position_ids
+        x = self._embed(tokens, positions)
+        for block, layer_cache in zip(self.transformer.h, cache, strict=True):
+            x = block(x, positions, layer_cache, slot_index=index)
+        return self.lm_head(self.transformer.ln_f(x))
+
+    def _embed(self, idx: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+        x = self.transformer.wte(idx)  # token embeddings (B, T, C)
+        if self.config.pos_encoding == "learned":
+            x = x + self.transformer.wpe(positions)  # + position embeddings
+        return self.transformer.drop(x)
+
+    def loss(self, idx: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        """Mean next-token cross-entropy of the logits against ``targets`` (B, T); targets of -1 are ignored.
+        Training computes the same value without the (B, T, V) logits: :mod:`gpt2lab.kernels.lm_head_loss`."""
+        logits = self(idx)
+        return F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten(), ignore_index=-1)
 
     def new_cache(
         self, batch: int, capacity: int, dtype: torch.dtype | None = None, device: torch.device | str | None = None
@@ -148,10 +187,8 @@ class GPT(nn.Module):
         ref = self.transformer.wte.weight
         c = self.config
         return [
-            KVCache(
-                batch, c.n_kv_head, c.head_dim, capacity, c.layer_window(i), dtype or ref.dtype, device or ref.device
-            )
-            for i in range(c.n_layer)
+            KVCache(batch, c.n_kv_head, c.head_dim, capacity, window, dtype or ref.dtype, device or ref.device)
+            for window in c.layer_windows()
         ]
 
     # ------------------------------------------------------------------ utilities
@@ -168,15 +205,6 @@ class GPT(nn.Module):
     def device(self) -> torch.device:
         return self.transformer.wte.weight.device
 
-    def quantize(self, scheme: str = "int8") -> GPT:
-        """Make every linear layer int8 (per-output-channel scales), in place, for CPU inference; returns the
-        model, which then refuses training. See :mod:`gpt2lab.kernels.quantize`."""
-        from gpt2lab.kernels.quantize import quantize_model
-
-        quantize_model(self, scheme)
-        self.quantized = scheme
-        return self.eval()
-
     def train(self, mode: bool = True) -> GPT:
         if mode and self.quantized is not None:
             raise GPT2LabError(
@@ -186,16 +214,12 @@ class GPT(nn.Module):
 
     def generate(self, prompts, max_new_tokens: int, **options):
         """Sample up to ``max_new_tokens`` after each prompt: see :func:`gpt2lab.generation.generate`."""
-        from gpt2lab.generation import generate
-
         return generate(self, prompts, max_new_tokens, **options)
 
     def convert_to_gqa(self, n_kv_head: int, init: str = "mean") -> GPT:
         """A copy with ``n_kv_head`` key/value heads, each the mean of its group's heads (or, with
         ``init="first"``, the group's first head): the starting point of GQA uptraining.
         See :func:`gpt2lab.checkpoints.convert.pool_kv_heads`."""
-        from gpt2lab.checkpoints.convert import pool_kv_heads
-
         config, state = pool_kv_heads(self.config, self.state_dict(), n_kv_head, init)
         new = GPT(config).to(device=self.device, dtype=self.lm_head.weight.dtype)
         new.load_state_dict(state)
@@ -214,9 +238,6 @@ class GPT(nn.Module):
         carry weights, not the regularisation of the run that produced them. Every failure is a one-line
         :class:`GPT2LabError`.
         """
-        from gpt2lab.checkpoints import read_checkpoint
-        from gpt2lab.kernels.precision import parse_dtype
-
         dtype = parse_dtype(dtype)
         config, state = read_checkpoint(name_or_path)
         model = cls(config)
@@ -226,8 +247,6 @@ class GPT(nn.Module):
 
     def save_pretrained(self, directory: str | Path) -> None:
         """Write ``model.safetensors`` + ``config.json`` (gpt2lab's own format), each file atomically."""
-        from gpt2lab.checkpoints import write_gpt2lab
-
         write_gpt2lab(directory, self.config, self._state_to_save())
 
     def export_hf(self, directory: str | Path) -> str:
@@ -235,8 +254,6 @@ class GPT(nn.Module):
         logits, and return its model type: ``"gpt2"`` (GQA with repeated K/V heads), ``"gpt_bigcode"`` (MQA)
         or ``"starcoder2"`` (RoPE). Per-layer windows and learned positions with a window are refused.
         See :mod:`gpt2lab.checkpoints.hf_variants`."""
-        from gpt2lab.checkpoints import export_hf
-
         return export_hf(directory, self.config, self._state_to_save(), self.lm_head.weight.dtype)
 
     def _state_to_save(self) -> dict[str, torch.Tensor]:

@@ -1,4 +1,5 @@
-"""Sliding-window attention in O(T·W): query i sees keys i-W+1 .. i (W keys, itself included).
+"""Causal attention: full (one SDPA call, :func:`causal_attention`) and sliding-window in O(T·W), where
+query i sees keys i-W+1 .. i (W keys, itself included).
 
 The sequence is cut into chunks of W queries. Every key a chunk needs lies in the chunk itself or the
 one before, so each chunk attends to 2W keys under one shared (W, 2W) band mask. On CPU without
@@ -34,7 +35,7 @@ def sliding_window_attention(
     """
     T = q.shape[2]
     if T <= window:
-        return _causal(q, k, v, dropout_p)
+        return causal_attention(q, k, v, dropout_p)
     pad = -T % window  # padded keys sit after every real query, so causality hides them
     if pad:
         q, k, v = (F.pad(t, (0, 0, 0, pad)) for t in (q, k, v))
@@ -50,11 +51,11 @@ def _banded_sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, window: int,
 
     The 2W-key blocks are copies, and so are their gradients: twice the memory of the CPU path.
     Chunks are folded into the batch dimension because SDPA's flash kernels take 4-D inputs only;
-    5-D inputs fall back to the math kernel, which materialises the scores (2x slower here).
+    5-D inputs fall back to the math kernel, which materialises the scores (slower: docs/benchmarks.md).
     """
     B, nh, L, hs = q.shape
     nkv, n = k.shape[1], L // window
-    first = _causal(q[:, :, :window], k[:, :, :window], v[:, :, :window], dropout_p)
+    first = causal_attention(q[:, :, :window], k[:, :, :window], v[:, :, :window], dropout_p)
 
     def chunks(t: torch.Tensor) -> torch.Tensor:
         return t.unflatten(2, (n, window)).transpose(1, 2)  # (B, n, h, W, hs)
@@ -95,7 +96,7 @@ class _BandedAttentionCPU(torch.autograd.Function):
     """The banded kernel on the CPU flash operator, with views instead of copies.
 
     Through SDPA, the (2W-key) blocks must be materialised (2x K and V) and so must their gradients,
-    which took about twice the peak memory of full causal attention at T=8192. Here the blocks are
+    which took more peak memory than full causal attention at long T (docs/benchmarks.md). Here the blocks are
     overlapping views of K and V, the output is written in place, and the backward pass runs a few
     chunks at a time, accumulating straight into the input gradients: beyond those three gradients
     and the output, only per-call temporaries are alive, so the peak stays below full attention's.
@@ -147,6 +148,9 @@ class _BandedAttentionCPU(torch.autograd.Function):
         return *grads, None
 
 
-def _causal(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, dropout_p: float) -> torch.Tensor:
-    gqa = q.shape[1] != k.shape[1]
-    return F.scaled_dot_product_attention(q, k, v, is_causal=True, dropout_p=dropout_p, enable_gqa=gqa)
+def causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, dropout_p: float = 0.0) -> torch.Tensor:
+    """Full causal attention, (B, nh, T, hs) x (B, nkv, T, hs) -> (B, nh, T, hs). K/V heads are never
+    repeated for GQA/MQA: SDPA's ``enable_gqa`` broadcasts them over their query heads."""
+    return F.scaled_dot_product_attention(
+        q, k, v, is_causal=True, dropout_p=dropout_p, enable_gqa=q.shape[1] != k.shape[1]
+    )

@@ -47,7 +47,7 @@ def assert_same_logits_and_loss(hf, model: GPT, idx: torch.Tensor) -> None:
         ref = hf(idx, labels=idx)  # transformers shifts the labels inside: position t predicts idx[t + 1]
         # The same targets, shifted here; the last position has no next token and is ignored (-1).
         targets = torch.cat((idx[:, 1:], torch.full_like(idx[:, :1], -1)), dim=1)
-        logits, loss = model(idx, targets)
+        logits, loss = model(idx), model.loss(idx, targets)
     assert ref.logits.std() > 0.5  # not a degenerate random model
     assert (logits - ref.logits).abs().max().item() <= 1e-4
     assert abs(loss.item() - ref.loss.item()) <= 1e-5

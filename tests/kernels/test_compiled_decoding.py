@@ -8,7 +8,7 @@ import pytest
 import torch
 from torch._dynamo.exc import BackendCompilerFailed
 
-from gpt2lab import GPT, GPT2LabError, GPTConfig
+from gpt2lab import GPT, GPT2LabError, GPTConfig, quantize
 from gpt2lab.attention import masked_attention, one_query_attention
 from gpt2lab.kernels import choice as kernel_choice
 from gpt2lab.kernels import compiled_decoding
@@ -56,7 +56,7 @@ def test_compiled_greedy_decoding_equals_eager(variant):
 
 def test_compiled_int8_decoding_is_one_graph_with_the_eager_tokens():
     """fullgraph=True turns any graph break into an error: FBGEMM's int8 product must stay inside the graph."""
-    model = tiny_model(**VARIANTS["learned-mha-full"]).quantize("int8")
+    model = quantize(tiny_model(**VARIANTS["learned-mha-full"]), "int8")
     prompt = torch.randint(0, 97, (1, 7))
     compiled = model.generate(prompt, 16, temperature=0, compile=True)
     assert torch.equal(compiled, model.generate(prompt, 16, temperature=0))
@@ -95,7 +95,7 @@ def test_compiled_decoding_refuses_what_it_cannot_do():
 
 def test_a_copied_int8_layer_is_found_as_itself():
     """Under compilation an int8 layer is found by id: a copy must not call its original's weights."""
-    model = tiny_model(**VARIANTS["learned-mha-full"]).quantize("int8")
+    model = quantize(tiny_model(**VARIANTS["learned-mha-full"]), "int8")
     twin = copy.deepcopy(model)
     layer, copied = model.lm_head, twin.lm_head
     assert copied.layer_id != layer.layer_id

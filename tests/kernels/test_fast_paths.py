@@ -7,7 +7,7 @@ import torch.nn.functional as F
 import gpt2lab.kernels.choice as kernel_choice
 import gpt2lab.kernels.cpu_linear as cpu_linear
 import gpt2lab.sliding_window as sliding_window
-from gpt2lab import GPT, GPTConfig
+from gpt2lab import GPT, GPTConfig, apply_inference_kernels
 from gpt2lab.errors import GPT2LabError
 from gpt2lab.kernels.cpu_linear import Linear
 
@@ -208,10 +208,12 @@ def test_banded_cpu_kernel_in_bf16_matches_the_sdpa_path():
 
 
 def test_bf16_model_with_packed_weights_gives_the_plain_bf16_logits(monkeypatch):
-    """A whole bf16 GPT, all positions at once and step by step with the KV cache, against the same model
-    through plain nn.Linear (PyTorch's bf16 kernel, as on CPUs with bf16 instructions)."""
+    """A whole bf16 GPT with the inference kernels swapped in, all positions at once and step by step with the
+    KV cache, against the same model through plain nn.Linear (PyTorch's bf16 kernel, as on CPUs with bf16
+    instructions)."""
     torch.manual_seed(0)
-    model = GPT(GPTConfig.from_preset("tiny", vocab_size=300)).to(torch.bfloat16).eval()
+    model = apply_inference_kernels(GPT(GPTConfig.from_preset("tiny", vocab_size=300)), torch.bfloat16)
+    assert len([m for m in model.modules() if type(m) is Linear]) == 2 * 4 + 1
     idx = torch.randint(0, 300, (2, 12))
     _pin(monkeypatch, "linear")
     with torch.no_grad():

@@ -9,7 +9,7 @@ from torch.ao.nn.quantized.dynamic import Linear as DynamicInt8Linear
 from training_helpers import tiny_config
 
 import gpt2lab.kernels.choice as kernel_choice
-from gpt2lab import GPT, GPTConfig
+from gpt2lab import GPT, GPTConfig, quantize
 from gpt2lab.cli.main import main
 from gpt2lab.errors import GPT2LabError
 from gpt2lab.eval.loss import evaluate, load_tokens
@@ -19,16 +19,18 @@ pytestmark = pytest.mark.usefixtures("fresh_kernel_choices")  # conftest: no cho
 
 
 def test_info_kernels_lists_every_choice_with_the_times_that_decided_it(capsys, monkeypatch):
-    """Each product shape of the tiny model's decode (prompt rows and 1-row steps, fp32 and bf16) and the
-    training dtype appear once, the picked candidate being the fastest measured; a pin shows as pinned."""
+    """Each product shape of the tiny model's decode in bf16 (prompt rows and 1-row steps) and the training
+    dtype appear once, the picked candidate being the fastest measured; a pin shows as pinned. fp32 weights
+    keep nn.Linear (apply_inference_kernels), so they make no choice."""
     assert main(["info", "--config", "tiny", "--kernels", "--json"]) == 0
     report = json.loads(capsys.readouterr().out)
     choices = report["choices"]
     assert report["cpu"]["model"] and report["threads"] >= 1
     shapes = {(c["operation"], c["shape"]) for c in choices}
-    # per dtype: 4 block shapes for the 8-token prompt and for 1-token steps, the head for the last row only
-    assert len(shapes) == len(choices) == 2 * (4 + 4 + 1) + 1  # + the training dtype probe
-    assert ("linear fp32", "<=1 rows, 64->192 +bias") in shapes and ("linear bf16", "<=8 rows, 256->64 +bias") in shapes
+    # 4 block shapes for the 8-token prompt and for 1-token steps, the head for the last row only
+    assert len(shapes) == len(choices) == (4 + 4 + 1) + 1  # + the training dtype probe
+    assert ("linear bf16", "<=1 rows, 64->192 +bias") in shapes and ("linear bf16", "<=8 rows, 256->64 +bias") in shapes
+    assert not any(operation == "linear fp32" for operation, _ in shapes)
     for c in choices:
         assert c["how"] == "measured" and c["picked"] == min(c["seconds"], key=c["seconds"].get)
     assert {"fp32", "bf16_autocast"} == set(choices[-1]["seconds"])
@@ -56,7 +58,7 @@ def test_int8_logits_follow_fp32_on_a_124m_shaped_model():
     idx = torch.randint(0, 50257, (2, 24))
     with torch.no_grad():
         fp32 = model(idx)
-        int8 = model.quantize("int8")(idx)
+        int8 = quantize(model, "int8")(idx)
     assert int8.shape == fp32.shape and int8.dtype == torch.float32
     assert _cosine(int8, fp32) >= 0.99
     layers = [m for m in model.modules() if isinstance(m, DynamicInt8Linear)]
@@ -79,7 +81,7 @@ def test_int8_perplexity_and_greedy_tokens_follow_fp32(trained_run, corpus):
     """Held-out perplexity within 1% of fp32's; greedy continuations of 16 prompts mostly identical."""
     from gpt2lab.loading import load_model
 
-    fp32, int8 = load_model(trained_run).eval(), load_model(trained_run).quantize("int8")
+    fp32, int8 = load_model(trained_run).eval(), quantize(load_model(trained_run), "int8")
     tokens = load_tokens(corpus)[0]
     ppl = {name: evaluate(m, tokens, 32, 8, max_tokens=4096).perplexity for name, m in [("fp32", fp32), ("int8", int8)]}
     assert ppl["fp32"] < 1000  # trained: uniform would be 50257
@@ -91,19 +93,19 @@ def test_int8_perplexity_and_greedy_tokens_follow_fp32(trained_run, corpus):
 
 def test_int8_decoding_with_the_cache_matches_without():
     torch.manual_seed(0)
-    model = GPT(GPTConfig.from_preset("tiny", vocab_size=300)).quantize("int8")
+    model = quantize(GPT(GPTConfig.from_preset("tiny", vocab_size=300)), "int8")
     prompts = [[5, 6, 7], [1, 2, 3, 4, 5, 6]]  # ragged: left padding and masks
     assert model.generate(prompts, 10, temperature=0) == model.generate(prompts, 10, temperature=0, use_cache=False)
 
 
 def test_int8_model_refuses_training_and_saving(tmp_path):
-    model = GPT(GPTConfig.from_preset("tiny", vocab_size=300)).quantize("int8")
+    model = quantize(GPT(GPTConfig.from_preset("tiny", vocab_size=300)), "int8")
     with pytest.raises(GPT2LabError, match="has int8 weights and cannot be trained"):
         model.train()
     with pytest.raises(GPT2LabError, match="int8 weights cannot be saved"):
         model.save_pretrained(tmp_path)
     with pytest.raises(GPT2LabError, match="unknown quantization 'int4'"):
-        GPT(GPTConfig.from_preset("tiny", vocab_size=300)).quantize("int4")
+        quantize(GPT(GPTConfig.from_preset("tiny", vocab_size=300)), "int4")
 
 
 def test_cli_generate_and_eval_in_int8(trained_run, corpus, capsys):

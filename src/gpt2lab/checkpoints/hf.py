@@ -167,7 +167,7 @@ def _refuse_what_transformers_cannot_compute(c: GPTConfig) -> None:
         unsupported.append(f"{c.pos_encoding} positions")
     if c.n_kv_head != c.n_head:
         unsupported.append(f"{c.n_kv_head} key/value heads for {c.n_head} query heads")
-    if any(c.layer_window(i) is not None for i in range(c.n_layer)):
+    if any(w is not None for w in c.layer_windows()):
         unsupported.append(f"sliding-window attention (window={c.window})")
     if unsupported:
         raise GPT2LabError(

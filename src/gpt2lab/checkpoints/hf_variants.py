@@ -41,7 +41,7 @@ __all__ = ["export_hf", "hf_architecture"]
 def hf_architecture(config: GPTConfig) -> str:
     """``"gpt2"``, ``"gpt_bigcode"`` or ``"starcoder2"``: the transformers model type that computes
     ``config`` exactly; anything else is a one-line :class:`GPT2LabError` naming why."""
-    windows = {config.layer_window(i) for i in range(config.n_layer)}
+    windows = set(config.layer_windows())
     if len(windows) > 1:
         raise GPT2LabError(
             f"export_hf: per-layer windows ({config.window}) exist in no transformers architecture this "

@@ -1,8 +1,9 @@
 """What gpt2lab picks on this machine, and why: ``gpt2lab info --kernels``.
 
-Runs a model of the given config through a short greedy decode in fp32 and in bf16 weights (a prompt of
-8 tokens, then 1-token steps, batch 1), which makes every product choose its kernel, and the training
-dtype probe; then lists each choice with the times that decided it.
+Runs a model of the given config, with the kernels the inference loading path swaps in
+(:func:`gpt2lab.kernels.apply_inference_kernels`), through a short greedy decode in fp32 and in bf16 weights
+(a prompt of 8 tokens, then 1-token steps, batch 1), which makes every measured product choose its kernel,
+and the training dtype probe; then lists each choice with the times that decided it.
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ import torch
 
 from gpt2lab.config import GPTConfig
 from gpt2lab.kernels.choice import ENV, decisions, faster_training_dtype, pinned
+from gpt2lab.kernels.inference import apply_inference_kernels
 from gpt2lab.model import GPT
 
 # The instruction-set extensions that decide which kernels PyTorch has for fp32, bf16, fp16 and int8.
@@ -39,8 +41,8 @@ def measure_choices(config: GPTConfig, prompt: int = 8, steps: int = 2) -> list:
     torch.manual_seed(0)
     model = GPT(config).eval()
     idx = torch.randint(0, config.vocab_size, (1, min(prompt, config.block_size - steps)))
-    for dtype in (torch.float32, torch.bfloat16):
-        model.to(dtype).generate(idx, steps, temperature=0)
+    for dtype in (torch.float32, torch.bfloat16):  # as `generate --dtype` loads it
+        apply_inference_kernels(model, dtype).generate(idx, steps, temperature=0)
     faster_training_dtype(torch.device("cpu"))
     return decisions()
 

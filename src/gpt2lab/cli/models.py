@@ -18,7 +18,7 @@ from gpt2lab.loading import load_model, load_model_and_tokenizer
 from gpt2lab.tokenizer import save_tokenizer
 from gpt2lab.train.config import load_model_config, parse_overrides
 
-DTYPES = ("float32", "bfloat16")  # names gpt2lab.kernels.precision.parse_dtype reads
+DTYPES = ("float32", "bfloat16")  # names gpt2lab.config.parse_dtype reads
 INFERENCE_DTYPES = (*DTYPES, "int8")  # int8: weights quantized after loading (gpt2lab.kernels.quantize)
 
 

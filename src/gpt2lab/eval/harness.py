@@ -22,6 +22,7 @@ from tqdm import tqdm
 
 from gpt2lab.errors import GPT2LabError, closest_hint
 from gpt2lab.files import one_line, write_json
+from gpt2lab.kernels.inference import apply_inference_kernels
 from gpt2lab.loading import load_model
 from gpt2lab.model import GPT
 from gpt2lab.tokenizer import EOT_TOKEN, load_tokenizer
@@ -55,8 +56,9 @@ class GPT2LabLM(TemplateLM):
         max_length: int | None = None,
     ) -> None:
         super().__init__()
-        model = pretrained if isinstance(pretrained, GPT) else load_model(pretrained, dtype=dtype, device=device)
-        self.model = model.eval()
+        if not isinstance(pretrained, GPT):
+            pretrained = apply_inference_kernels(load_model(pretrained, device=device), dtype)
+        self.model = model = pretrained.eval()
         self.tok = load_tokenizer()
         if model.config.vocab_size < self.tok.n_vocab:
             raise GPT2LabError(

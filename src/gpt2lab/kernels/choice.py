@@ -13,11 +13,13 @@ measure. A pinned kernel this PyTorch build lacks falls back to the operation's 
 
 from __future__ import annotations
 
+import functools
 import os
 import time
 import warnings
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 
@@ -28,18 +30,16 @@ ENV = "GPT2LAB_KERNEL"
 MIN_ROUNDS, MAX_ROUNDS = 3, 10
 MEASURE_SECONDS = 0.02  # rounds go on (up to MAX_ROUNDS) until the candidates have run this long
 
-# Every candidate name of every operation, so that a mistyped pin is caught before anything runs.
-KNOWN: dict[str, str] = {
-    "linear": "F.linear: PyTorch's default (MKL for fp32 on x86)",
-    "onednn": "oneDNN's inner product (mkldnn._linear_pointwise), the kernel Inductor's CPU backend uses",
-    "transposed": "MKL computing weight @ x.T, returned as a transposed view",
-    "fbgemm_fp16": "FBGEMM's fp16-packed-weight product, fp32 compute (exact for bf16 weights)",
-    "upcast": "bf16 weights widened to fp32 on every call, fp32 product",
-    "compiled": "decoding steps through one compiled graph (gpt2lab.kernels.compiled_decoding, generate --compile)",
-    "eager": "decoding steps run operator by operator (what generate does without --compile)",
-    "fp32": "training in float32",
-    "bf16_autocast": "training under bfloat16 autocast",
-}
+# Every candidate name of every operation, with what it runs, so that a mistyped pin is caught before anything
+# runs. Each module that offers candidates names them here, once, through :func:`candidates`; importing
+# gpt2lab.kernels imports all of them.
+KNOWN: dict[str, str] = {}
+
+
+def candidates(described: dict[str, tuple[Any, str]]) -> dict[str, Any]:
+    """Record ``{name: (what runs, description)}`` in :data:`KNOWN`; return ``{name: what runs}``."""
+    KNOWN.update({name: description for name, (_, description) in described.items()})
+    return {name: kernel for name, (kernel, _) in described.items()}
 
 
 @dataclass
@@ -148,15 +148,20 @@ def faster_training_dtype(device: torch.device) -> torch.dtype:
         return torch.bfloat16 if has_native_bf16(device) else torch.float32
     layer = torch.nn.Linear(512, 512)
     x = torch.randn(128, 512, requires_grad=True)
+    trials = {name: functools.partial(_training_step, layer, x, dtype) for name, dtype in TRAINING_DTYPES.items()}
+    picked = choose(("training dtype",), "training dtype", "128x512 @ 512x512, forward + backward", trials, "fp32")
+    return TRAINING_DTYPES[picked]
 
-    def step(autocast: bool):
-        def run():
-            with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
-                y = layer(x)
-            y.float().sum().backward()
 
-        return run
+def _training_step(layer: torch.nn.Linear, x: torch.Tensor, dtype: torch.dtype) -> None:
+    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=dtype == torch.bfloat16):
+        y = layer(x)
+    y.float().sum().backward()
 
-    candidates = {"fp32": step(False), "bf16_autocast": step(True)}
-    picked = choose(("training dtype",), "training dtype", "128x512 @ 512x512, forward + backward", candidates, "fp32")
-    return torch.bfloat16 if picked == "bf16_autocast" else torch.float32
+
+TRAINING_DTYPES = candidates(
+    {
+        "fp32": (torch.float32, "training in float32"),
+        "bf16_autocast": (torch.bfloat16, "training under bfloat16 autocast"),
+    }
+)

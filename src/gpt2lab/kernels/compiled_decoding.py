@@ -2,16 +2,18 @@
 compiled step) applied to gpt2lab's caches, variants and int8 weights.
 
 An eager decoding step runs about 25 small operators per layer, and on a CPU their dispatch costs
-as much as a third of an int8 step (docs/benchmarks.md). ``torch.compile`` fuses them, but only pays
+a large share of an int8 step (docs/benchmarks.md). ``torch.compile`` fuses them, but only pays
 when every step runs the same graph, and the eager cache returns slices that grow by one token per
-step: a new shape each time. Here each layer's cache is written at a sequence index held in a tensor
-and attention reads all its slots through a mask (:meth:`KVCache.write_at`), so the shapes never
-change and one graph serves every step. The price: attention reads the cache's whole capacity from
-the first step on. The prompt is still processed eagerly.
+step: a new shape each time. So the decoder calls the model's explicit static path,
+:meth:`GPT.decode_step`, with the next sequence index in a tensor that it owns: each layer writes its cache
+there and attention reads all the slots through a mask (:meth:`KVCache.write_at`), so the shapes never
+change and one graph serves every step. The decoder advances the index and the caches' lengths. The
+price: attention reads the cache's whole capacity from the first step on. The prompt is still processed
+eagerly.
 
 Whether compiled steps are faster depends on the products: Inductor picks its own kernels, and on a
-CPU those can lose to the ones gpt2lab measured, so the first step of each shape times both ways and
-keeps the faster (:class:`CompiledDecoder`).
+CPU those can lose to eager ones, so the first step of each shape times both ways and keeps the faster
+(:class:`CompiledDecoder`).
 
 Opt-in (``generate(..., compile=True)``, ``gpt2lab generate --compile``): the first compilation takes
 seconds (tens of seconds without Inductor's cache), which only long generations win back. Each new
@@ -31,11 +33,10 @@ import torch
 from torch._dynamo.exc import BackendCompilerFailed
 
 from gpt2lab.errors import GPT2LabError
-from gpt2lab.kernels.choice import choose
-from gpt2lab.kv_cache import KVCache
+from gpt2lab.kernels.choice import candidates, choose
 
-# Cache slots are allocated in steps of this many tokens: at most 63 unused slots (for GPT-2 124M, ~4.6 MB
-# more to read per step, against 124 MB of int8 weights) buy fewer recompilations.
+# Cache slots are allocated in steps of this many tokens: at most 63 unused slots (a few MB more to read per step
+# for GPT-2 124M, against its 124M int8 weights) buy fewer recompilations.
 CAPACITY_STEP = 64
 
 
@@ -44,8 +45,24 @@ def cache_capacity(tokens: int) -> int:
     return -(-tokens // CAPACITY_STEP) * CAPACITY_STEP
 
 
-def _decode_step(model, tokens: torch.Tensor, cache: list[KVCache], position_ids: torch.Tensor | None):
+# The two ways to run a decoding step, chosen per shape by measurement (or pinned by GPT2LAB_KERNEL).
+MODES = tuple(
+    candidates(
+        {
+            "compiled": ("compiled", "decoding steps through one compiled graph (generate --compile)"),
+            "eager": ("eager", "decoding steps run operator by operator (what generate does without --compile)"),
+        }
+    )
+)
+
+
+def _eager_step(model, tokens: torch.Tensor, cache: list, position_ids: torch.Tensor | None) -> torch.Tensor:
+    """The model's own incremental call, which advances the caches' lengths itself."""
     return model(tokens, cache=cache, position_ids=position_ids, last_only=True)
+
+
+def _static_step(model, tokens: torch.Tensor, index: torch.Tensor, cache: list, position_ids: torch.Tensor | None):
+    return model.decode_step(tokens, index, cache, position_ids)
 
 
 @functools.cache
@@ -53,32 +70,30 @@ def _compiled_step():
     """One compiled function for every decoder (built on first use: importing the compiler takes time).
     Dynamo guards on shapes and dtypes, not on which model or cache is passed, so a second generation
     of the same shapes reuses the graph."""
-    return torch.compile(_decode_step, dynamic=False, fullgraph=True)
+    return torch.compile(_static_step, dynamic=False, fullgraph=True)
 
 
 class CompiledDecoder:
     """``decoder(tokens (B, 1), position_ids)`` -> logits (B, 1, vocab) of the next step, like
     ``model(tokens, cache=cache, position_ids=position_ids, last_only=True)``.
 
-    Unless ``mode`` fixes it, on a CPU the first step times the compiled step against the eager one and
-    keeps the faster (:mod:`gpt2lab.kernels.choice`, operation "decode step"; ``GPT2LAB_KERNEL=compiled``
-    or ``eager`` pins it): compiled steps lose where Inductor's products are slower than the ones gpt2lab
-    measured (fp32 at 8 rows on the AVX2 machine: 176 vs 97 ms per step) and win where the products are
-    cheap (int8). Other devices always compile. In compiled mode ``cache`` is written at the index its
-    ``step_index`` tensor holds; this object advances that index and the caches' lengths after each step.
-    In eager mode the steps are the model's own cached calls.
+    Created after the prompt has filled ``cache``; from then on the decoder owns the cache: it holds the
+    next sequence index (a tensor) and advances it and the caches' lengths after each step. Unless
+    ``mode`` fixes it, on a CPU the first step times the compiled step against the eager one and keeps
+    the faster (:mod:`gpt2lab.kernels.choice`, operation "decode step"; ``GPT2LAB_KERNEL=compiled`` or
+    ``eager`` pins it): compiled steps lose where Inductor's products are slower than eager ones and win
+    where the products are cheap (int8). Other devices always compile.
     """
 
-    def __init__(self, model, cache: list[KVCache], mode: str | None = None) -> None:
+    def __init__(self, model, cache: list, mode: str | None = None) -> None:
         if not cache:
             raise GPT2LabError("compiled decoding needs the KV cache (use_cache=True)")
-        if mode not in (None, "compiled", "eager"):
+        if mode not in (None, *MODES):
             raise GPT2LabError(f"decoding mode must be 'compiled' or 'eager' (or None: measured), got {mode!r}")
         self.model, self.cache = model, cache
-        self.index = torch.tensor([cache[0].length], device=cache[0].k.device)
+        self.index = torch.tensor([cache[0].length], device=cache[0].k.device)  # the next token's sequence index
         self.limit = min((c.capacity for c in cache if c.window is None), default=None)  # rings never fill
         self.mode = mode  # "compiled" or "eager"; None: chosen on the first step
-        self._static(mode != "eager")
 
     def __call__(self, tokens: torch.Tensor, position_ids: torch.Tensor | None = None) -> torch.Tensor:
         if tokens.shape[1] != 1:
@@ -87,24 +102,18 @@ class CompiledDecoder:
             raise RuntimeError(f"KV cache is full ({self.limit} tokens)")
         if self.mode is None:
             self.mode = self._choose(tokens, position_ids)
-            self._static(self.mode == "compiled")
         if self.mode == "compiled":
             try:
-                logits = _compiled_step()(self.model, tokens, self.cache, position_ids)
+                logits = _compiled_step()(self.model, tokens, self.index, self.cache, position_ids)
             except BackendCompilerFailed as error:  # nothing ran: this step, and all after it, run eagerly
                 self.mode = _unavailable(error)
-                self._static(False)
         if self.mode == "eager":
-            return _decode_step(self.model, tokens, self.cache, position_ids)  # advances the lengths itself
-        for layer in self.cache:
-            layer.length += 1
-        self.index += 1
+            logits = _eager_step(self.model, tokens, self.cache, position_ids)  # advances the lengths itself
+        else:
+            for layer in self.cache:
+                layer.length += 1
+        self.index.fill_(self.cache[0].length)
         return logits
-
-    def _static(self, on: bool) -> None:
-        """Static-shape writes at ``self.index`` (compiled mode, and trials), or the eager cache path."""
-        for layer in self.cache:
-            layer.step_index = self.index if on else None  # one tensor shared by all layers
 
     def _choose(self, tokens: torch.Tensor, position_ids: torch.Tensor | None) -> str:
         """The mode for this model and shape: measured once per process on a CPU, "compiled" elsewhere.
@@ -114,12 +123,10 @@ class CompiledDecoder:
             return "compiled"
 
         def compiled() -> None:
-            _compiled_step()(self.model, tokens, self.cache, position_ids)
+            _compiled_step()(self.model, tokens, self.index, self.cache, position_ids)
 
         def eager() -> None:
-            self._static(False)
-            _decode_step(self.model, tokens, self.cache, position_ids)
-            self._static(True)
+            _eager_step(self.model, tokens, self.cache, position_ids)
             for layer in self.cache:
                 layer.length -= 1
 

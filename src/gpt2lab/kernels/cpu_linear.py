@@ -1,9 +1,11 @@
 """``Linear``: ``nn.Linear`` with the fastest CPU kernel for each shape and dtype when no gradient is needed.
 
-The model builds every projection from this class; training, autocast and torch.compile see a plain
-``nn.Linear``. The kernels are PyTorch's own, some reached through internal operators (oneDNN's inner
-product, FBGEMM's 16-bit-weight product); each is feature-checked, and which one runs is measured on
-this machine (:mod:`gpt2lab.kernels.choice`), with ``F.linear`` always among the candidates.
+The model is built with plain ``nn.Linear``; :func:`swap_linear_layers` replaces them by this class from
+outside (:func:`gpt2lab.kernels.inference.apply_inference_kernels` decides when). With gradients, under
+autocast and under torch.compile it is a plain ``nn.Linear``. The kernels are PyTorch's own, some reached
+through internal operators (oneDNN's inner product, FBGEMM's 16-bit-weight product); each is
+feature-checked, and which one runs is measured on this machine (:mod:`gpt2lab.kernels.choice`), with
+``F.linear`` always among the candidates.
 """
 
 from __future__ import annotations
@@ -14,7 +16,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from gpt2lab.kernels.choice import cached, choose, ranked, rows_bucket
+from gpt2lab.kernels.choice import cached, candidates, choose, ranked, rows_bucket
 from gpt2lab.kernels.precision import has_native_bf16
 
 FP16_MAX = 65504.0  # FBGEMM saturates larger weights to this
@@ -56,8 +58,8 @@ class Linear(nn.Linear):
       use, holds every bf16 value exactly (fp16 has 3 more mantissa bits; only magnitudes below 2^-17,
       which fp16 stores as subnormals, round, by at most 2^-25). Inputs are widened to fp32 and the
       fp32-accumulated result is rounded once to bf16: what a bf16 kernel computes. On CPUs without
-      bf16 instructions PyTorch's own bf16 product is a generic kernel about 50x slower than fp32, and
-      this one about 2x faster than fp32. The packed copy costs 2 bytes per weight.
+      bf16 instructions PyTorch's own bf16 product is a generic kernel many times slower than fp32, and
+      this one faster than fp32 (docs/benchmarks.md). The packed copy costs 2 bytes per weight.
 
     fp16 weights have the same candidates (the packed copy then holds the weights exactly as they are).
 
@@ -105,6 +107,19 @@ class Linear(nn.Linear):
         return super()._apply(fn, recurse)
 
 
+def swap_linear_layers(model: nn.Module) -> nn.Module:
+    """Replace every plain ``nn.Linear`` of ``model`` in place by :class:`Linear`, sharing its parameters (tied
+    weights stay tied, checkpoint names stay the same); return ``model``."""
+    for parent in list(model.modules()):
+        for name, child in list(parent.named_children()):
+            if type(child) is nn.Linear:
+                layer = Linear(child.in_features, child.out_features, bias=child.bias is not None, device="meta")
+                layer.weight, layer.bias = child.weight, child.bias
+                layer.train(child.training)
+                setattr(parent, name, layer)
+    return model
+
+
 def _run_fastest(operation: str, kernels: dict, x, weight, bias, layer: Linear) -> torch.Tensor:
     """``kernels[name](x, weight, bias, layer)`` for the kernel measured fastest on this (rows, shape, dtype)."""
     rows, (n_out, n_in) = x.numel() // x.shape[-1], weight.shape
@@ -114,21 +129,21 @@ def _run_fastest(operation: str, kernels: dict, x, weight, bias, layer: Linear) 
     if name is None:
         sample = x.reshape(rows, n_in)[:MEASURE_ROWS]
         trials = {
-            name: functools.partial(kernel, sample, weight, bias, layer) if _available(name, layer) else None
+            name: functools.partial(kernel, sample, weight, bias, layer) if _available(kernel, layer) else None
             for name, kernel in kernels.items()
         }
         rows_text = f">={MEASURE_ROWS}" if rows >= MEASURE_ROWS else f"<={bucket}"
         shape = f"{rows_text} rows, {n_in}->{n_out}{'' if bias is None else ' +bias'}"
         name = choose(key, operation, shape, trials, fallback="linear")
-    if not _available(name, layer):  # this layer cannot run the choice (weights beyond fp16's range): the next
-        name = next((n for n in ranked(key) if _available(n, layer)), "linear")
+    if not _available(kernels[name], layer):  # this layer cannot run the choice (weights beyond fp16's range)
+        name = next((n for n in ranked(key) if _available(kernels[n], layer)), "linear")
     return kernels[name](x, weight, bias, layer)
 
 
-def _available(name: str, layer: Linear) -> bool:
-    if name == "onednn":
+def _available(kernel, layer: Linear) -> bool:
+    if kernel is _onednn_linear:
         return _onednn_op() is not None
-    if name == "fbgemm_fp16":
+    if kernel is _packed_fp16_kernel:
         return layer._packed_fp16_weight() is not None
     return True
 
@@ -154,7 +169,7 @@ def _packed_fp16_linear(x: torch.Tensor, packed, n_out: int) -> torch.Tensor:
     """16-bit ``x`` times FBGEMM-packed weights, in fp32, rounded once to ``x``'s dtype.
 
     Rows go through in groups whose fp32 result stays under ``PACKED_RESULT_BYTES``: a forward pass
-    over 1,024 tokens would otherwise hold GPT-2's logits in fp32 (206 MB) beside their bf16 copy.
+    over 1,024 tokens would otherwise hold GPT-2's logits in fp32 (4 bytes x 50,257 per token) beside their bf16 copy.
     """
     x2 = x.reshape(-1, x.shape[-1])
     out = x.new_empty(x2.shape[0], n_out)
@@ -165,13 +180,26 @@ def _packed_fp16_linear(x: torch.Tensor, packed, n_out: int) -> torch.Tensor:
 
 
 def _transposed_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, layer=None) -> torch.Tensor:
-    """``weight @ x.T``, returned as a transposed view: MKL computes a vocabulary projection this way about
-    1.4x faster on a 2-core Zen 3 (GPT-2's head on 1,024 rows: 0.53 vs 0.77 s)."""
+    """``weight @ x.T``, returned as a transposed view: on some CPUs MKL computes a vocabulary projection
+    faster this way (docs/benchmarks.md)."""
     x2 = x.reshape(-1, x.shape[-1])
     y = torch.mm(weight, x2.T) if bias is None else torch.addmm(bias[:, None], weight, x2.T)
     return y.T.view(*x.shape[:-1], weight.shape[0])
 
 
 # The candidates of each operation, called as (x, weight, bias, layer); "linear" is the fallback of both.
-FP32_KERNELS = {"linear": _plain_linear, "onednn": _onednn_linear, "transposed": _transposed_linear}
-BF16_KERNELS = {"linear": _plain_linear, "upcast": _upcast_linear, "fbgemm_fp16": _packed_fp16_kernel}
+_PLAIN = (_plain_linear, "F.linear: PyTorch's default (MKL for fp32 on x86)")
+FP32_KERNELS = candidates(
+    {
+        "linear": _PLAIN,
+        "onednn": (_onednn_linear, "oneDNN's inner product (mkldnn._linear_pointwise), Inductor's CPU kernel"),
+        "transposed": (_transposed_linear, "MKL computing weight @ x.T, returned as a transposed view"),
+    }
+)
+BF16_KERNELS = candidates(
+    {
+        "linear": _PLAIN,
+        "upcast": (_upcast_linear, "bf16 weights widened to fp32 on every call, fp32 product"),
+        "fbgemm_fp16": (_packed_fp16_kernel, "FBGEMM's fp16-packed-weight product, fp32 compute (exact for bf16)"),
+    }
+)

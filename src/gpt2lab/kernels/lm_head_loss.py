@@ -1,19 +1,44 @@
 """The LM head and its cross-entropy in one pass, without the (tokens x vocab) logits in memory.
 
-Training and evaluation call it through ``GPT.forward(..., return_logits=False)``; generation, which
-needs the logits, uses the plain head.
+Applied from outside the model: :func:`lm_head_loss` takes :meth:`GPT.hidden_states` and the head's weight,
+and :class:`LanguageModelLoss` wraps a model into the module whose forward is the training loss (what the
+trainer wraps in DDP / FSDP). Generation and per-token evaluation, which need the logits, use the plain head.
 """
 
 from __future__ import annotations
 
 import torch
+from torch import nn
+
+
+def lm_head_loss(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """Mean cross-entropy of the logits ``hidden @ weight.T`` against ``targets``, targets of -1 ignored:
+    ``F.cross_entropy(logits, targets, ignore_index=-1)`` without the logits. hidden: (B, T, C) or (N, C);
+    weight: (V, C); targets: (B, T) or (N,)."""
+    return LMHeadLoss.apply(hidden.reshape(-1, hidden.shape[-1]), weight, targets.reshape(-1))
+
+
+class LanguageModelLoss(nn.Module):
+    """A GPT and its logit-free loss as one module: ``forward(idx, targets)`` -> the mean next-token loss.
+
+    The trainer calls the loss through this module so that DDP and FSDP, which act around a module's
+    forward, see the whole computation; the model itself stays the ``model`` attribute.
+    """
+
+    def __init__(self, model: nn.Module) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(self, idx: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        hidden = self.model.hidden_states(idx)  # (B, T, C)
+        return lm_head_loss(hidden, self.model.lm_head.weight, targets)
 
 
 class LMHeadLoss(torch.autograd.Function):
     """Mean cross-entropy of ``hidden @ weight.T`` against ``targets``, never holding the (N, vocab) logits.
 
-    With GPT-2's 50,257-word vocabulary the logits are the largest activation of a training step (200 MB
-    per 1,024 tokens in fp32), and the usual path keeps three tensors of that size alive: the logits,
+    With GPT-2's 50,257-word vocabulary the logits are the largest activation of a training step (4 bytes
+    x 50,257 per token in fp32), and the usual path keeps three tensors of that size alive: the logits,
     their log-softmax and its gradient. Here rows are processed in chunks of 32 MiB of logits, and each
     chunk's gradient (softmax - one-hot) goes straight into the gradients of ``hidden`` and ``weight``:
     forward does the backward's matrix products and backward only scales them. Same FLOPs, a fraction
@@ -48,7 +73,7 @@ class LMHeadLoss(torch.autograd.Function):
             for start in range(0, N, rows):
                 end = min(start + rows, N)
                 h, t, ok = hidden[start:end].to(dtype), index[None, start:end], valid[start:end]
-                # Logits transposed, (V, n): this product runs ~1.4x faster than (n, V) on CPU.
+                # Logits transposed, (V, n): on CPU this product runs faster than (n, V) (docs/benchmarks.md).
                 logits = torch.mm(w, h.T, out=buffer[: V * (end - start)].view(V, -1)).float()
                 lse = torch.logsumexp(logits, dim=0)  # (n,)
                 total += ((lse - logits.gather(0, t)[0]) * ok).sum()

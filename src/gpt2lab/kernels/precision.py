@@ -1,33 +1,9 @@
-"""Number formats: dtype names as users write them, whether a device multiplies bf16 or fp16 natively, and
-the loss scaler that float16 training needs."""
+"""Number formats on a device: whether it multiplies bf16 or fp16 natively, and the loss scaler that float16
+training needs. (Dtype names as users write them: :func:`gpt2lab.config.parse_dtype`.)"""
 
 from __future__ import annotations
 
 import torch
-
-from gpt2lab.errors import GPT2LabError, closest_hint
-
-DTYPE_NAMES: dict[str, torch.dtype] = {
-    "float32": torch.float32,
-    "fp32": torch.float32,
-    "float": torch.float32,
-    "bfloat16": torch.bfloat16,
-    "bf16": torch.bfloat16,
-    "float16": torch.float16,
-    "fp16": torch.float16,
-    "half": torch.float16,
-    "float64": torch.float64,
-}
-
-
-def parse_dtype(dtype: torch.dtype | str | None) -> torch.dtype | None:
-    """A ``torch.dtype`` from a name such as ``"bfloat16"``, ``"bf16"`` or ``"torch.float32"``; None stays None."""
-    if dtype is None or isinstance(dtype, torch.dtype):
-        return dtype
-    key = str(dtype).removeprefix("torch.")
-    if key not in DTYPE_NAMES:
-        raise GPT2LabError(f"unknown dtype '{dtype}'{closest_hint(key, DTYPE_NAMES)}")
-    return DTYPE_NAMES[key]
 
 
 def has_native_bf16(device: torch.device | str = "cpu") -> bool:
@@ -43,7 +19,7 @@ def has_native_bf16(device: torch.device | str = "cpu") -> bool:
 
 def has_native_fp16(device: torch.device | str = "cpu") -> bool:
     """Whether ``device`` multiplies fp16 natively: CUDA (tensor cores), or a CPU with AMX-FP16. AVX2 and
-    AVX-512 CPUs convert every fp16 product through generic kernels, about 12x slower than fp32."""
+    AVX-512 CPUs convert every fp16 product through generic kernels, many times slower than fp32."""
     device = torch.device(device)
     if device.type == "cuda":
         return True

@@ -7,6 +7,9 @@ reads 4x fewer bytes. Each call quantizes its input rows to int8 on the fly (per
 its 16-bit intermediate sums from overflowing), multiplies in integers and rescales to fp32. The token
 embedding stays fp32 for the lookup (one row per token); LayerNorms, attention and the KV cache stay fp32.
 Why this library rather than torchao: docs/benchmarks.md (measured decode speed).
+
+Applied from outside the model, as gpt-fast's quantize.py does: the model is built with ``nn.Linear`` and
+:func:`quantize` swaps the modules.
 """
 
 from __future__ import annotations
@@ -25,8 +28,10 @@ from gpt2lab.errors import GPT2LabError
 SCHEMES = ("int8",)
 
 
-def quantize_model(model: nn.Module, scheme: str = "int8") -> nn.Module:
-    """Replace ``model``'s linear layers in place by int8 ones; the model is then for inference only."""
+def quantize(model: nn.Module, scheme: str = "int8") -> nn.Module:
+    """Make every linear layer of ``model`` int8 (per-output-channel scales), in place, for CPU inference, and
+    return the model in eval mode; a GPT then refuses training and saving (``model.quantized`` names the
+    scheme). Public as ``gpt2lab.quantize(model, "int8")``."""
     if scheme not in SCHEMES:
         raise GPT2LabError(f"unknown quantization '{scheme}' (choose from {', '.join(SCHEMES)})")
     if any(p.device.type != "cpu" for p in model.parameters()):
@@ -38,7 +43,8 @@ def quantize_model(model: nn.Module, scheme: str = "int8") -> nn.Module:
     for parent, name, child in targets:
         if isinstance(child, nn.Linear):
             setattr(parent, name, int8_linear(child))
-    return model
+    model.quantized = scheme
+    return model.eval()
 
 
 # Int8Linear layers by id, for the custom op below: the op cannot take the packed weight itself.
@@ -81,8 +87,8 @@ def _int8_linear_shape(x: torch.Tensor, layer_id: int, n_out: int) -> torch.Tens
     return x.new_empty(*x.shape[:-1], n_out)
 
 
-# Defined through torch.library.Library rather than the custom_op decorator: its Python wrapper costs
-# ~70 us per call here against ~17 us for a plain CPU kernel registration (49 calls per token).
+# Defined through torch.library.Library rather than the custom_op decorator: its Python wrapper costs several
+# times a plain CPU kernel registration per call, and a GPT-2 step makes one call per linear layer.
 _LIBRARY = torch.library.Library("gpt2lab", "FRAGMENT")
 _LIBRARY.define("int8_linear(Tensor x, int layer_id, int n_out) -> Tensor")
 _LIBRARY.impl("int8_linear", _int8_linear_op, "CPU")

@@ -54,7 +54,7 @@ def encode_prompts(served: ServedModel, request: CompletionRequest, limits: Limi
     eot = getattr(tok, "eot_token", None)
     # Every layer windowed and RoPE positions: the cache rolls and positions go on, so only the prompt
     # itself is bounded. Else (a global layer, or learned positions) the whole sequence must fit the context.
-    rolling = config.max_window is not None and config.pos_encoding == "rope"
+    rolling = None not in config.layer_windows() and config.pos_encoding == "rope"
     prompts = []
     for i, text in enumerate(request.prompt):
         try:

@@ -58,7 +58,7 @@ def receptive_reach(config: GPTConfig) -> int | None:
     Layer i with window W_i (query included) adds W_i - 1 tokens of reach, so a token at distance d can
     reach a query iff d <= sum(W_i - 1) (n_layer * (W - 1) for one W). One formula, used everywhere.
     """
-    windows = [config.layer_window(i) for i in range(config.n_layer)]
+    windows = config.layer_windows()
     if any(w is None for w in windows):
         return None
     return sum(w - 1 for w in windows)

@@ -23,6 +23,8 @@ from torch.distributed.checkpoint.state_dict import (
 )
 from torch.nn.parallel import DistributedDataParallel
 
+from gpt2lab.kernels.lm_head_loss import LanguageModelLoss
+
 
 @dataclass
 class Dist:
@@ -88,28 +90,37 @@ def teardown(dist: Dist) -> None:
         torch_dist.destroy_process_group()
 
 
-def wrap_model(model: torch.nn.Module, dist: Dist, strategy: str) -> torch.nn.Module:
-    """DDP replicates the model and all-reduces gradients; FSDP2 shards each block's parameters and
-    gathers them just in time. A single process trains the bare model."""
+def wrap_model(model: torch.nn.Module, dist: Dist, strategy: str) -> tuple[torch.nn.Module, torch.nn.Module]:
+    """``(model, loss)``: the model whose parameters, state dicts and logits the loop uses, and the module
+    whose ``forward(idx, targets)`` is the training loss (:class:`LanguageModelLoss`), through which every
+    training step runs. DDP replicates the loss module, so its hooks see each step; FSDP2 shards each block
+    of the model, then the model, whose :meth:`GPT.hidden_states` (what the loss calls) gathers them just
+    in time. A single process trains the bare model."""
+    loss = LanguageModelLoss(model)
     if not dist.active:
-        return model
+        return model, loss
     if strategy == "fsdp":
         from torch.distributed.device_mesh import init_device_mesh
-        from torch.distributed.fsdp import fully_shard
+        from torch.distributed.fsdp import fully_shard, register_fsdp_forward_method
 
         mesh = init_device_mesh(dist.device.type, (dist.world,))
         for block in model.transformer.h:
             fully_shard(block, mesh=mesh)
-        return fully_shard(model, mesh=mesh)
-    return DistributedDataParallel(model, device_ids=[dist.device.index] if dist.device.type == "cuda" else None)
+        # Not resharded after forward: the loss reads lm_head.weight (= wte) after hidden_states returns.
+        fully_shard(model, mesh=mesh, reshard_after_forward=False)
+        register_fsdp_forward_method(model, "hidden_states")
+        return model, loss
+    device_ids = [dist.device.index] if dist.device.type == "cuda" else None
+    return model, DistributedDataParallel(loss, device_ids=device_ids)
 
 
-def sync_context(model: torch.nn.Module, last: bool):
-    """Gradient accumulation: communicate gradients only on the last micro-batch of a step."""
-    if isinstance(model, DistributedDataParallel):
-        return nullcontext() if last else model.no_sync()
-    if hasattr(model, "set_requires_gradient_sync"):  # FSDP2
-        model.set_requires_gradient_sync(last)
+def sync_context(loss: torch.nn.Module, last: bool):
+    """Gradient accumulation: communicate gradients only on the last micro-batch of a step. ``loss`` is
+    :func:`wrap_model`'s second result."""
+    if isinstance(loss, DistributedDataParallel):
+        return nullcontext() if last else loss.no_sync()
+    if hasattr(loss.model, "set_requires_gradient_sync"):  # FSDP2
+        loss.model.set_requires_gradient_sync(last)
     return nullcontext()
 
 

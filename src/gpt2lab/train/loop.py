@@ -79,7 +79,7 @@ class Trainer:
         check_fits(cfg, self.data, model.config)
         resume_state = resume_checkpoint(cfg, self.data.meta, model.config, allow_changes) if resume else None
 
-        self.wrapped = wrap_model(model.to(device), dist, cfg.strategy)
+        self.wrapped, self.loss = wrap_model(model.to(device), dist, cfg.strategy)
         self.optimizer = make_optimizer(self.wrapped, cfg, device)
         self.scaler = grad_scaler(self.dtype, device)
         self.step = 0
@@ -92,7 +92,7 @@ class Trainer:
                 self.scaler.load_state_dict(resume_state["scaler"])
             self.step = resume_state["step"]
             self.skipped, self.overflows = resume_state.get("skipped", 0), resume_state.get("overflows", 0)
-        self.model = torch.compile(self.wrapped) if cfg.compile else self.wrapped
+        self.loss_fn = torch.compile(self.loss) if cfg.compile else self.loss  # (x, y) -> mean loss
         self.resumed = resume_state is not None
         self.stop_signal: int | None = None
         self.losses: list[tuple[int, float]] = []
@@ -123,8 +123,8 @@ class Trainer:
         total = torch.zeros((), device=device)
         for i, micro in enumerate(mine):
             x, y = (t.to(device) for t in gather_batch(self.data.train, micro, cfg.seq_len))
-            with sync_context(self.wrapped, last=i == self.accum - 1), self.autocast():
-                _, loss = self.model(x, y, return_logits=False)
+            with sync_context(self.loss, last=i == self.accum - 1), self.autocast():
+                loss = self.loss_fn(x, y)
             self.scaler.scale(loss / self.accum).backward()  # fp16: scaled so small gradients survive
             total += loss.detach()
         self.scaler.unscale_(self.optimizer)  # clipping and the finiteness check see the true gradients
@@ -169,7 +169,7 @@ class Trainer:
         the same way every time, so evaluations are comparable and never disturb the training RNG."""
         cfg = self.cfg
         gen = torch.Generator().manual_seed(cfg.seed + 1)
-        self.model.eval()
+        self.wrapped.eval()
         result = {}
         for split in ("train", "val"):
             tokens = getattr(self.data, split)
@@ -178,10 +178,10 @@ class Trainer:
                 offsets = sample_offsets(len(tokens), cfg.seq_len, cfg.batch_size, gen)
                 x, y = (t.to(self.dist.device) for t in gather_batch(tokens, offsets, cfg.seq_len))
                 with self.autocast():
-                    _, loss = self.model(x, y, return_logits=False)
+                    loss = self.loss_fn(x, y)
                 losses.append(loss.item())
             result[f"{split}_loss"] = sum(losses) / len(losses)
-        self.model.train()
+        self.wrapped.train()
         result["val_ppl"] = math.exp(min(result["val_loss"], 50.0))
         return result
 

@@ -10,11 +10,11 @@ import warnings
 import numpy as np
 import torch
 
-from gpt2lab.config import GPTConfig
+from gpt2lab.config import GPTConfig, parse_dtype
 from gpt2lab.data.tokens import TokenData
 from gpt2lab.errors import GPT2LabError
 from gpt2lab.kernels.choice import faster_training_dtype
-from gpt2lab.kernels.precision import has_native_bf16, has_native_fp16, parse_dtype
+from gpt2lab.kernels.precision import has_native_bf16, has_native_fp16
 from gpt2lab.loading import load_model
 from gpt2lab.model import GPT
 from gpt2lab.tokenizer import describe, load_tokenizer, same_tokenizer
