@@ -10,8 +10,28 @@ from typing import Any
 class GPT2LabError(ValueError):
     """A user-facing error: the message is one line that names the problem.
 
-    The CLI prints it as ``error: <message>`` and exits with status 2 instead of a traceback.
+    The CLI prints it as ``error: <message>`` and exits with status 2 (:data:`EXIT_BAD_INPUT`) instead of
+    a traceback.
     """
+
+    exit_code = 2
+
+
+class EnvironmentFault(GPT2LabError):
+    """The machine, not the input, failed: a full disk, a read-only or forbidden folder (an ``OSError`` on a
+    write). The CLI prints it as one line too, and exits with :data:`EXIT_ENVIRONMENT` so that scripts can
+    retry these and not bad input."""
+
+    exit_code = 74  # EX_IOERR of BSD's sysexits.h
+
+
+EXIT_BAD_INPUT = GPT2LabError.exit_code
+EXIT_ENVIRONMENT = EnvironmentFault.exit_code
+
+
+def os_fault(action: str, path, err: OSError) -> EnvironmentFault:
+    """``cannot ACTION PATH: CAUSE`` for an ``OSError``; raise it ``from err``."""
+    return EnvironmentFault(f"cannot {action} {path}: {err.strerror or err}")
 
 
 def closest_hint(name: str, choices) -> str:

@@ -63,6 +63,7 @@ def add_convert(sub) -> None:
     p.add_argument("--model", required=True, help="run folder, training checkpoint or any model generate reads")
     p.add_argument("--n-kv-head", type=arg.positive_int("n_kv_head"), required=True)
     p.add_argument("--out", required=True, help="folder for the converted model (gpt2lab format)")
+    p.add_argument("--overwrite", action="store_true", help="replace the model the --out folder holds")
     p.set_defaults(func=cmd_convert)
 
 
@@ -70,8 +71,10 @@ def cmd_convert(args) -> int:
     from gpt2lab.tokenizer import save_tokenizer
     from gpt2lab.train.run import load_model_and_tokenizer
 
+    _guard_model_folder(args.out, args.overwrite)
     model, tokenizer = load_model_and_tokenizer(args.model)
     converted = model.convert_to_gqa(args.n_kv_head)
+    _clear_model_folder(args.out, args.overwrite)
     converted.save_pretrained(args.out)
     save_tokenizer(tokenizer, args.out)
     heads = f"{model.config.n_kv_head} -> {args.n_kv_head} key/value heads"
@@ -89,13 +92,36 @@ def add_export(sub) -> None:
     p.add_argument("--model", required=True, help="run folder, training checkpoint or any model generate reads")
     p.add_argument("--out", required=True, help="folder for config.json + model.safetensors")
     p.add_argument("--dtype", choices=DTYPES, default="float32", help="dtype of the exported weights")
+    p.add_argument("--overwrite", action="store_true", help="replace the model the --out folder holds")
     p.set_defaults(func=cmd_export)
 
 
-def cmd_export(args) -> int:
-    from gpt2lab.train.run import load_model
+def _guard_model_folder(out: str, overwrite: bool) -> None:
+    """Before the model is read: --out must be new, empty, or (with --overwrite) a model's folder."""
+    from gpt2lab.outputs import MODEL, guard_output
 
-    model_type = load_model(args.model, dtype=args.dtype).export_hf(args.out)
+    guard_output(out, MODEL, overwrite=overwrite)
+
+
+def _clear_model_folder(out: str, overwrite: bool) -> None:
+    """--overwrite: the old model's files go (a sharded model's shards would otherwise stay beside the new one)."""
+    from gpt2lab.files import make_folder, remove_stale_temp_files
+    from gpt2lab.outputs import MODEL, clear_outputs
+
+    if overwrite:
+        clear_outputs(out, MODEL)
+    remove_stale_temp_files(make_folder(out))
+
+
+def cmd_export(args) -> int:
+    from gpt2lab.tokenizer import save_tokenizer
+    from gpt2lab.train.run import load_model_and_tokenizer
+
+    _guard_model_folder(args.out, args.overwrite)
+    model, tokenizer = load_model_and_tokenizer(args.model, dtype=args.dtype)
+    _clear_model_folder(args.out, args.overwrite)
+    model_type = model.export_hf(args.out)
+    save_tokenizer(tokenizer, args.out)  # a character model's export reads and writes characters too
     print(f"exported as transformers' '{model_type}' to {args.out}")
     return 0
 
@@ -161,6 +187,7 @@ def add_eval(sub) -> None:
     )
     p.add_argument("--by-position", action="store_true", help="write loss_by_position.csv/.png")
     p.add_argument("--out", default=None, help="folder for the by-position files (default: the model folder or .)")
+    p.add_argument("--overwrite", action="store_true", help="replace the by-position files the --out folder holds")
     p.add_argument("--dtype", choices=INFERENCE_DTYPES, default="float32", help="weight dtype (int8: CPU only)")
     p.add_argument("--device", type=arg.device, default="cpu")
     p.set_defaults(func=cmd_eval)
@@ -174,6 +201,11 @@ def cmd_eval(args) -> int:
 
     if args.data is None and args.hellaswag is None:
         raise GPT2LabError("eval needs --data, --hellaswag, or both")
+    out = args.out or (args.model if Path(args.model).is_dir() else ".")
+    if args.by_position:  # before minutes of evaluation, not after
+        from gpt2lab.outputs import EVAL, guard_output
+
+        guard_output(out, EVAL, overwrite=args.overwrite)
     model, tokenizer = load_model_and_tokenizer(args.model, dtype=args.dtype, device=args.device)
     if args.hellaswag is not None:
         _eval_hellaswag(model, args.hellaswag, args.max_examples)
@@ -184,7 +216,6 @@ def cmd_eval(args) -> int:
     print(f"data: {source} ({len(tokens):,} tokens, {n_bytes:,} bytes); evaluated {result.tokens:,} tokens")
     print(f"loss {result.loss:.4f}  perplexity {result.perplexity:.2f}  bits/byte {result.bits_per_byte:.4f}")
     if args.by_position:
-        out = args.out or (args.model if Path(args.model).is_dir() else ".")
         csv_path, png_path = write_by_position(result, out, trained_context=model.config.block_size)
         print(f"loss by position: {csv_path}, {png_path}")
     return 0

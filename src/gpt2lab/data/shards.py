@@ -14,6 +14,7 @@ not tokenized) and continues with the next shard; ``meta.json`` appears when the
 
 from __future__ import annotations
 
+import hashlib
 import itertools
 import multiprocessing as mp
 import os
@@ -27,9 +28,10 @@ import numpy as np
 from tqdm import tqdm
 
 from gpt2lab.data.sources import SourceOptions, count_documents, iter_texts
-from gpt2lab.data.tokens import DTYPE
+from gpt2lab.data.tokens import DTYPE, combine_digests, file_sha256
 from gpt2lab.errors import GPT2LabError, is_int
-from gpt2lab.files import atomic_file, read_json, write_json
+from gpt2lab.files import atomic_file, make_folder, read_json, remove_stale_temp_files, write_json
+from gpt2lab.outputs import DATA, clear_outputs, guard_output
 from gpt2lab.tokenizer import GPT2_TOKENIZER, load_tokenizer
 
 MANIFEST = "manifest.json"
@@ -110,9 +112,12 @@ class ShardWriter:
         tmp = self.stack.enter_context(atomic_file(self.out / self.name))
         self.file = self.stack.enter_context(open(tmp, "wb"))
         self.split, self.tokens, self.bytes = split, 0, 0
+        self.sha = hashlib.sha256()  # the shard's digest, recorded in the manifest: resume checks the data by it
 
     def _write(self, tokens: np.ndarray, n_bytes: np.ndarray, n_docs: int) -> None:
-        self.file.write(tokens.tobytes())
+        data = tokens.tobytes()
+        self.file.write(data)
+        self.sha.update(data)
         self.tokens += len(tokens)
         self.bytes += int(n_bytes.sum())
         self.documents += n_docs
@@ -137,6 +142,7 @@ class ShardWriter:
         self.stack.close()  # flush, fsync, rename: the shard is whole
         self.stack = None
         record = {"file": self.name, "split": self.split, "tokens": self.tokens, "bytes": self.bytes}
+        record["sha256"] = self.sha.hexdigest()
         self.manifest["shards"].append(record | {"documents_end": self.documents})
         write_json(self.out / MANIFEST, self.manifest)
 
@@ -154,13 +160,15 @@ def _documents_done(manifest: dict) -> int:
 # ---------------------------------------------------------------------------------------- prepare
 
 
-def _start(out: Path, settings: dict) -> dict:
-    """The manifest to continue: the folder's own when it was made with the same settings, else a new one."""
-    if out.exists() and not out.is_dir():
-        raise GPT2LabError(f"{out} exists and is not a folder")
-    out.mkdir(parents=True, exist_ok=True)
-    for stale in out.glob(".*.bin.*.tmp"):  # the shard a killed prepare was writing
-        stale.unlink()
+def _start(out: Path, settings: dict, overwrite: bool = False) -> dict:
+    """The manifest to continue: the folder's own when it was made with the same settings, else a new one.
+    The folder must be new, empty, or prepared data (:func:`gpt2lab.outputs.guard_output`); ``overwrite``
+    starts over in a folder of prepared data, whatever its settings."""
+    guard_output(out, DATA, overwrite=overwrite, resume=True)
+    if overwrite:
+        clear_outputs(out, DATA)
+    make_folder(out)
+    remove_stale_temp_files(out)  # the shard a killed prepare was writing
     if (out / MANIFEST).is_file():
         manifest = read_json(out / MANIFEST)
         if not manifest.get("shards"):  # stopped before its first shard: nothing to keep
@@ -168,11 +176,12 @@ def _start(out: Path, settings: dict) -> dict:
             return _start(out, settings)
         if manifest.get("settings") != settings:
             raise GPT2LabError(
-                f"{out} holds a prepare of other sources or settings ({MANIFEST}); use another --out or remove it"
+                f"{out} holds a prepare of other sources or settings ({MANIFEST}); use another --out, "
+                "or pass --overwrite to start it again"
             )
         return manifest
     if (out / "meta.json").is_file():
-        raise GPT2LabError(f"{out} holds prepared data already; use another --out or remove it")
+        raise GPT2LabError(f"{out} holds prepared data already; use another --out, or pass --overwrite to replace it")
     manifest = {"format": FORMAT, "version": 1, "settings": settings, "shards": [], "complete": False}
     write_json(out / MANIFEST, manifest)
     return manifest
@@ -194,14 +203,16 @@ def prepare_shards(
     val_tokens: int = VAL_TOKENS,
     workers: int | None = None,
     chunk_docs: int = 256,
+    overwrite: bool = False,
 ) -> dict:
-    """Tokenize ``sources`` into shards in ``out_dir`` (resuming a prepare stopped there); returns meta.json."""
+    """Tokenize ``sources`` into shards in ``out_dir`` (resuming a prepare stopped there, or starting over
+    with ``overwrite``); returns meta.json."""
     options = options or SourceOptions()
     _check_sizes(shard_tokens, val_tokens, workers, chunk_docs)
     out = Path(out_dir)
     created = not out.exists()
     settings = {"sources": [str(s) for s in sources], **vars(options), "tokenizer": GPT2_TOKENIZER}
-    manifest = _start(out, settings | {"shard_tokens": shard_tokens, "val_tokens": val_tokens})
+    manifest = _start(out, settings | {"shard_tokens": shard_tokens, "val_tokens": val_tokens}, overwrite)
     if manifest["complete"]:
         return read_json(out / "meta.json")
     workers = workers or os.cpu_count() or 1
@@ -256,6 +267,13 @@ def _finish(out: Path, manifest: dict) -> dict:
         "sources": manifest["settings"]["sources"],
         "shards": {name: [s["file"] for s in part] for name, part in split.items()},
         "split": "val: the first documents (at least val_tokens tokens); train: the rest, in shards",
+        "content_sha256": combine_digests(
+            [
+                (s["file"], s.get("sha256") or file_sha256(out / s["file"]))
+                for name in ("train", "val")
+                for s in split[name]
+            ]
+        ),
     }
     write_json(out / "meta.json", meta)
     manifest["complete"] = True

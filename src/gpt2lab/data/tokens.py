@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import functools
 import gzip
+import hashlib
 import itertools
 import os
 from collections.abc import Iterator
@@ -24,8 +25,10 @@ import torch
 from tqdm import tqdm
 
 from gpt2lab.errors import GPT2LabError, check_number, closest_hint, is_int
-from gpt2lab.files import atomic_file, read_json, scratch_file, write_json
+from gpt2lab.files import atomic_file, make_folder, read_json, remove_stale_temp_files, scratch_file, write_json
+from gpt2lab.outputs import DATA, clear_outputs, guard_output
 from gpt2lab.tokenizer import (
+    TOKENIZER_FILE,
     TOKENIZERS,
     Tokenizer,
     check_tokenizer_name,
@@ -122,9 +125,11 @@ def prepare(
     num_threads: int | None = None,
     chunk_docs: int = 64,
     tokenizer: str = "gpt2",
+    overwrite: bool = False,
 ) -> dict:
     """Tokenize ``sources`` into ``out_dir`` with ``tokenizer`` (``"gpt2"`` or ``"char"``); returns the
-    metadata written to ``meta.json``. The tokenizer is written beside it."""
+    metadata written to ``meta.json``. The tokenizer is written beside it. A folder that holds prepared
+    data is replaced only with ``overwrite``; one that holds anything else is refused (:mod:`gpt2lab.outputs`)."""
     if isinstance(sources, str | Path):
         sources = [sources]
     check_tokenizer_name(tokenizer)
@@ -133,10 +138,10 @@ def prepare(
         raise GPT2LabError(f"threads must be an integer >= 1, got {num_threads!r}")
     resolved = resolve_sources(sources)
     out = Path(out_dir)
-    if out.exists() and not out.is_dir():
-        raise GPT2LabError(f"{out} exists and is not a folder")
+    guard_output(out, DATA, overwrite=overwrite)
     created = not out.exists()
-    out.mkdir(parents=True, exist_ok=True)
+    make_folder(out)
+    remove_stale_temp_files(out)  # a killed prepare's token stream and half-written splits
     try:
         with scratch_file(out, "tokens") as stream_path:
             threads = num_threads or os.cpu_count() or 1
@@ -146,6 +151,7 @@ def prepare(
                 raise GPT2LabError(f"no text found in {', '.join(map(str, sources))}: every document is empty")
             meta = _write_splits(stream_path, out, n_tokens, val_fraction, enc)
         meta.update(documents=n_docs, sources=[str(s) for s in sources])
+        clear_outputs(out, DATA, keep=("train.bin", "val.bin", "meta.json", TOKENIZER_FILE))  # old shards, manifest
         save_tokenizer(enc, out)  # before meta.json, which marks the folder complete
         write_json(out / "meta.json", meta)
     except BaseException:
@@ -198,9 +204,11 @@ def _write_splits(stream_path: Path, out: Path, n_tokens: int, val_fraction: flo
     n_val = max(1, int(round(n_tokens * val_fraction)))
     n_train = n_tokens - n_val
     byte_len = token_byte_lengths(enc)
+    digests = []
     for name, part in (("train", tokens[:n_train]), ("val", tokens[n_train:])):
         with atomic_file(out / f"{name}.bin") as tmp:
             part.tofile(tmp)
+        digests.append((f"{name}.bin", hashlib.sha256(part).hexdigest()))
     meta = {
         "tokenizer": enc.name,
         "vocab_size": enc.n_vocab,
@@ -212,6 +220,7 @@ def _write_splits(stream_path: Path, out: Path, n_tokens: int, val_fraction: flo
         "val_bytes": int(byte_len[tokens[n_train:]].sum()),
         "val_fraction": val_fraction,
         "split": "tail of the token stream: val.bin holds the last val_fraction of the tokens",
+        "content_sha256": combine_digests(digests),
     }
     del tokens
     return meta
@@ -243,6 +252,16 @@ class TokenData:
                 f"tokenizer beside it has {tok.name} with {tok.n_vocab}; prepare it again"
             )
         return tok
+
+    @functools.cached_property
+    def fingerprint(self) -> dict:
+        """What identifies the folder's content: token counts, a SHA-256 of the token files (recorded by
+        prepare; computed here, once per process, for folders prepared before it was) and of the tokenizer."""
+        counts = {k: self.meta.get(k) for k in ("tokenizer", "vocab_size", "tokens", "train_tokens", "val_tokens")}
+        digest = self.meta.get("content_sha256") or combine_digests(
+            [(file.name, file_sha256(file)) for file in split_files(self.path, self.meta)]
+        )
+        return counts | {"content_sha256": digest, "tokenizer_sha256": tokenizer_digest(self.path)}
 
     @classmethod
     def open(cls, path: str | Path, vocab_size: int | None = None) -> TokenData:
@@ -279,6 +298,33 @@ class TokenData:
                     f"the {name} split of {self.path} has {n} tokens, fewer than one sequence of "
                     f"block_size {block_size} + 1; use a smaller block_size or more data"
                 )
+
+
+def split_files(path: Path, meta: dict) -> list[Path]:
+    """The token files of a prepared folder, in the order its content digest covers them: train, then val."""
+    if "shards" not in meta:
+        return [path / "train.bin", path / "val.bin"]
+    return [path / name for split in ("train", "val") for name in meta["shards"][split]]
+
+
+def file_sha256(path: Path, chunk: int = 1 << 24) -> str:
+    sha = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(chunk):
+            sha.update(block)
+    return sha.hexdigest()
+
+
+def combine_digests(named: list[tuple[str, str]]) -> str:
+    """One SHA-256 over the (file name, file SHA-256) pairs of a folder's token files, in order."""
+    return hashlib.sha256("".join(f"{name}:{digest}\n" for name, digest in named).encode()).hexdigest()
+
+
+def tokenizer_digest(folder: Path) -> str:
+    """SHA-256 of the tokenizer a folder carries (its name and, for characters, the vocabulary in order)."""
+    file = folder / TOKENIZER_FILE
+    stored = read_json(file) if file.is_file() else {"name": "gpt2"}
+    return hashlib.sha256(f"{stored.get('name')}\n{stored.get('chars', '')}".encode()).hexdigest()
 
 
 def _read_meta(path: Path) -> dict:

@@ -25,12 +25,14 @@ from pathlib import Path
 
 from gpt2lab.errors import GPT2LabError
 from gpt2lab.files import read_json, write_text
+from gpt2lab.outputs import STUDY, guard_output
 from gpt2lab.study.runs import Runs, eval_tokens
 from gpt2lab.study.suite import Suite, group_by_variant, receptive_reach, write_csv
 
 
 def _claim_folder(out: Path, suite: Suite) -> None:
     """A study folder holds the runs of one suite: refuse to mix another suite's runs into it."""
+    guard_output(out, STUDY, resume=True)  # a run, data, a model or one's own files are never a study's folder
     marker = out / "suite.json"
     fingerprint = json.loads(json.dumps(suite.fingerprint()))  # as JSON reads it back (tuples -> lists)
     if marker.is_file():
