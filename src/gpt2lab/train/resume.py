@@ -44,6 +44,7 @@ def resume_checkpoint(
     if from_saved_model:
         raise GPT2LabError(f"--from-saved-model is for a run whose {CKPT_NAME} is gone; {ckpt_path} exists: drop it")
     state = load_checkpoint(ckpt_path)
+    _check_not_past_end(run_dir, state["step"], cfg.max_iters)
     _check_same_model(run_dir, state["model_config"], config.to_dict())
     _check_same_tokenizer(run_dir, data)
     changes = _train_changes(state.get("train_config", {}), cfg.to_dict())
@@ -58,7 +59,6 @@ def resume_checkpoint(
             f"--resume would not continue the run in {run_dir} as it was: {'; '.join(changes)}; "
             "undo the change, or pass --allow-changes to resume with it anyway"
         )
-    _check_not_past_end(run_dir, state["step"], cfg.max_iters)
     return state
 
 
@@ -140,7 +140,10 @@ def _train_changes(saved_cfg: dict, now_cfg: dict) -> list[str]:
     return [
         f"{k} {saved_cfg[k]!r} -> {now_cfg[k]!r}"
         for k in now_cfg
-        if k in saved_cfg and k not in RESUMABLE_CHANGES and _effective(saved_cfg, k) != _effective(now_cfg, k)
+        if k in saved_cfg
+        and k not in RESUMABLE_CHANGES
+        and saved_cfg[k] != now_cfg[k]
+        and _effective(saved_cfg, k) != _effective(now_cfg, k)
     ]
 
 
