@@ -18,6 +18,7 @@ import hashlib
 import itertools
 import multiprocessing as mp
 import os
+import signal
 import time
 from collections import deque
 from collections.abc import Iterator
@@ -68,7 +69,14 @@ def worker_pool(workers: int):
     if workers == 1:
         return nullcontext(None)
     load_tokenizer()  # built once here; forked workers inherit it
-    return mp.get_context("fork" if "fork" in mp.get_all_start_methods() else "spawn").Pool(workers)
+    context = mp.get_context("fork" if "fork" in mp.get_all_start_methods() else "spawn")
+    return context.Pool(workers, initializer=_ignore_interrupts)
+
+
+def _ignore_interrupts() -> None:
+    """Ctrl-C reaches every process of the terminal's group: the main process stops the prepare (and the
+    pool) with one line, so the workers must not each print a KeyboardInterrupt traceback."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
 
 
 def encoded_chunks(texts: Iterator[str], pool, workers: int, chunk_docs: int) -> Iterator[tuple]:
@@ -212,6 +220,7 @@ def prepare_shards(
     out = Path(out_dir)
     created = not out.exists()
     settings = {"sources": [str(s) for s in sources], **vars(options), "tokenizer": GPT2_TOKENIZER}
+    total = count_documents(sources, options)  # checks every source (files, folders) before anything is written
     manifest = _start(out, settings | {"shard_tokens": shard_tokens, "val_tokens": val_tokens}, overwrite)
     if manifest["complete"]:
         return read_json(out / "meta.json")
@@ -219,7 +228,7 @@ def prepare_shards(
     with worker_pool(workers) as pool:  # first: the hub reader below may start threads
         done = _documents_done(manifest)
         texts = itertools.islice((t for t in iter_texts(sources, options) if t.strip()), done, None)
-        bar = tqdm(total=count_documents(sources, options), initial=done, unit="doc", desc="tokenizing")
+        bar = tqdm(total=total, initial=done, unit="doc", desc="tokenizing")
         writer, new_tokens, started = ShardWriter(out, manifest), 0, time.perf_counter()
         try:
             for tokens, lengths, n_bytes in encoded_chunks(texts, pool, workers, chunk_docs):

@@ -93,7 +93,7 @@ def iter_documents(sources: list[str | Path] | list[tuple[str, str | Path]]) -> 
         if kind == "dataset":
             yield from NAMED_DATASETS[source]()
         elif kind == "folder":
-            files = sorted(p for p in source.rglob("*") if p.is_file() and p.suffix.lower() in TEXT_SUFFIXES)
+            files = folder_files(source, TEXT_SUFFIXES)
             if not files:
                 raise GPT2LabError(f"no text files ({', '.join(TEXT_SUFFIXES)}) in folder {source}")
             for f in files:
@@ -102,9 +102,26 @@ def iter_documents(sources: list[str | Path] | list[tuple[str, str | Path]]) -> 
             yield str(source), read_text_file(source)
 
 
+def folder_files(folder: Path, readable: tuple[str, ...]) -> list[Path]:
+    """Every file under ``folder``, in a fixed order; a file of another kind than ``readable`` (suffixes) is
+    refused by name, so that no file of a source folder is ever left out unnoticed."""
+    files = sorted(p for p in folder.rglob("*") if p.is_file())
+    unreadable = [str(p.relative_to(folder)) for p in files if p.suffix.lower() not in readable]
+    if unreadable:
+        listed = ", ".join(unreadable[:3]) + (f" and {len(unreadable) - 3} more" if len(unreadable) > 3 else "")
+        raise GPT2LabError(
+            f"folder {folder} holds files prepare cannot read: {listed} (it reads {', '.join(readable)}); "
+            "move them out, or name the files to read"
+        )
+    return files
+
+
 def read_text_file(path: Path) -> str:
     """The file's text; a file that is not UTF-8 text (a binary file, another encoding) is refused."""
-    data = path.read_bytes()
+    try:
+        data = path.read_bytes()
+    except OSError as err:
+        raise GPT2LabError(f"cannot read {path}: {err.strerror or err}") from err
     if b"\0" in data:
         raise GPT2LabError(f"{path} is not a text file (it holds NUL bytes); prepare reads UTF-8 text")
     try:
