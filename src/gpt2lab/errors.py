@@ -59,3 +59,12 @@ def check_number(
         hi = "" if high is None else f"< {high:g}"
         bounds = " and ".join(part for part in (lo, hi) if part)
         raise GPT2LabError(f"{name} must be a finite number{' ' + bounds if bounds else ''}, got {value!r}")
+
+
+MAX_SEED = 2**32 - 1  # numpy's legacy seeding takes at most 32 bits; torch takes these too
+
+
+def check_seed(name: str, value: Any) -> None:
+    """A seed every RNG gpt2lab seeds accepts: an integer in [0, 2**32 - 1]."""
+    if not is_int(value) or not 0 <= value <= MAX_SEED:
+        raise GPT2LabError(f"{name} must be an integer in [0, {MAX_SEED}] (the range of a 32-bit seed), got {value!r}")

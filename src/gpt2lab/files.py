@@ -113,6 +113,20 @@ def read_json(path: str | os.PathLike) -> dict[str, Any]:
     return value
 
 
+def inside(folder: str | os.PathLike, path: str | os.PathLike, what: str = "file") -> Path:
+    """``path``, refused (one line) when it resolves outside ``folder`` (through ``..``, an absolute name or a
+    symbolic link): a checkpoint folder, however it was obtained, may only make gpt2lab read its own files.
+    The one exception is the Hugging Face cache's own layout: ``snapshots/REV/NAME`` links to ``blobs/``."""
+    root, target = Path(folder).resolve(), Path(path).resolve()
+    hub_blob = root.parent.name == "snapshots" and (root.parent.parent / "blobs") in target.parents
+    if target != root and root not in target.parents and not hub_blob:
+        raise GPT2LabError(
+            f"{what} {path} resolves outside its folder {folder} (to {target}); refused: a checkpoint folder may "
+            "only name files inside it"
+        )
+    return Path(path)
+
+
 def one_line(text: str, limit: int = 160) -> str:
     """``text`` with its whitespace collapsed, cut to ``limit`` characters: for quoting causes in errors."""
     text = " ".join(text.split())

@@ -16,7 +16,8 @@ from functools import partial
 import torch
 
 from gpt2lab.config import GPT2_EOT_ID
-from gpt2lab.errors import GPT2LabError
+from gpt2lab.errors import GPT2LabError, check_seed
+from gpt2lab.generation_limits import check_generation_memory, must_slide, sliding_steps
 from gpt2lab.kernels.compiled_decoding import CompiledDecoder, cache_capacity
 
 
@@ -39,8 +40,8 @@ class Sampler:
             raise GPT2LabError(f"top_k must be >= 1, got {self.top_k}")
         if self.top_p is not None and not (isinstance(self.top_p, int | float) and 0.0 < self.top_p <= 1.0):
             raise GPT2LabError(f"top_p must be in (0, 1], got {self.top_p}")
-        if self.seed is not None and not isinstance(self.seed, int):
-            raise GPT2LabError(f"seed must be an integer, got {self.seed!r}")
+        if self.seed is not None:
+            check_seed("seed", self.seed)
 
     def generator(self, device: torch.device) -> torch.Generator | None:
         return None if self.seed is None else torch.Generator(device=device).manual_seed(self.seed)
@@ -134,6 +135,7 @@ def stream_generate(
     use_cache: bool = True,
     compile: bool = False,
     tokenizer=None,
+    slide: bool = False,
     **sampling,
 ) -> Iterator[tuple[torch.Tensor, list[bool]]]:
     """Yield ``(next_tokens (B,), finished)`` after every step; a row stays finished once it stops.
@@ -141,7 +143,8 @@ def stream_generate(
     ``sampling`` holds :class:`Sampler`'s fields (temperature, top_k, top_p, seed). ``stop`` holds token
     ids and strings (strings are matched in the decoded text of ``tokenizer``, GPT-2's by default).
     ``compile`` runs the steps after the prompt through one compiled graph
-    (:mod:`gpt2lab.kernels.compiled_decoding`); it needs the cache.
+    (:mod:`gpt2lab.kernels.compiled_decoding`); it needs the cache. ``slide``: a model with learned positions
+    generates past its context by reading the last ``block_size`` tokens at each step (:func:`sliding_steps`).
     """
     sampler = Sampler(**sampling)
     if not isinstance(max_new_tokens, int) or max_new_tokens < 0:
@@ -150,14 +153,21 @@ def stream_generate(
         raise GPT2LabError("compile=True needs the KV cache: drop use_cache=False")
     pad = _pad_counts(idx, attention_mask)
     B, T = idx.shape
-    model.config.check_length(T + max_new_tokens)
+    sliding = slide and must_slide(model.config, T, max_new_tokens, pad is not None)
+    if not sliding:
+        model.config.check_length(T + max_new_tokens)
+        capacity = cache_capacity(T + max_new_tokens) if compile else T + max_new_tokens
+        check_generation_memory(model, B, capacity if use_cache else 0, T + max_new_tokens)
     stops = StopConditions(stop, B, tokenizer)
     device = model.device
     idx, generator = idx.to(device), sampler.generator(device)
     fill = torch.tensor(GPT2_EOT_ID if GPT2_EOT_ID < model.config.vocab_size else 0, device=device)
     mask = None if pad is None else (torch.arange(T)[None, :] >= pad[:, None]).to(device)
+    if sliding:
+        with _eval_mode(model):
+            yield from sliding_steps(model, idx, max_new_tokens, sampler, generator, stops, fill)
+        return
     with _eval_mode(model):
-        capacity = cache_capacity(T + max_new_tokens) if compile else T + max_new_tokens
         cache = model.new_cache(B, capacity) if use_cache else None
         logits = model(
             idx, cache=cache, attention_mask=mask, position_ids=_positions(pad, 0, T, device), last_only=True
@@ -255,7 +265,8 @@ def _release_text(model, tokenizer, ids, text, max_new_tokens, stop_tokens, samp
     """:func:`stream_text`'s generator: decode each new token into ``text`` and yield what is safe to show."""
     eot = getattr(tokenizer, "eot_token", None)
     released = 0  # bytes of the continuation already yielded
-    for tokens, finished in stream_generate(model, torch.tensor([ids]), max_new_tokens, stop=stop_tokens, **sampling):
+    steps = stream_generate(model, torch.tensor([ids]), max_new_tokens, stop=stop_tokens, slide=True, **sampling)
+    for tokens, finished in steps:
         token, done = tokens.item(), finished[0]
         if token != eot:
             done = text.feed(tokenizer.decode_bytes([token])) or done

@@ -122,13 +122,13 @@ def run_demo(
     kind = "scratch" if pretrained is None else "pretrained"
     data_dir = data_dir or DATA_DIRS[kind]
     prompt = PROMPTS[kind] if prompt is None else prompt
-    _prepare_data(data_dir, pretrained)
-    if pretrained is not None:
+    if pretrained is not None:  # before the data is prepared: a model that does not load fails at once
         model = _load_pretrained(pretrained)
         if model is None:
             pretrained = None
         else:
             _parity_check(pretrained, model)
+    _prepare_data(data_dir, pretrained)
     cfg = demo_config(out_dir, data_dir, pretrained, max_iters)
     what = f"fine-tuning {pretrained}" if pretrained else "training a small GPT from scratch"
     print(f"{what} on {data_dir}: {cfg.max_iters} steps of {cfg.batch_size}×{cfg.block_size} tokens -> {out_dir}")

@@ -25,7 +25,7 @@ def add_generate(sub) -> None:
     )
     p.add_argument("--top-k", type=arg.positive_int("top_k"), default=None)
     p.add_argument("--top-p", type=arg.probability("top_p"), default=None)
-    p.add_argument("--seed", type=int, default=None)
+    p.add_argument("--seed", type=arg.seed, default=None)
     p.add_argument(
         "--stop", type=arg.stop_string, action="append", default=None, help=r"stop string (repeatable; \n, \t escapes)"
     )

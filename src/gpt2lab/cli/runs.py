@@ -32,7 +32,9 @@ def add_prepare(sub) -> None:
     shards.add_argument("--split", default="train", help="hf: the dataset split (default: train)")
     shards.add_argument("--hf-revision", default=None, help="hf: a branch or commit, e.g. refs/convert/parquet")
     shards.add_argument("--shard-tokens", type=arg.positive_int("shard_tokens"), default=None, help="(100,000,000)")
-    shards.add_argument("--val-tokens", type=arg.positive_int("val_tokens"), default=None, help="(10,000,000)")
+    shards.add_argument(
+        "--val-tokens", type=arg.positive_int("val_tokens"), default=None, help="(min(10,000,000, 10%% of the corpus))"
+    )
     from gpt2lab.tokenizer import TOKENIZERS
 
     p.add_argument(
@@ -48,14 +50,14 @@ def cmd_prepare(args) -> int:
     from gpt2lab.data.sources import SourceOptions, is_table_source
 
     if any(map(is_table_source, args.source)) or args.shard_tokens or args.val_tokens:
-        from gpt2lab.data.shards import SHARD_TOKENS, VAL_TOKENS, prepare_shards
+        from gpt2lab.data.shards import SHARD_TOKENS, prepare_shards
 
         if args.val_fraction is not None:
             raise GPT2LabError("a sharded prepare holds out --val-tokens (the first documents), not --val-fraction")
         if args.tokenizer != "gpt2":
             raise GPT2LabError("a sharded prepare writes GPT-2 tokens; --tokenizer char is for text files")
         options = SourceOptions(args.text_column, args.hf_config, args.split, args.hf_revision)
-        sizes = dict(shard_tokens=args.shard_tokens or SHARD_TOKENS, val_tokens=args.val_tokens or VAL_TOKENS)
+        sizes = dict(shard_tokens=args.shard_tokens or SHARD_TOKENS, val_tokens=args.val_tokens)
         meta = prepare_shards(args.source, args.out, options, workers=args.threads, overwrite=args.overwrite, **sizes)
         shards = f" in {len(meta['shards']['train'])} train shard(s) + {len(meta['shards']['val'])} val"
     else:

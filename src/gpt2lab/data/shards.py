@@ -33,7 +33,7 @@ from gpt2lab.data.tokens import DTYPE, combine_digests, file_sha256
 from gpt2lab.errors import GPT2LabError, is_int
 from gpt2lab.files import atomic_file, make_folder, read_json, remove_stale_temp_files, write_json
 from gpt2lab.outputs import DATA, clear_outputs, guard_output
-from gpt2lab.tokenizer import GPT2_TOKENIZER, load_tokenizer
+from gpt2lab.tokenizer import GPT2_TOKENIZER, load_tokenizer, token_byte_lengths
 
 MANIFEST = "manifest.json"
 FORMAT = "gpt2lab-shards"
@@ -109,7 +109,7 @@ class ShardWriter:
     def _target(self) -> tuple[str, int]:
         settings = self.manifest["settings"]
         if not any(s["split"] == "val" for s in self.manifest["shards"]):
-            return "val", settings["val_tokens"]
+            return "val", settings["val_tokens"] or VAL_TOKENS
         return "train", settings["shard_tokens"]
 
     def _open(self) -> None:
@@ -197,7 +197,7 @@ def _start(out: Path, settings: dict, overwrite: bool = False) -> dict:
 
 def _check_sizes(shard_tokens, val_tokens, workers, chunk_docs) -> None:
     for name, value in (("shard_tokens", shard_tokens), ("val_tokens", val_tokens), ("chunk_docs", chunk_docs)):
-        if not is_int(value) or value < 1:
+        if (value is not None or name != "val_tokens") and (not is_int(value) or value < 1):
             raise GPT2LabError(f"{name} must be an integer >= 1, got {value!r}")
     if workers is not None and (not is_int(workers) or workers < 1):
         raise GPT2LabError(f"workers must be an integer >= 1, got {workers!r}")
@@ -208,13 +208,13 @@ def prepare_shards(
     out_dir: str | Path,
     options: SourceOptions | None = None,
     shard_tokens: int = SHARD_TOKENS,
-    val_tokens: int = VAL_TOKENS,
+    val_tokens: int | None = None,
     workers: int | None = None,
     chunk_docs: int = 256,
     overwrite: bool = False,
 ) -> dict:
     """Tokenize ``sources`` into shards in ``out_dir`` (resuming a prepare stopped there, or starting over
-    with ``overwrite``); returns meta.json."""
+    with ``overwrite``); returns meta.json. ``val_tokens`` None holds out min(VAL_TOKENS, 10 %) of the corpus."""
     options = options or SourceOptions()
     _check_sizes(shard_tokens, val_tokens, workers, chunk_docs)
     out = Path(out_dir)
@@ -254,16 +254,45 @@ def _drop_if_empty(out: Path, manifest: dict, created: bool) -> None:
             out.rmdir()
 
 
+def _fit_val_split(out: Path, manifest: dict) -> None:
+    """The default split, min(VAL_TOKENS, 10 %): a corpus under 10 x VAL_TOKENS tokens has its validation
+    shard cut at the first document end past 10 % of the corpus; the rest becomes the first training shard.
+    The new files are written, then the manifest names them, then the old shard goes: a kill at any point
+    leaves a manifest that names whole files."""
+    shards = manifest["shards"]
+    val = next(s for s in shards if s["split"] == "val")
+    target = max(1, sum(s["tokens"] for s in shards) // 10)
+    if val["tokens"] <= target or val["tokens"] < 2:
+        return
+    tokens = np.fromfile(out / val["file"], dtype=DTYPE)
+    ends = np.flatnonzero(tokens == load_tokenizer().eot_token) + 1  # each document ends with <|endoftext|>
+    ends = ends[(ends >= target) & (ends < len(tokens))]
+    cut = int(ends[0]) if len(ends) else target
+    byte_len = token_byte_lengths(load_tokenizer())
+    records = []
+    for name, split, part in (("val_head.bin", "val", tokens[:cut]), ("train_from_val.bin", "train", tokens[cut:])):
+        with atomic_file(out / name) as tmp:
+            part.tofile(tmp)
+        records.append({"file": name, "split": split, "tokens": len(part), "bytes": int(byte_len[part].sum())})
+        records[-1] |= {"sha256": hashlib.sha256(part).hexdigest(), "documents_end": val["documents_end"]}
+    manifest["shards"] = records + [s for s in shards if s is not val]
+    write_json(out / MANIFEST, manifest)
+    (out / val["file"]).unlink()
+
+
 def _finish(out: Path, manifest: dict) -> dict:
     """meta.json (what TokenData reads) from the manifest; the manifest is marked complete."""
+    if not manifest["shards"]:
+        raise GPT2LabError(f"no text found in {', '.join(manifest['settings']['sources'])}: every document is empty")
+    if manifest["settings"]["val_tokens"] is None:
+        _fit_val_split(out, manifest)
     shards = manifest["shards"]
     split = {name: [s for s in shards if s["split"] == name] for name in ("train", "val")}
-    if not split["val"]:
-        raise GPT2LabError(f"no text found in {', '.join(manifest['settings']['sources'])}: every document is empty")
     if not split["train"]:
         raise GPT2LabError(
             f"the corpus has {split['val'][0]['tokens']:,} tokens, all of them in the validation shard "
-            f"(val_tokens {manifest['settings']['val_tokens']:,}); remove {out} and prepare with a lower --val-tokens"
+            f"(val_tokens {manifest['settings']['val_tokens']:,}); prepare again with a lower --val-tokens, and "
+            "--overwrite (or leave --val-tokens out: then 10 % of a small corpus is held out)"
         )
     meta = {
         "tokenizer": GPT2_TOKENIZER,

@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from gpt2lab.config import PRESETS, GPTConfig
-from gpt2lab.errors import GPT2LabError, check_number, closest_hint, is_int
+from gpt2lab.errors import GPT2LabError, check_number, check_seed, closest_hint, is_int
 from gpt2lab.files import read_json
 
 GPT_FIELDS = [f.name for f in dataclasses.fields(GPTConfig)]
@@ -161,6 +161,7 @@ class TrainConfig:
             if not is_int(value) or value < low:
                 kind = "a positive integer" if low == 1 else f"an integer >= {low}"
                 raise GPT2LabError(f"config: {name} must be {kind}, got {value!r}")
+        check_seed("config: seed", self.seed)
         decay = self.lr_decay_iters
         if decay is not None and (not is_int(decay) or decay < 1):
             raise GPT2LabError(f"config: lr_decay_iters must be a positive integer or unset, got {decay!r}")

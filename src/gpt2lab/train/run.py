@@ -21,6 +21,7 @@ import numpy as np
 import torch
 
 from gpt2lab.checkpoints.safe_pickle import load_weights_only
+from gpt2lab.checkpoints.tensor_files import check_finite
 from gpt2lab.config import GPTConfig
 from gpt2lab.errors import GPT2LabError, os_fault
 from gpt2lab.files import atomic_file, make_folder, remove_stale_temp_files, write_text
@@ -218,6 +219,7 @@ class RunLock:
 
 def _model_from_checkpoint(path: Path) -> GPT:
     ckpt = load_checkpoint(path)
+    check_finite(ckpt["model"], path)
     model = GPT(GPTConfig.from_dict(ckpt["model_config"]))
     model.load_state_dict(ckpt["model"])
     return model
