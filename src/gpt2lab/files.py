@@ -64,9 +64,9 @@ def make_folder(path: str | os.PathLike) -> Path:
     path = Path(path)
     try:
         path.mkdir(parents=True, exist_ok=True)
-    except FileExistsError:
-        raise GPT2LabError(f"{path} is a file, not a folder") from None
     except OSError as err:
+        if path.exists() and not path.is_dir():
+            raise GPT2LabError(f"{path} is a file, not a folder") from None
         raise os_fault("create the folder", path, err) from err
     return path
 

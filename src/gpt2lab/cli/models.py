@@ -74,9 +74,9 @@ def cmd_convert(args) -> int:
     _guard_model_folder(args.out, args.overwrite)
     model, tokenizer = load_model_and_tokenizer(args.model)
     converted = model.convert_to_gqa(args.n_kv_head)
-    _clear_model_folder(args.out, args.overwrite)
     converted.save_pretrained(args.out)
     save_tokenizer(tokenizer, args.out)
+    _clear_model_folder(args.out)
     heads = f"{model.config.n_kv_head} -> {args.n_kv_head} key/value heads"
     print(f"converted {heads}; {model.num_params():,} -> {converted.num_params():,} parameters; saved to {args.out}")
     return 0
@@ -103,14 +103,14 @@ def _guard_model_folder(out: str, overwrite: bool) -> None:
     guard_output(out, MODEL, overwrite=overwrite)
 
 
-def _clear_model_folder(out: str, overwrite: bool) -> None:
-    """--overwrite: the old model's files go (a sharded model's shards would otherwise stay beside the new one)."""
-    from gpt2lab.files import make_folder, remove_stale_temp_files
+def _clear_model_folder(out: str) -> None:
+    """After writing: what an earlier model in --out left that this one did not rewrite (shards of a sharded
+    model, an index) goes, and temp files of a killed earlier write; written files and others' files stay."""
+    from gpt2lab.files import remove_stale_temp_files
     from gpt2lab.outputs import MODEL, clear_outputs
 
-    if overwrite:
-        clear_outputs(out, MODEL)
-    remove_stale_temp_files(make_folder(out))
+    clear_outputs(out, MODEL, keep=("config.json", "model.safetensors", "gpt2lab-tokenizer.json"))
+    remove_stale_temp_files(out)
 
 
 def cmd_export(args) -> int:
@@ -119,9 +119,9 @@ def cmd_export(args) -> int:
 
     _guard_model_folder(args.out, args.overwrite)
     model, tokenizer = load_model_and_tokenizer(args.model, dtype=args.dtype)
-    _clear_model_folder(args.out, args.overwrite)
     model_type = model.export_hf(args.out)
     save_tokenizer(tokenizer, args.out)  # a character model's export reads and writes characters too
+    _clear_model_folder(args.out)
     print(f"exported as transformers' '{model_type}' to {args.out}")
     return 0
 

@@ -166,6 +166,8 @@ def prepare(
             n_docs, n_tokens = _tokenize(documents, enc, stream_path, threads, chunk_docs)
             if n_docs == 0:
                 raise GPT2LabError(f"no text found in {', '.join(map(str, sources))}: every document is empty")
+            # the old data is no longer whole once one split is replaced: unmarked until the new one is
+            (out / "meta.json").unlink(missing_ok=True)
             meta = _write_splits(stream_path, out, n_tokens, val_fraction, enc)
         meta.update(documents=n_docs, sources=[str(s) for s in sources])
         clear_outputs(out, DATA, keep=("train.bin", "val.bin", "meta.json", TOKENIZER_FILE))  # old shards, manifest

@@ -154,7 +154,7 @@ def append_metrics(run_dir: str | Path, row: dict[str, Any]) -> None:
         with open(path, "a", encoding="utf-8") as f:
             f.write(_json_line(row))
     except OSError as err:
-        raise GPT2LabError(f"cannot append to {path}: {err.strerror or err}") from err
+        raise os_fault("append to", path, err) from err
 
 
 # ---------------------------------------------------------------------------------------- ownership
@@ -205,9 +205,13 @@ class RunLock:
             raise GPT2LabError(
                 f"{run_dir} is in use by another training (pid {owner}); wait for it to end or choose another --out"
             ) from None
-        os.ftruncate(self.fd, 0)
-        os.write(self.fd, str(os.getpid()).encode())
-        remove_stale_temp_files(run_dir, RUN_FILES)
+        try:
+            os.ftruncate(self.fd, 0)
+            os.write(self.fd, str(os.getpid()).encode())
+            remove_stale_temp_files(run_dir, RUN_FILES)
+        except OSError as err:  # the lock must not outlive a failed start (a library caller goes on running)
+            self.release()
+            raise os_fault("write", run_dir / ".lock", err) from err
 
     def release(self) -> None:
         fcntl.flock(self.fd, fcntl.LOCK_UN)
