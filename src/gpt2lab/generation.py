@@ -58,7 +58,7 @@ def sample_next(
     generator: torch.Generator | None = None,
 ) -> torch.Tensor:
     """Next token ids (B,) from last-position logits (B, vocab). ``temperature == 0`` is greedy."""
-    if temperature == 0:
+    if temperature == 0 or float(torch.tensor(temperature, dtype=torch.float32)) == 0:  # below float32: greedy
         return logits.argmax(dim=-1)
     # Shifted so the largest logit is 0 before scaling: a tiny temperature then gives -inf, not inf - inf.
     logits = (logits.float() - logits.float().amax(dim=-1, keepdim=True)) / temperature

@@ -243,7 +243,18 @@ def prepare_shards(
             raise
         finally:
             bar.close()
-    return _finish(out, manifest)
+    try:
+        return _finish(out, manifest)
+    except GPT2LabError:  # refused at the end (a corpus too small to split): what this prepare wrote goes
+        _discard(out, manifest, created)
+        raise
+
+
+def _discard(out: Path, manifest: dict, created: bool) -> None:
+    for shard in manifest["shards"]:
+        (out / shard["file"]).unlink(missing_ok=True)
+    manifest["shards"] = []
+    _drop_if_empty(out, manifest, created)
 
 
 def _drop_if_empty(out: Path, manifest: dict, created: bool) -> None:
@@ -257,12 +268,15 @@ def _drop_if_empty(out: Path, manifest: dict, created: bool) -> None:
 def _fit_val_split(out: Path, manifest: dict) -> None:
     """The default split, min(VAL_TOKENS, 10 %): a corpus under 10 x VAL_TOKENS tokens has its validation
     shard cut at the first document end past 10 % of the corpus; the rest becomes the first training shard.
+    With ``--val-tokens``, a corpus whose documents all went to the validation shard is cut at that many
+    tokens (at the first document end past it, or inside the one long document).
     The new files are written, then the manifest names them, then the old shard goes: a kill at any point
     leaves a manifest that names whole files."""
-    shards = manifest["shards"]
+    shards, asked = manifest["shards"], manifest["settings"]["val_tokens"]
     val = next(s for s in shards if s["split"] == "val")
-    target = max(1, sum(s["tokens"] for s in shards) // 10)
-    if val["tokens"] <= target or val["tokens"] < 2:
+    target = asked or max(1, sum(s["tokens"] for s in shards) // 10)
+    only_val = all(s["split"] == "val" for s in shards)  # with --val-tokens, split only a corpus it swallowed
+    if val["tokens"] <= target or val["tokens"] < 2 or (asked and not only_val):
         return
     tokens = np.fromfile(out / val["file"], dtype=DTYPE)
     ends = np.flatnonzero(tokens == load_tokenizer().eot_token) + 1  # each document ends with <|endoftext|>
@@ -284,15 +298,14 @@ def _finish(out: Path, manifest: dict) -> dict:
     """meta.json (what TokenData reads) from the manifest; the manifest is marked complete."""
     if not manifest["shards"]:
         raise GPT2LabError(f"no text found in {', '.join(manifest['settings']['sources'])}: every document is empty")
-    if manifest["settings"]["val_tokens"] is None:
-        _fit_val_split(out, manifest)
+    _fit_val_split(out, manifest)
     shards = manifest["shards"]
     split = {name: [s for s in shards if s["split"] == name] for name in ("train", "val")}
     if not split["train"]:
         raise GPT2LabError(
             f"the corpus has {split['val'][0]['tokens']:,} tokens, all of them in the validation shard "
-            f"(val_tokens {manifest['settings']['val_tokens']:,}); prepare again with a lower --val-tokens, and "
-            "--overwrite (or leave --val-tokens out: then 10 % of a small corpus is held out)"
+            f"(val_tokens {manifest['settings']['val_tokens']:,}); nothing was kept; prepare again with a lower "
+            "--val-tokens, or without it (then 10 % of a small corpus is held out)"
         )
     meta = {
         "tokenizer": GPT2_TOKENIZER,
