@@ -197,3 +197,14 @@ def test_eval_max_tokens_below_one_window_is_refused(small_model, tmp_path, caps
         capsys,
         "max_tokens 1 is less than one window of context 32",
     )
+
+
+def test_val_tokens_larger_than_the_corpus_is_refused_with_nothing_kept(tmp_path, capsys):
+    """Issue: prepare wrote a validation shard and a manifest before refusing, then refused the retry."""
+    (tmp_path / "c.jsonl").write_text("".join(json.dumps({"text": f"row {i}"}) + "\n" for i in range(5)))
+    args = ["prepare", tmp_path / "c.jsonl", "--out", tmp_path / "out", "--val-tokens", "1000", "--threads", "1"]
+    code = main([str(a) for a in args])
+    err = capsys.readouterr().err
+    assert code == 2 and "all of them in the validation shard" in err and "nothing was kept" in err
+    assert not (tmp_path / "out").exists()
+    assert main([str(a) for a in args[:-4]] + ["--threads", "1"]) == 0  # the retry (default split) succeeds
