@@ -23,7 +23,8 @@ from pathlib import Path
 import pytest
 
 from gpt2lab.cli.main import main
-from gpt2lab.data.tokens import TokenData, combine_digests, file_sha256, split_files
+from gpt2lab.data.fingerprint import combine_digests, file_sha256, split_files
+from gpt2lab.data.tokens import TokenData
 from gpt2lab.errors import EXIT_ENVIRONMENT
 from gpt2lab.train.run import load_checkpoint, load_model, read_metrics
 

@@ -14,7 +14,8 @@ import torch
 from safetensors.torch import load_file
 
 from gpt2lab.cli.main import main
-from gpt2lab.data.tokens import combine_digests, file_sha256, prepare
+from gpt2lab.data.fingerprint import combine_digests, file_sha256
+from gpt2lab.data.tokens import prepare
 from gpt2lab.errors import GPT2LabError
 from gpt2lab.tokenizer import TOKENIZER_FILE
 from gpt2lab.train.config import load_config

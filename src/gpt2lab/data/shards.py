@@ -28,8 +28,9 @@ from pathlib import Path
 import numpy as np
 from tqdm import tqdm
 
+from gpt2lab.data.fingerprint import combine_digests, file_sha256
 from gpt2lab.data.sources import SourceOptions, count_documents, iter_texts
-from gpt2lab.data.tokens import DTYPE, combine_digests, file_sha256
+from gpt2lab.data.tokens import DTYPE
 from gpt2lab.errors import GPT2LabError, is_int
 from gpt2lab.files import atomic_file, make_folder, read_json, remove_stale_temp_files, write_json
 from gpt2lab.outputs import DATA, clear_outputs, guard_output

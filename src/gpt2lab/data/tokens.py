@@ -24,11 +24,11 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
+from gpt2lab.data.fingerprint import combine_digests, data_fingerprint
 from gpt2lab.errors import GPT2LabError, check_number, closest_hint, is_int
 from gpt2lab.files import atomic_file, make_folder, read_json, remove_stale_temp_files, scratch_file, write_json
-from gpt2lab.outputs import DATA, clear_outputs, guard_output
+from gpt2lab.outputs import DATA, TOKENIZER_FILE, clear_outputs, guard_output
 from gpt2lab.tokenizer import (
-    TOKENIZER_FILE,
     TOKENIZERS,
     Tokenizer,
     check_tokenizer_name,
@@ -106,13 +106,10 @@ def folder_files(folder: Path, readable: tuple[str, ...]) -> list[Path]:
     """Every file under ``folder``, in a fixed order; a file of another kind than ``readable`` (suffixes) is
     refused by name, so that no file of a source folder is ever left out unnoticed."""
     files = sorted(p for p in folder.rglob("*") if p.is_file())
-    unreadable = [str(p.relative_to(folder)) for p in files if p.suffix.lower() not in readable]
-    if unreadable:
-        listed = ", ".join(unreadable[:3]) + (f" and {len(unreadable) - 3} more" if len(unreadable) > 3 else "")
-        raise GPT2LabError(
-            f"folder {folder} holds files prepare cannot read: {listed} (it reads {', '.join(readable)}); "
-            "move them out, or name the files to read"
-        )
+    bad = [str(p.relative_to(folder)) for p in files if p.suffix.lower() not in readable]
+    if bad:
+        listed = f"{', '.join(bad[:3])}{' …' if len(bad) > 3 else ''} (it reads {', '.join(readable)})"
+        raise GPT2LabError(f"folder {folder} holds files prepare cannot read: {listed}; move them out, or name files")
     return files
 
 
@@ -144,9 +141,8 @@ def prepare(
     tokenizer: str = "gpt2",
     overwrite: bool = False,
 ) -> dict:
-    """Tokenize ``sources`` into ``out_dir`` with ``tokenizer`` (``"gpt2"`` or ``"char"``); returns the
-    metadata written to ``meta.json``. The tokenizer is written beside it. A folder that holds prepared
-    data is replaced only with ``overwrite``; one that holds anything else is refused (:mod:`gpt2lab.outputs`)."""
+    """Tokenize ``sources`` into ``out_dir`` with ``tokenizer`` (``"gpt2"`` or ``"char"``); returns ``meta.json``'s
+    content. The tokenizer is written beside it. Prepared data is replaced only with ``overwrite``."""
     if isinstance(sources, str | Path):
         sources = [sources]
     check_tokenizer_name(tokenizer)
@@ -274,13 +270,8 @@ class TokenData:
 
     @functools.cached_property
     def fingerprint(self) -> dict:
-        """What identifies the folder's content: token counts, a SHA-256 of the token files (recorded by
-        prepare; computed here, once per process, for folders prepared before it was) and of the tokenizer."""
-        counts = {k: self.meta.get(k) for k in ("tokenizer", "vocab_size", "tokens", "train_tokens", "val_tokens")}
-        digest = self.meta.get("content_sha256") or combine_digests(
-            [(file.name, file_sha256(file)) for file in split_files(self.path, self.meta)]
-        )
-        return counts | {"content_sha256": digest, "tokenizer_sha256": tokenizer_digest(self.path)}
+        """What identifies the folder's content (:func:`gpt2lab.data.fingerprint.data_fingerprint`)."""
+        return data_fingerprint(self.path, self.meta)
 
     @classmethod
     def open(cls, path: str | Path, vocab_size: int | None = None) -> TokenData:
@@ -317,33 +308,6 @@ class TokenData:
                     f"the {name} split of {self.path} has {n} tokens, fewer than one sequence of "
                     f"block_size {block_size} + 1; use a smaller block_size or more data"
                 )
-
-
-def split_files(path: Path, meta: dict) -> list[Path]:
-    """The token files of a prepared folder, in the order its content digest covers them: train, then val."""
-    if "shards" not in meta:
-        return [path / "train.bin", path / "val.bin"]
-    return [path / name for split in ("train", "val") for name in meta["shards"][split]]
-
-
-def file_sha256(path: Path, chunk: int = 1 << 24) -> str:
-    sha = hashlib.sha256()
-    with open(path, "rb") as f:
-        while block := f.read(chunk):
-            sha.update(block)
-    return sha.hexdigest()
-
-
-def combine_digests(named: list[tuple[str, str]]) -> str:
-    """One SHA-256 over the (file name, file SHA-256) pairs of a folder's token files, in order."""
-    return hashlib.sha256("".join(f"{name}:{digest}\n" for name, digest in named).encode()).hexdigest()
-
-
-def tokenizer_digest(folder: Path) -> str:
-    """SHA-256 of the tokenizer a folder carries (its name and, for characters, the vocabulary in order)."""
-    file = folder / TOKENIZER_FILE
-    stored = read_json(file) if file.is_file() else {"name": "gpt2"}
-    return hashlib.sha256(f"{stored.get('name')}\n{stored.get('chars', '')}".encode()).hexdigest()
 
 
 def _read_meta(path: Path) -> dict:

@@ -12,7 +12,8 @@ from __future__ import annotations
 from pathlib import Path
 
 from gpt2lab.config import GPTConfig
-from gpt2lab.data.tokens import TokenData, tokenizer_digest
+from gpt2lab.data.fingerprint import tokenizer_digest
+from gpt2lab.data.tokens import TokenData
 from gpt2lab.errors import GPT2LabError, is_int
 from gpt2lab.files import read_json
 from gpt2lab.model import GPT
