@@ -17,8 +17,8 @@ import torch
 
 from gpt2lab.config import GPT2_EOT_ID
 from gpt2lab.errors import GPT2LabError, check_seed
-from gpt2lab.generation_limits import check_generation_memory, must_slide, sliding_steps
-from gpt2lab.kernels.compiled_decoding import CompiledDecoder, cache_capacity
+from gpt2lab.generation_limits import plan_request, sliding_steps
+from gpt2lab.kernels.compiled_decoding import CompiledDecoder
 
 
 @dataclass(frozen=True)
@@ -70,6 +70,7 @@ def sample_next(
         probs = sorted_logits.softmax(dim=-1)
         # Keep the smallest prefix whose mass reaches top_p: drop a token when the mass before it does.
         drop_sorted = (probs.cumsum(dim=-1) - probs) >= top_p
+        drop_sorted[:, 0] = False  # the most likely token always stays (a top_p below float32's range kept none)
         logits = logits.masked_fill(drop_sorted.scatter(1, order, drop_sorted), float("-inf"))
     return torch.multinomial(logits.softmax(dim=-1), 1, generator=generator).squeeze(1)
 
@@ -153,11 +154,7 @@ def stream_generate(
         raise GPT2LabError("compile=True needs the KV cache: drop use_cache=False")
     pad = _pad_counts(idx, attention_mask)
     B, T = idx.shape
-    sliding = slide and must_slide(model.config, T, max_new_tokens, pad is not None)
-    if not sliding:
-        model.config.check_length(T + max_new_tokens)
-        capacity = cache_capacity(T + max_new_tokens) if compile else T + max_new_tokens
-        check_generation_memory(model, B, capacity if use_cache else 0, T + max_new_tokens)
+    sliding, capacity = plan_request(model, B, T, max_new_tokens, slide, pad is not None, compile, use_cache)
     stops = StopConditions(stop, B, tokenizer)
     device = model.device
     idx, generator = idx.to(device), sampler.generator(device)

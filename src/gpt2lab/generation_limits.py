@@ -14,6 +14,7 @@ from collections.abc import Iterator
 import torch
 
 from gpt2lab.errors import GPT2LabError
+from gpt2lab.kernels.compiled_decoding import cache_capacity
 
 
 def must_slide(config, prompt_length: int, max_new_tokens: int, padded: bool) -> bool:
@@ -25,6 +26,20 @@ def must_slide(config, prompt_length: int, max_new_tokens: int, padded: bool) ->
     if padded:
         config.check_length(prompt_length + max_new_tokens)
     return True
+
+
+def plan_request(
+    model, batch: int, prompt: int, new_tokens: int, slide: bool, padded: bool, compile: bool, use_cache: bool
+) -> tuple[bool, int]:
+    """(whether the context slides, the KV cache's capacity in tokens), after refusing a length a learned-position
+    model cannot reach without sliding and a request that needs more memory than is free."""
+    if slide and must_slide(model.config, prompt, new_tokens, padded):
+        check_generation_memory(model, batch, 0, model.config.block_size)  # each step reads one context, no cache
+        return True, 0
+    model.config.check_length(prompt + new_tokens)
+    capacity = cache_capacity(prompt + new_tokens) if compile else prompt + new_tokens
+    check_generation_memory(model, batch, capacity if use_cache else 0, prompt + new_tokens)
+    return False, capacity
 
 
 def sliding_steps(model, idx, max_new_tokens: int, sampler, generator, stops, fill) -> Iterator[tuple]:

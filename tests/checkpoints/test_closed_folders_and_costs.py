@@ -80,6 +80,13 @@ def test_nan_weights_are_refused_at_load_with_the_tensor_name(small_model, tmp_p
     one_line(["generate", "--model", bad, "--prompt", "Hi"], capsys, "tensor transformer.h.0.mlp.c_fc.weight holds 1")
 
 
+@pytest.mark.parametrize("option", ["--temperature", "--top-p"])
+def test_sampling_values_below_float32s_range_still_sample(small_model, option, capsys):
+    """Found by the property test: such a value turned every score into NaN (a torch RuntimeError)."""
+    args = ["generate", "--model", str(small_model), "--prompt", "Hi", "--max-new-tokens", "3", option, "2.2e-309"]
+    assert main(args) == 0, capsys.readouterr().err
+
+
 # ---------------------------------------------------------------------------------------- item 6: closed folders
 
 
