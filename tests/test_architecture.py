@@ -23,7 +23,7 @@ MAX_FUNCTION_LINES = 60
 # own __init__ (the public API) only. Levels follow the imports: kv_cache sits below the core because the
 # compiled decoder in kernels/ builds caches; kernel_report imports the model, so it is in cli/.
 LAYERS: list[tuple[str, tuple[str, ...]]] = [
-    ("base", ("gpt2lab.errors", "gpt2lab.files")),
+    ("base", ("gpt2lab.errors", "gpt2lab.files", "gpt2lab.outputs")),
     ("definitions", ("gpt2lab.config", "gpt2lab.tokenizer", "gpt2lab.kv_cache")),
     ("formats, data, kernels", ("gpt2lab.checkpoints", "gpt2lab.data", "gpt2lab.kernels")),
     (
@@ -34,6 +34,7 @@ LAYERS: list[tuple[str, tuple[str, ...]]] = [
             "gpt2lab.attention",
             "gpt2lab.sliding_window",
             "gpt2lab.generation",
+            "gpt2lab.generation_limits",
             "gpt2lab.loading",
             "gpt2lab.analysis",
             "gpt2lab.plots",

@@ -17,7 +17,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
-from gpt2lab.errors import GPT2LabError
+from gpt2lab.errors import GPT2LabError, os_fault
 
 
 def _umask() -> int:
@@ -33,7 +33,7 @@ def atomic_file(path: str | os.PathLike) -> Iterator[Path]:
     try:
         fd, tmp_name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     except OSError as err:
-        raise GPT2LabError(f"cannot write {path}: {err.strerror or err}") from err
+        raise os_fault("write", path, err) from err
     os.close(fd)
     tmp = Path(tmp_name)
     try:
@@ -43,23 +43,41 @@ def atomic_file(path: str | os.PathLike) -> Iterator[Path]:
         os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes 0600; the user's files are made with their umask
         os.replace(tmp, path)
     except OSError as err:
-        raise GPT2LabError(f"cannot write {path}: {err.strerror or err}; the previous version is unchanged") from err
+        fault = os_fault("write", path, err)
+        raise type(fault)(f"{fault}; the previous version is unchanged") from err
     finally:
         tmp.unlink(missing_ok=True)
 
 
-def remove_stale_temp_files(directory: str | os.PathLike, names: Iterable[str]) -> None:
-    """Remove the temp files :func:`atomic_file` left for ``names`` in ``directory`` when its process was
-    killed mid-write (``kill -9`` runs no cleanup). Call it only while owning the folder (a run's lock)."""
-    for name in names:
-        for stale in Path(directory).glob(f".{glob.escape(name)}.*.tmp"):
+def remove_stale_temp_files(directory: str | os.PathLike, names: Iterable[str] | None = None) -> None:
+    """Remove the temp files :func:`atomic_file` and :func:`scratch_file` left for ``names`` (every name when
+    None) in ``directory`` when their process was killed mid-write (``kill -9`` runs no cleanup). Call it
+    only while owning the folder (a run's lock, an output folder the guard let this command write)."""
+    patterns = [".*.tmp"] if names is None else [f".{glob.escape(name)}.*.tmp" for name in names]
+    for pattern in patterns:
+        for stale in Path(directory).glob(pattern):
             stale.unlink(missing_ok=True)
+
+
+def make_folder(path: str | os.PathLike) -> Path:
+    """``mkdir -p``; an OS refusal (read-only, permissions, a file in the way) is one line."""
+    path = Path(path)
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+    except OSError as err:
+        if path.exists() and not path.is_dir():
+            raise GPT2LabError(f"{path} is a file, not a folder") from None
+        raise os_fault("create the folder", path, err) from err
+    return path
 
 
 @contextmanager
 def scratch_file(directory: str | os.PathLike, name: str) -> Iterator[Path]:
     """A unique temporary file in ``directory`` for intermediate data, removed however the block ends."""
-    fd, tmp_name = tempfile.mkstemp(dir=directory, prefix=f".{name}.", suffix=".tmp")
+    try:
+        fd, tmp_name = tempfile.mkstemp(dir=directory, prefix=f".{name}.", suffix=".tmp")
+    except OSError as err:
+        raise os_fault("write", Path(directory) / name, err) from err
     os.close(fd)
     try:
         yield Path(tmp_name)
@@ -93,6 +111,20 @@ def read_json(path: str | os.PathLike) -> dict[str, Any]:
     if not isinstance(value, dict):
         raise GPT2LabError(f"{path} does not hold a JSON object")
     return value
+
+
+def inside(folder: str | os.PathLike, path: str | os.PathLike, what: str = "file") -> Path:
+    """``path``, refused (one line) when it resolves outside ``folder`` (through ``..``, an absolute name or a
+    symbolic link): a checkpoint folder, however it was obtained, may only make gpt2lab read its own files.
+    The one exception is the Hugging Face cache's own layout: ``snapshots/REV/NAME`` links to ``blobs/``."""
+    root, target = Path(folder).resolve(), Path(path).resolve()
+    hub_blob = root.parent.name == "snapshots" and (root.parent.parent / "blobs") in target.parents
+    if target != root and root not in target.parents and not hub_blob:
+        raise GPT2LabError(
+            f"{what} {path} resolves outside its folder {folder} (to {target}); refused: a checkpoint folder may "
+            "only name files inside it"
+        )
+    return Path(path)
 
 
 def one_line(text: str, limit: int = 160) -> str:

@@ -16,8 +16,9 @@ from functools import partial
 import torch
 
 from gpt2lab.config import GPT2_EOT_ID
-from gpt2lab.errors import GPT2LabError
-from gpt2lab.kernels.compiled_decoding import CompiledDecoder, cache_capacity
+from gpt2lab.errors import GPT2LabError, check_seed
+from gpt2lab.generation_limits import plan_request, sliding_steps
+from gpt2lab.kernels.compiled_decoding import CompiledDecoder
 from gpt2lab.tokenizer import load_tokenizer
 
 
@@ -40,8 +41,8 @@ class Sampler:
             raise GPT2LabError(f"top_k must be >= 1, got {self.top_k}")
         if self.top_p is not None and not (isinstance(self.top_p, int | float) and 0.0 < self.top_p <= 1.0):
             raise GPT2LabError(f"top_p must be in (0, 1], got {self.top_p}")
-        if self.seed is not None and not isinstance(self.seed, int):
-            raise GPT2LabError(f"seed must be an integer, got {self.seed!r}")
+        if self.seed is not None:
+            check_seed("seed", self.seed)
 
     def generator(self, device: torch.device) -> torch.Generator | None:
         return None if self.seed is None else torch.Generator(device=device).manual_seed(self.seed)
@@ -58,7 +59,7 @@ def sample_next(
     generator: torch.Generator | None = None,
 ) -> torch.Tensor:
     """Next token ids (B,) from last-position logits (B, vocab). ``temperature == 0`` is greedy."""
-    if temperature == 0:
+    if temperature == 0 or float(torch.tensor(temperature, dtype=torch.float32)) == 0:  # below float32: greedy
         return logits.argmax(dim=-1)
     # Shifted so the largest logit is 0 before scaling: a tiny temperature then gives -inf, not inf - inf.
     logits = (logits.float() - logits.float().amax(dim=-1, keepdim=True)) / temperature
@@ -70,6 +71,7 @@ def sample_next(
         probs = sorted_logits.softmax(dim=-1)
         # Keep the smallest prefix whose mass reaches top_p: drop a token when the mass before it does.
         drop_sorted = (probs.cumsum(dim=-1) - probs) >= top_p
+        drop_sorted[:, 0] = False  # the most likely token always stays (a top_p below float32's range kept none)
         logits = logits.masked_fill(drop_sorted.scatter(1, order, drop_sorted), float("-inf"))
     return torch.multinomial(logits.softmax(dim=-1), 1, generator=generator).squeeze(1)
 
@@ -135,6 +137,7 @@ def stream_generate(
     use_cache: bool = True,
     compile: bool = False,
     tokenizer=None,
+    slide: bool = False,
     **sampling,
 ) -> Iterator[tuple[torch.Tensor, list[bool]]]:
     """Yield ``(next_tokens (B,), finished)`` after every step; a row stays finished once it stops.
@@ -142,7 +145,8 @@ def stream_generate(
     ``sampling`` holds :class:`Sampler`'s fields (temperature, top_k, top_p, seed). ``stop`` holds token
     ids and strings (strings are matched in the decoded text of ``tokenizer``, GPT-2's by default).
     ``compile`` runs the steps after the prompt through one compiled graph
-    (:mod:`gpt2lab.kernels.compiled_decoding`); it needs the cache.
+    (:mod:`gpt2lab.kernels.compiled_decoding`); it needs the cache. ``slide``: a model with learned positions
+    generates past its context by reading the last ``block_size`` tokens at each step (:func:`sliding_steps`).
     """
     sampler = Sampler(**sampling)
     if not isinstance(max_new_tokens, int) or max_new_tokens < 0:
@@ -151,14 +155,17 @@ def stream_generate(
         raise GPT2LabError("compile=True needs the KV cache: drop use_cache=False")
     pad = _pad_counts(idx, attention_mask)
     B, T = idx.shape
-    model.config.check_length(T + max_new_tokens)
+    sliding, capacity = plan_request(model, B, T, max_new_tokens, slide, pad is not None, compile, use_cache)
     stops = StopConditions(stop, B, tokenizer)
     device = model.device
     idx, generator = idx.to(device), sampler.generator(device)
     fill = torch.tensor(GPT2_EOT_ID if GPT2_EOT_ID < model.config.vocab_size else 0, device=device)
     mask = None if pad is None else (torch.arange(T)[None, :] >= pad[:, None]).to(device)
+    if sliding:
+        with _eval_mode(model):
+            yield from sliding_steps(model, idx, max_new_tokens, sampler, generator, stops, fill)
+        return
     with _eval_mode(model):
-        capacity = cache_capacity(T + max_new_tokens) if compile else T + max_new_tokens
         cache = model.new_cache(B, capacity) if use_cache else None
         logits = model(
             idx, cache=cache, attention_mask=mask, position_ids=_positions(pad, 0, T, device), last_only=True
@@ -254,7 +261,8 @@ def _release_text(model, tokenizer, ids, text, max_new_tokens, stop_tokens, samp
     """:func:`stream_text`'s generator: decode each new token into ``text`` and yield what is safe to show."""
     eot = getattr(tokenizer, "eot_token", None)
     released = 0  # bytes of the continuation already yielded
-    for tokens, finished in stream_generate(model, torch.tensor([ids]), max_new_tokens, stop=stop_tokens, **sampling):
+    steps = stream_generate(model, torch.tensor([ids]), max_new_tokens, stop=stop_tokens, slide=True, **sampling)
+    for tokens, finished in steps:
         token, done = tokens.item(), finished[0]
         if token != eot:
             done = text.feed(tokenizer.decode_bytes([token])) or done

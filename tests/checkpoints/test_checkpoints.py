@@ -511,9 +511,10 @@ def real_tf(shared_data, tmp_path) -> Path:
         pytest.skip(f"{source} not found")
     folder = tmp_path / "tf"
     folder.mkdir()
+    # copies, not links: a link out of a checkpoint folder is refused (checkpoint folders are closed)
     for name in ("checkpoint", "hparams.json", "model.ckpt.index"):
-        (folder / name).symlink_to(source / name)
-    (folder / "model.ckpt.data-00000-of-00001").symlink_to(source / "model.ckpt.data-00000-of-00001.first-3MiB")
+        shutil.copyfile(source / name, folder / name)
+    shutil.copyfile(source / "model.ckpt.data-00000-of-00001.first-3MiB", folder / "model.ckpt.data-00000-of-00001")
     return folder
 
 

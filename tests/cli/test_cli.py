@@ -75,7 +75,7 @@ def test_generate_reads_the_prompt_from_stdin_and_is_seeded(model_dir):
     [
         (["--top-p", "1.5"], "top_p must be in (0, 1]"),
         (["--temperature", "-0.5"], "temperature must be a finite number >= 0"),
-        (["--max-new-tokens", "200"], "longer than the context"),
+        (["--seed", "-1"], "seed must be an integer in [0, 4294967295]"),
     ],
 )
 def test_generate_errors_are_one_clear_line(model_dir, args, message):

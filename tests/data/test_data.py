@@ -27,7 +27,12 @@ def _write(folder: Path) -> Path:
 
 
 def test_folder_of_documents(tmp_path):
-    meta = prepare(_write(tmp_path / "src"), tmp_path / "out", val_fraction=0.25)
+    src = _write(tmp_path / "src")
+    with pytest.raises(GPT2LabError, match="holds files prepare cannot read: ignored.bin"):
+        prepare(src, tmp_path / "out", val_fraction=0.25)  # never skipped silently (issue 23)
+    assert not (tmp_path / "out").exists()
+    (src / "ignored.bin").unlink()
+    meta = prepare(src, tmp_path / "out", val_fraction=0.25)
     enc = load_tokenizer()
     tokens = np.concatenate([np.fromfile(tmp_path / "out" / f"{s}.bin", dtype=np.uint16) for s in ("train", "val")])
     expected = "".join(text + "<|endoftext|>" for _, text in sorted(TEXTS.items()))

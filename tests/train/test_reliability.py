@@ -217,7 +217,7 @@ def test_prepare_into_a_folder_a_training_reads_does_not_pull_the_data_from_unde
         "from gpt2lab.data.tokens import TokenData, prepare\n"
         "d = TokenData.open(sys.argv[1]); before = int(np.asarray(d.train, dtype=np.int64).sum())\n"
         "open(sys.argv[2], 'w').write('tiny text ' * 10)\n"
-        "prepare(sys.argv[2], sys.argv[1])\n"
+        "prepare(sys.argv[2], sys.argv[1], overwrite=True)\n"
         "print(before == int(np.asarray(d.train, dtype=np.int64).sum()))\n"
     )
     done = subprocess.run(

@@ -25,6 +25,7 @@ from gpt2lab.checkpoints.locate import locate
 from gpt2lab.checkpoints.names import gpt_state_shapes
 from gpt2lab.checkpoints.native import read_gpt2lab, write_gpt2lab
 from gpt2lab.checkpoints.openai_tf import read_openai_tf
+from gpt2lab.checkpoints.tensor_files import check_finite
 from gpt2lab.checkpoints.tf_bundle import TFCheckpointReader, TFTensorEntry
 from gpt2lab.config import GPTConfig
 
@@ -51,6 +52,8 @@ def read_checkpoint(name_or_path: str | os.PathLike) -> tuple[GPTConfig, dict[st
     """
     source = locate(str(name_or_path))
     if source.kind == "tf":
-        return read_openai_tf(source.config, source.weights[0])
-    read = read_gpt2lab if source.kind == "gpt2lab" else read_hf
-    return read(source.config, source.weights)
+        config, state = read_openai_tf(source.config, source.weights[0])
+    else:
+        config, state = (read_gpt2lab if source.kind == "gpt2lab" else read_hf)(source.config, source.weights)
+    check_finite(state, name_or_path)
+    return config, state

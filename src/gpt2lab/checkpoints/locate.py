@@ -20,7 +20,7 @@ from gpt2lab.checkpoints.names import CONFIG_FILE, PICKLED_WEIGHTS_FILE, WEIGHTS
 from gpt2lab.checkpoints.native import is_gpt2lab_config
 from gpt2lab.checkpoints.tf_bundle import tf_prefix
 from gpt2lab.errors import GPT2LabError, closest_hint
-from gpt2lab.files import one_line, read_json
+from gpt2lab.files import inside, one_line, read_json
 
 __all__ = ["HUB_TIMEOUT_S", "LEGACY_HUB_NAMES", "Source", "locate"]
 
@@ -83,9 +83,11 @@ def _local_source(path: Path) -> Source:
         raise GPT2LabError(f"{path}: not a checkpoint file (expected .safetensors, .bin or a TF .index)")
     folder = path
     if (folder / CONFIG_FILE).is_file():
+        inside(folder, folder / CONFIG_FILE)
         for weights in _HF_WEIGHT_FILES:
             if (folder / weights).is_file():
-                return _source_from_config(folder / CONFIG_FILE, _expand_shards(folder / weights))
+                files = _expand_shards(inside(folder, folder / weights))
+                return _source_from_config(folder / CONFIG_FILE, tuple(inside(folder, f) for f in files))
         raise GPT2LabError(f"{folder} has config.json but no {', '.join(_HF_WEIGHT_FILES)}")
     if (folder / "hparams.json").is_file() or any(folder.glob("*.index")):
         return _tf_source(folder)
@@ -110,11 +112,16 @@ def _expand_shards(weights: Path) -> tuple[Path, ...]:
     weight_map = read_json(weights).get("weight_map")
     if not isinstance(weight_map, dict) or not weight_map:
         raise GPT2LabError(f"{weights}: no weight_map in the shard index")
-    return tuple(weights.parent / shard for shard in dict.fromkeys(weight_map.values()))
+    names = dict.fromkeys(weight_map.values())
+    if not all(isinstance(name, str) and name for name in names):
+        raise GPT2LabError(f"{weights}: the weight_map names a shard that is not a file name")
+    return tuple(inside(weights.parent, weights.parent / shard, "the shard") for shard in names)
 
 
 def _tf_source(path: Path) -> Source:
     prefix = tf_prefix(path)
+    for file in (Path(f"{prefix}.index"), prefix.parent / "hparams.json"):
+        inside(prefix.parent, file)
     return Source("tf", prefix.parent / "hparams.json", (prefix,))
 
 

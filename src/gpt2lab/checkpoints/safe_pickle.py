@@ -36,8 +36,10 @@ def load_weights_only(source: Path | bytes, what: str) -> Any:
                 "use a file from a source you trust"
             ) from None
         raise GPT2LabError(f"{what} is not a readable PyTorch file (not a valid pickle)") from None
-    except (RuntimeError, EOFError, OSError, ValueError) as err:
-        raise GPT2LabError(f"{what} is not a readable PyTorch file: {one_line(str(err))}") from None
+    except Exception as err:  # a damaged file trips the unpickler in many ways (IndexError, KeyError, EOFError...)
+        raise GPT2LabError(
+            f"{what} is not a readable PyTorch file: {one_line(f'{type(err).__name__}: {err}')}"
+        ) from None
 
 
 def _is_pickle(source: Path | bytes) -> bool:

@@ -15,7 +15,7 @@ from gpt2lab.checkpoints.safe_pickle import load_weights_only
 from gpt2lab.errors import GPT2LabError
 from gpt2lab.files import atomic_file, one_line
 
-__all__ = ["read_weight_files", "write_safetensors"]
+__all__ = ["check_finite", "read_weight_files", "write_safetensors"]
 
 
 def read_weight_files(paths: tuple[Path, ...]) -> dict[str, torch.Tensor]:
@@ -50,6 +50,18 @@ def _read_torch_bin(path: Path) -> dict[str, torch.Tensor]:
     if not isinstance(state, Mapping) or not all(isinstance(t, torch.Tensor) for t in state.values()):
         raise GPT2LabError(f"{path} does not hold a state dict (a mapping of names to tensors)")
     return dict(state)
+
+
+def check_finite(state: Mapping[str, torch.Tensor], where: object) -> None:
+    """Refuse weights holding NaN or infinity, naming the first such tensor: such a model writes newlines and
+    scores ``loss nan`` instead of failing. One pass over the weights, a fraction of reading them."""
+    for name, tensor in state.items():
+        if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
+            bad = int((~torch.isfinite(tensor)).sum())
+            raise GPT2LabError(
+                f"{where}: tensor {name} holds {bad:,} NaN or infinite value(s); the weights are damaged (a diverged "
+                "or corrupted save) and were not loaded"
+            )
 
 
 def write_safetensors(path: Path, state: dict[str, torch.Tensor]) -> None:

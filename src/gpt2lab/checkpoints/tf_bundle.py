@@ -18,6 +18,7 @@ import crc32c
 import numpy as np
 
 from gpt2lab.errors import GPT2LabError, closest_hint
+from gpt2lab.files import inside
 
 __all__ = ["TFCheckpointReader", "TFTensorEntry", "masked_crc32c", "tf_prefix"]
 
@@ -245,14 +246,19 @@ def tf_prefix(path: Path) -> Path:
         if m:
             named = Path(m.group(1))
             for prefix in (path / named, path / named.name):  # absolute paths from another machine: basename
-                if Path(f"{prefix}.index").is_file():
-                    return prefix
+                if Path(f"{prefix}.index").is_file() and _within(path, Path(f"{prefix}.index")):
+                    return prefix  # a pointer out of the folder (../, /abs, a link) is never followed
     indexes = sorted(path.glob("*.index"))
     if len(indexes) == 1:
         return indexes[0].with_suffix("")
     if not indexes:
         raise GPT2LabError(f"no TensorFlow checkpoint index (*.index) in {path}")
     raise GPT2LabError(f"{path} holds several checkpoints ({', '.join(p.name for p in indexes)}); pass one prefix")
+
+
+def _within(folder: Path, path: Path) -> bool:
+    root = folder.resolve()
+    return root in path.resolve().parents
 
 
 class TFCheckpointReader:
@@ -287,7 +293,8 @@ class TFCheckpointReader:
         return num_shards, entries
 
     def data_path(self, shard_id: int) -> Path:
-        return Path(f"{self.prefix}.data-{shard_id:05d}-of-{self.num_shards:05d}")
+        path = Path(f"{self.prefix}.data-{shard_id:05d}-of-{self.num_shards:05d}")
+        return inside(self.prefix.parent, path, "the data shard")
 
     def read(self, name: str) -> np.ndarray:
         """The tensor ``name``, checked against the size and CRC32C recorded in the index."""

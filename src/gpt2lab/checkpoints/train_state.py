@@ -15,6 +15,7 @@ import torch
 
 from gpt2lab.checkpoints.names import CONFIG_FILE, WEIGHTS_FILE
 from gpt2lab.checkpoints.safe_pickle import load_weights_only
+from gpt2lab.checkpoints.tensor_files import check_finite
 from gpt2lab.config import GPTConfig
 from gpt2lab.errors import GPT2LabError
 from gpt2lab.files import atomic_file
@@ -90,6 +91,8 @@ def run_checkpoint(path: str | Path) -> Path | None:
 
 
 def read_run_weights(path: str | Path) -> tuple[GPTConfig, dict[str, torch.Tensor]]:
-    """The model config and state dict (``lm_head.weight`` included) held by a training checkpoint."""
+    """The model config and state dict (``lm_head.weight`` included) held by a training checkpoint; weights
+    holding NaN or infinity are refused, naming the tensor."""
     ckpt = load_checkpoint(path)
+    check_finite(ckpt["model"], path)
     return GPTConfig.from_dict(ckpt["model_config"]), ckpt["model"]

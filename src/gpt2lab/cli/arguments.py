@@ -23,7 +23,7 @@ def _typed(name: str, kind: type, rule: str, ok: Callable[[float], bool]) -> Cal
             value = kind(text)
         except ValueError:
             raise argparse.ArgumentTypeError(f"{name} must be {rule}, got {text!r}") from None
-        if not math.isfinite(value) or not ok(value):
+        if (isinstance(value, float) and not math.isfinite(value)) or not ok(value):  # a huge int is no float
             raise argparse.ArgumentTypeError(f"{name} must be {rule}, got {text}")
         return value
 
@@ -48,6 +48,11 @@ def probability(name: str) -> Callable[[str], float]:
 
 def fraction(name: str) -> Callable[[str], float]:
     return _typed(name, float, "in (0, 1)", lambda v: 0 < v < 1)
+
+
+def seed(text: str) -> int:
+    """A seed in the range every RNG takes: [0, 2**32 - 1]."""
+    return _typed("seed", int, "an integer in [0, 4294967295]", lambda v: 0 <= v <= 2**32 - 1)(text)
 
 
 def device(text: str) -> str:

@@ -21,6 +21,7 @@ from gpt2lab.eval.loss import evaluate
 from gpt2lab.generation import stream_text
 from gpt2lab.loading import load_model, load_model_and_tokenizer
 from gpt2lab.model import GPT
+from gpt2lab.outputs import DATA, guard_output
 from gpt2lab.tokenizer import load_tokenizer
 from gpt2lab.train.config import TrainConfig
 from gpt2lab.train.loop import train
@@ -31,12 +32,13 @@ PROMPTS = {"scratch": "ROMEO:\n", "pretrained": "The for statement"}
 
 
 def _load_pretrained(name: str) -> GPT | None:
-    """The checkpoint, or None (after saying why) when a hub id cannot be fetched: the demo then
-    trains from scratch. A local path that fails to load is a real error and propagates."""
+    """The checkpoint, or None (after saying why) when the hub cannot be reached for a hub id: the demo
+    then trains from scratch. Anything else that fails to load (a mistyped path, a damaged folder, a name
+    the hub does not have) is an error: the user asked for that model."""
     try:
         return load_model(name)
     except GPT2LabError as e:
-        if Path(name).exists():
+        if Path(name).exists() or "offline" not in str(e):
             raise
         print(f"cannot load '{name}' ({e}); training from scratch instead")
         return None
@@ -116,16 +118,18 @@ def run_demo(
     overwrite: bool = False,
 ) -> int:
     check_run_folder(Path(out_dir), resume=False, overwrite=overwrite)  # before anything is prepared or trained
+    if data_dir is not None and not (Path(data_dir) / "meta.json").is_file():
+        guard_output(data_dir, DATA)  # the demo prepares it: never into a folder of something else
     kind = "scratch" if pretrained is None else "pretrained"
     data_dir = data_dir or DATA_DIRS[kind]
     prompt = PROMPTS[kind] if prompt is None else prompt
-    _prepare_data(data_dir, pretrained)
-    if pretrained is not None:
+    if pretrained is not None:  # before the data is prepared: a model that does not load fails at once
         model = _load_pretrained(pretrained)
         if model is None:
             pretrained = None
         else:
             _parity_check(pretrained, model)
+    _prepare_data(data_dir, pretrained)
     cfg = demo_config(out_dir, data_dir, pretrained, max_iters)
     what = f"fine-tuning {pretrained}" if pretrained else "training a small GPT from scratch"
     print(f"{what} on {data_dir}: {cfg.max_iters} steps of {cfg.batch_size}×{cfg.seq_len} tokens -> {out_dir}")

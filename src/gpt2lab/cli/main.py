@@ -11,7 +11,7 @@ import sys
 from gpt2lab.cli.models import add_convert, add_eval, add_export, add_generate, add_harness, add_info
 from gpt2lab.cli.runs import add_demo, add_plan, add_prepare, add_study, add_train
 from gpt2lab.cli.serve import add_serve
-from gpt2lab.errors import GPT2LabError
+from gpt2lab.errors import EXIT_BAD_INPUT, EXIT_ENVIRONMENT, GPT2LabError
 
 
 class _Parser(argparse.ArgumentParser):
@@ -46,18 +46,25 @@ COMMANDS = [
 
 
 def main(argv: list[str] | None = None) -> int:
+    """Run one command. Exit status: 0 done, 2 bad input (:class:`GPT2LabError`, a missing file, argparse),
+    74 an environment fault (:class:`EnvironmentFault`, any other ``OSError``: disk full, read-only,
+    permissions), 130 interrupted, 128 + N a training stopped by signal N."""
     args = build_parser().parse_args(argv)
     try:
         return args.func(args) or 0
     except GPT2LabError as e:
         print(f"error: {e}", file=sys.stderr)
-        return 2
+        return e.exit_code
     except FileNotFoundError as e:
         print(f"error: file not found: {e.filename or e}", file=sys.stderr)
-        return 2
+        return EXIT_BAD_INPUT
     except BrokenPipeError:  # the reader went away (gpt2lab generate ... | head): stop quietly
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # no second error at exit's flush
         return 0
+    except OSError as e:  # a fault of the machine that no reader or writer turned into a line of its own
+        where = f" ({e.filename})" if e.filename else ""
+        print(f"error: {e.strerror or e}{where}", file=sys.stderr)
+        return EXIT_ENVIRONMENT
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130

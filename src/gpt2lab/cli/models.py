@@ -8,14 +8,17 @@ import sys
 from pathlib import Path
 
 from gpt2lab.analysis import format_report, model_report
+from gpt2lab.checkpoints.names import CONFIG_FILE, WEIGHTS_FILE
 from gpt2lab.cli import arguments as arg
 from gpt2lab.cli.kernel_report import format_kernel_report, kernel_report
 from gpt2lab.errors import GPT2LabError
 from gpt2lab.eval.hellaswag import accuracies, evaluate_hellaswag, load_examples
 from gpt2lab.eval.loss import evaluate, load_tokens, write_by_position
+from gpt2lab.files import remove_stale_temp_files
 from gpt2lab.generation import stream_text
 from gpt2lab.loading import load_model, load_model_and_tokenizer
-from gpt2lab.tokenizer import save_tokenizer
+from gpt2lab.outputs import EVAL, MODEL, clear_outputs, guard_output
+from gpt2lab.tokenizer import TOKENIZER_FILE, load_tokenizer, save_tokenizer
 from gpt2lab.train.config import load_model_config, parse_overrides
 
 DTYPES = ("float32", "bfloat16")  # names gpt2lab.config.parse_dtype reads
@@ -35,7 +38,7 @@ def add_generate(sub) -> None:
     )
     p.add_argument("--top-k", type=arg.positive_int("top_k"), default=None)
     p.add_argument("--top-p", type=arg.probability("top_p"), default=None)
-    p.add_argument("--seed", type=int, default=None)
+    p.add_argument("--seed", type=arg.seed, default=None)
     p.add_argument(
         "--stop",
         type=arg.stop_string,
@@ -74,14 +77,17 @@ def add_convert(sub) -> None:
     p.add_argument("--model", required=True, help="run folder, training checkpoint or any model generate reads")
     p.add_argument("--n-kv-head", type=arg.positive_int("n_kv_head"), required=True)
     p.add_argument("--out", required=True, help="folder for the converted model (gpt2lab format)")
+    p.add_argument("--overwrite", action="store_true", help="replace the model the --out folder holds")
     p.set_defaults(func=cmd_convert)
 
 
 def cmd_convert(args) -> int:
+    _guard_model_folder(args.out, args.overwrite)
     model, tokenizer = load_model_and_tokenizer(args.model)
     converted = model.convert_to_gqa(args.n_kv_head)
     converted.save_pretrained(args.out)
     save_tokenizer(tokenizer, args.out)
+    _clear_model_folder(args.out)
     heads = f"{model.config.n_kv_head} -> {args.n_kv_head} key/value heads"
     print(f"converted {heads}; {model.num_params():,} -> {converted.num_params():,} parameters; saved to {args.out}")
     return 0
@@ -97,11 +103,28 @@ def add_export(sub) -> None:
     p.add_argument("--model", required=True, help="run folder, training checkpoint or any model generate reads")
     p.add_argument("--out", required=True, help="folder for config.json + model.safetensors")
     p.add_argument("--dtype", choices=DTYPES, default="float32", help="dtype of the exported weights")
+    p.add_argument("--overwrite", action="store_true", help="replace the model the --out folder holds")
     p.set_defaults(func=cmd_export)
 
 
+def _guard_model_folder(out: str, overwrite: bool) -> None:
+    """Before the model is read: --out must be new, empty, or (with --overwrite) a model's folder."""
+    guard_output(out, MODEL, overwrite=overwrite)
+
+
+def _clear_model_folder(out: str) -> None:
+    """After writing: what an earlier model in --out left that this one did not rewrite (shards of a sharded
+    model, an index) goes, and temp files of a killed earlier write; written files and others' files stay."""
+    clear_outputs(out, MODEL, keep=(CONFIG_FILE, WEIGHTS_FILE, TOKENIZER_FILE))
+    remove_stale_temp_files(out)
+
+
 def cmd_export(args) -> int:
-    model_type = load_model(args.model, dtype=args.dtype).export_hf(args.out)
+    _guard_model_folder(args.out, args.overwrite)
+    model = load_model(args.model, dtype=args.dtype)  # plain weights: export writes tensors, runs no kernel
+    model_type = model.export_hf(args.out)
+    save_tokenizer(load_tokenizer(args.model), args.out)  # a character model's export reads and writes characters too
+    _clear_model_folder(args.out)
     print(f"exported as transformers' '{model_type}' to {args.out}")
     return 0
 
@@ -160,6 +183,7 @@ def add_eval(sub) -> None:
     )
     p.add_argument("--by-position", action="store_true", help="write loss_by_position.csv/.png")
     p.add_argument("--out", default=None, help="folder for the by-position files (default: the model folder or .)")
+    p.add_argument("--overwrite", action="store_true", help="replace the by-position files the --out folder holds")
     p.add_argument("--dtype", choices=INFERENCE_DTYPES, default="float32", help="weight dtype (int8: CPU only)")
     p.add_argument("--device", type=arg.device, default="cpu")
     p.set_defaults(func=cmd_eval)
@@ -168,6 +192,9 @@ def add_eval(sub) -> None:
 def cmd_eval(args) -> int:
     if args.data is None and args.hellaswag is None:
         raise GPT2LabError("eval needs --data, --hellaswag, or both")
+    out = args.out or (args.model if Path(args.model).is_dir() else ".")
+    if args.by_position:  # before minutes of evaluation, not after
+        guard_output(out, EVAL, overwrite=args.overwrite)
     model, tokenizer = load_model_and_tokenizer(args.model, dtype=args.dtype, device=args.device)
     if args.hellaswag is not None:
         _eval_hellaswag(model, args.hellaswag, args.max_examples)
@@ -178,7 +205,6 @@ def cmd_eval(args) -> int:
     print(f"data: {source} ({len(tokens):,} tokens, {n_bytes:,} bytes); evaluated {result.tokens:,} tokens")
     print(f"loss {result.loss:.4f}  perplexity {result.perplexity:.2f}  bits/byte {result.bits_per_byte:.4f}")
     if args.by_position:
-        out = args.out or (args.model if Path(args.model).is_dir() else ".")
         csv_path, png_path = write_by_position(result, out, trained_context=model.config.block_size)
         print(f"loss by position: {csv_path}, {png_path}")
     return 0

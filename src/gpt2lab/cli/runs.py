@@ -8,7 +8,7 @@ import os
 
 from gpt2lab.cli import arguments as arg
 from gpt2lab.cli.demo import run_demo
-from gpt2lab.data.shards import SHARD_TOKENS, VAL_TOKENS, prepare_shards
+from gpt2lab.data.shards import SHARD_TOKENS, prepare_shards
 from gpt2lab.data.sources import SourceOptions, is_table_source
 from gpt2lab.data.tokens import prepare
 from gpt2lab.errors import GPT2LabError
@@ -30,6 +30,7 @@ def add_prepare(sub) -> None:
         help="text file(s) or folder, pydoc, shakespeare; .parquet/.jsonl/.arrow files or folders; hf:NAME",
     )
     p.add_argument("--out", required=True, help="folder for the token files and meta.json")
+    p.add_argument("--overwrite", action="store_true", help="replace the prepared data the --out folder holds")
     p.add_argument(
         "--val-fraction", type=arg.fraction("val_fraction"), default=None, help="text sources: tail held out (0.1)"
     )
@@ -42,7 +43,9 @@ def add_prepare(sub) -> None:
     shards.add_argument("--split", default="train", help="hf: the dataset split (default: train)")
     shards.add_argument("--hf-revision", default=None, help="hf: a branch or commit, e.g. refs/convert/parquet")
     shards.add_argument("--shard-tokens", type=arg.positive_int("shard_tokens"), default=None, help="(100,000,000)")
-    shards.add_argument("--val-tokens", type=arg.positive_int("val_tokens"), default=None, help="(10,000,000)")
+    shards.add_argument(
+        "--val-tokens", type=arg.positive_int("val_tokens"), default=None, help="(min(10,000,000, 10%% of the corpus))"
+    )
     p.add_argument(
         "--tokenizer",
         choices=TOKENIZERS,
@@ -59,12 +62,19 @@ def cmd_prepare(args) -> int:
         if args.tokenizer != "gpt2":
             raise GPT2LabError("a sharded prepare writes GPT-2 tokens; --tokenizer char is for text files")
         options = SourceOptions(args.text_column, args.hf_config, args.split, args.hf_revision)
-        sizes = dict(shard_tokens=args.shard_tokens or SHARD_TOKENS, val_tokens=args.val_tokens or VAL_TOKENS)
-        meta = prepare_shards(args.source, args.out, options, workers=args.threads, **sizes)
+        sizes = dict(shard_tokens=args.shard_tokens or SHARD_TOKENS, val_tokens=args.val_tokens)
+        meta = prepare_shards(args.source, args.out, options, workers=args.threads, overwrite=args.overwrite, **sizes)
         shards = f" in {len(meta['shards']['train'])} train shard(s) + {len(meta['shards']['val'])} val"
     else:
         fraction = args.val_fraction or 0.1
-        meta = prepare(args.source, args.out, val_fraction=fraction, num_threads=args.threads, tokenizer=args.tokenizer)
+        meta = prepare(
+            args.source,
+            args.out,
+            val_fraction=fraction,
+            num_threads=args.threads,
+            tokenizer=args.tokenizer,
+            overwrite=args.overwrite,
+        )
         shards = ""
     print(
         f"{meta['documents']:,} documents, {meta['tokens']:,} tokens ({meta.get('tokenizer', 'gpt2')}, vocabulary "
@@ -84,6 +94,11 @@ def add_train(sub) -> None:
     p.add_argument("--overwrite", action="store_true", help="start again in a folder that holds a run (its files go)")
     p.add_argument(
         "--allow-changes", action="store_true", help="with --resume: accept settings that differ from the run's"
+    )
+    p.add_argument(
+        "--from-saved-model",
+        action="store_true",
+        help="with --resume, for a run whose ckpt.pt is gone: continue from its saved model (fresh optimizer state)",
     )
     p.add_argument("--out", default=None, help="run folder (overrides run.out_dir)")
     p.add_argument("--plan", action="store_true", help="train nothing: print the run's tokens, FLOPs, memory, time")
@@ -133,7 +148,10 @@ def cmd_train(args) -> int:
     cfg = load_config(args.config, args.set)
     if args.out:
         cfg.out_dir = args.out
-    return _report_run(train(cfg, resume=args.resume, overwrite=args.overwrite, allow_changes=args.allow_changes))
+    if args.from_saved_model and not args.resume:
+        raise GPT2LabError("--from-saved-model continues a run: use it with --resume")
+    options = dict(resume=args.resume, overwrite=args.overwrite, allow_changes=args.allow_changes)
+    return _report_run(train(cfg, **options, from_saved_model=args.from_saved_model))
 
 
 # ---------------------------------------------------------------------------------------- demo

@@ -14,9 +14,11 @@ not tokenized) and continues with the next shard; ``meta.json`` appears when the
 
 from __future__ import annotations
 
+import hashlib
 import itertools
 import multiprocessing as mp
 import os
+import signal
 import time
 from collections import deque
 from collections.abc import Iterator
@@ -26,11 +28,13 @@ from pathlib import Path
 import numpy as np
 from tqdm import tqdm
 
+from gpt2lab.data.fingerprint import combine_digests, file_sha256
 from gpt2lab.data.sources import SourceOptions, count_documents, iter_texts
 from gpt2lab.data.tokens import DTYPE, META_FILE
 from gpt2lab.errors import GPT2LabError, is_int
-from gpt2lab.files import atomic_file, read_json, write_json
-from gpt2lab.tokenizer import GPT2_TOKENIZER, load_tokenizer
+from gpt2lab.files import atomic_file, make_folder, read_json, remove_stale_temp_files, write_json
+from gpt2lab.outputs import DATA, clear_outputs, guard_output
+from gpt2lab.tokenizer import GPT2_TOKENIZER, load_tokenizer, token_byte_lengths
 
 MANIFEST = "manifest.json"
 FORMAT = "gpt2lab-shards"
@@ -66,7 +70,14 @@ def worker_pool(workers: int):
     if workers == 1:
         return nullcontext(None)
     load_tokenizer()  # built once here; forked workers inherit it
-    return mp.get_context("fork" if "fork" in mp.get_all_start_methods() else "spawn").Pool(workers)
+    context = mp.get_context("fork" if "fork" in mp.get_all_start_methods() else "spawn")
+    return context.Pool(workers, initializer=_ignore_interrupts)
+
+
+def _ignore_interrupts() -> None:
+    """Ctrl-C reaches every process of the terminal's group: the main process stops the prepare (and the
+    pool) with one line, so the workers must not each print a KeyboardInterrupt traceback."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
 
 
 def encoded_chunks(texts: Iterator[str], pool, workers: int, chunk_docs: int) -> Iterator[tuple]:
@@ -99,7 +110,7 @@ class ShardWriter:
     def _target(self) -> tuple[str, int]:
         settings = self.manifest["settings"]
         if not any(s["split"] == "val" for s in self.manifest["shards"]):
-            return "val", settings["val_tokens"]
+            return "val", settings["val_tokens"] or VAL_TOKENS
         return "train", settings["shard_tokens"]
 
     def _open(self) -> None:
@@ -110,9 +121,12 @@ class ShardWriter:
         tmp = self.stack.enter_context(atomic_file(self.out / self.name))
         self.file = self.stack.enter_context(open(tmp, "wb"))
         self.split, self.tokens, self.bytes = split, 0, 0
+        self.sha = hashlib.sha256()  # the shard's digest, recorded in the manifest: resume checks the data by it
 
     def _write(self, tokens: np.ndarray, n_bytes: np.ndarray, n_docs: int) -> None:
-        self.file.write(tokens.tobytes())
+        data = tokens.tobytes()
+        self.file.write(data)
+        self.sha.update(data)
         self.tokens += len(tokens)
         self.bytes += int(n_bytes.sum())
         self.documents += n_docs
@@ -137,6 +151,7 @@ class ShardWriter:
         self.stack.close()  # flush, fsync, rename: the shard is whole
         self.stack = None
         record = {"file": self.name, "split": self.split, "tokens": self.tokens, "bytes": self.bytes}
+        record["sha256"] = self.sha.hexdigest()
         self.manifest["shards"].append(record | {"documents_end": self.documents})
         write_json(self.out / MANIFEST, self.manifest)
 
@@ -154,13 +169,15 @@ def _documents_done(manifest: dict) -> int:
 # ---------------------------------------------------------------------------------------- prepare
 
 
-def _start(out: Path, settings: dict) -> dict:
-    """The manifest to continue: the folder's own when it was made with the same settings, else a new one."""
-    if out.exists() and not out.is_dir():
-        raise GPT2LabError(f"{out} exists and is not a folder")
-    out.mkdir(parents=True, exist_ok=True)
-    for stale in out.glob(".*.bin.*.tmp"):  # the shard a killed prepare was writing
-        stale.unlink()
+def _start(out: Path, settings: dict, overwrite: bool = False) -> dict:
+    """The manifest to continue: the folder's own when it was made with the same settings, else a new one.
+    The folder must be new, empty, or prepared data (:func:`gpt2lab.outputs.guard_output`); ``overwrite``
+    starts over in a folder of prepared data, whatever its settings."""
+    guard_output(out, DATA, overwrite=overwrite, resume=True)
+    if overwrite:
+        clear_outputs(out, DATA)
+    make_folder(out)
+    remove_stale_temp_files(out)  # the shard a killed prepare was writing
     if (out / MANIFEST).is_file():
         manifest = read_json(out / MANIFEST)
         if not manifest.get("shards"):  # stopped before its first shard: nothing to keep
@@ -168,11 +185,12 @@ def _start(out: Path, settings: dict) -> dict:
             return _start(out, settings)
         if manifest.get("settings") != settings:
             raise GPT2LabError(
-                f"{out} holds a prepare of other sources or settings ({MANIFEST}); use another --out or remove it"
+                f"{out} holds a prepare of other sources or settings ({MANIFEST}); use another --out, "
+                "or pass --overwrite to start it again"
             )
         return manifest
     if (out / META_FILE).is_file():
-        raise GPT2LabError(f"{out} holds prepared data already; use another --out or remove it")
+        raise GPT2LabError(f"{out} holds prepared data already; use another --out, or pass --overwrite to replace it")
     manifest = {"format": FORMAT, "version": 1, "settings": settings, "shards": [], "complete": False}
     write_json(out / MANIFEST, manifest)
     return manifest
@@ -180,7 +198,7 @@ def _start(out: Path, settings: dict) -> dict:
 
 def _check_sizes(shard_tokens, val_tokens, workers, chunk_docs) -> None:
     for name, value in (("shard_tokens", shard_tokens), ("val_tokens", val_tokens), ("chunk_docs", chunk_docs)):
-        if not is_int(value) or value < 1:
+        if (value is not None or name != "val_tokens") and (not is_int(value) or value < 1):
             raise GPT2LabError(f"{name} must be an integer >= 1, got {value!r}")
     if workers is not None and (not is_int(workers) or workers < 1):
         raise GPT2LabError(f"workers must be an integer >= 1, got {workers!r}")
@@ -191,24 +209,27 @@ def prepare_shards(
     out_dir: str | Path,
     options: SourceOptions | None = None,
     shard_tokens: int = SHARD_TOKENS,
-    val_tokens: int = VAL_TOKENS,
+    val_tokens: int | None = None,
     workers: int | None = None,
     chunk_docs: int = 256,
+    overwrite: bool = False,
 ) -> dict:
-    """Tokenize ``sources`` into shards in ``out_dir`` (resuming a prepare stopped there); returns meta.json."""
+    """Tokenize ``sources`` into shards in ``out_dir`` (resuming a prepare stopped there, or starting over
+    with ``overwrite``); returns meta.json. ``val_tokens`` None holds out min(VAL_TOKENS, 10 %) of the corpus."""
     options = options or SourceOptions()
     _check_sizes(shard_tokens, val_tokens, workers, chunk_docs)
     out = Path(out_dir)
     created = not out.exists()
     settings = {"sources": [str(s) for s in sources], **vars(options), "tokenizer": GPT2_TOKENIZER}
-    manifest = _start(out, settings | {"shard_tokens": shard_tokens, "val_tokens": val_tokens})
+    total = count_documents(sources, options)  # checks every source (files, folders) before anything is written
+    manifest = _start(out, settings | {"shard_tokens": shard_tokens, "val_tokens": val_tokens}, overwrite)
     if manifest["complete"]:
         return read_json(out / META_FILE)
     workers = workers or os.cpu_count() or 1
     with worker_pool(workers) as pool:  # first: the hub reader below may start threads
         done = _documents_done(manifest)
         texts = itertools.islice((t for t in iter_texts(sources, options) if t.strip()), done, None)
-        bar = tqdm(total=count_documents(sources, options), initial=done, unit="doc", desc="tokenizing")
+        bar = tqdm(total=total, initial=done, unit="doc", desc="tokenizing")
         writer, new_tokens, started = ShardWriter(out, manifest), 0, time.perf_counter()
         try:
             for tokens, lengths, n_bytes in encoded_chunks(texts, pool, workers, chunk_docs):
@@ -223,7 +244,18 @@ def prepare_shards(
             raise
         finally:
             bar.close()
-    return _finish(out, manifest)
+    try:
+        return _finish(out, manifest)
+    except GPT2LabError:  # refused at the end (a corpus too small to split): what this prepare wrote goes
+        _discard(out, manifest, created)
+        raise
+
+
+def _discard(out: Path, manifest: dict, created: bool) -> None:
+    for shard in manifest["shards"]:
+        (out / shard["file"]).unlink(missing_ok=True)
+    manifest["shards"] = []
+    _drop_if_empty(out, manifest, created)
 
 
 def _drop_if_empty(out: Path, manifest: dict, created: bool) -> None:
@@ -234,16 +266,47 @@ def _drop_if_empty(out: Path, manifest: dict, created: bool) -> None:
             out.rmdir()
 
 
+def _fit_val_split(out: Path, manifest: dict) -> None:
+    """The default split, min(VAL_TOKENS, 10 %): a corpus under 10 x VAL_TOKENS tokens has its validation
+    shard cut at the first document end past 10 % of the corpus; the rest becomes the first training shard.
+    With ``--val-tokens``, a corpus whose documents all went to the validation shard is cut at that many
+    tokens (at the first document end past it, or inside the one long document).
+    The new files are written, then the manifest names them, then the old shard goes: a kill at any point
+    leaves a manifest that names whole files."""
+    shards, asked = manifest["shards"], manifest["settings"]["val_tokens"]
+    val = next(s for s in shards if s["split"] == "val")
+    target = asked or max(1, sum(s["tokens"] for s in shards) // 10)
+    only_val = all(s["split"] == "val" for s in shards)  # with --val-tokens, split only a corpus it swallowed
+    if val["tokens"] <= target or val["tokens"] < 2 or (asked and not only_val):
+        return
+    tokens = np.fromfile(out / val["file"], dtype=DTYPE)
+    ends = np.flatnonzero(tokens == load_tokenizer().eot_token) + 1  # each document ends with <|endoftext|>
+    ends = ends[(ends >= target) & (ends < len(tokens))]
+    cut = int(ends[0]) if len(ends) else target
+    byte_len = token_byte_lengths(load_tokenizer())
+    records = []
+    for name, split, part in (("val_head.bin", "val", tokens[:cut]), ("train_from_val.bin", "train", tokens[cut:])):
+        with atomic_file(out / name) as tmp:
+            part.tofile(tmp)
+        records.append({"file": name, "split": split, "tokens": len(part), "bytes": int(byte_len[part].sum())})
+        records[-1] |= {"sha256": hashlib.sha256(part).hexdigest(), "documents_end": val["documents_end"]}
+    manifest["shards"] = records + [s for s in shards if s is not val]
+    write_json(out / MANIFEST, manifest)
+    (out / val["file"]).unlink()
+
+
 def _finish(out: Path, manifest: dict) -> dict:
     """meta.json (what TokenData reads) from the manifest; the manifest is marked complete."""
+    if not manifest["shards"]:
+        raise GPT2LabError(f"no text found in {', '.join(manifest['settings']['sources'])}: every document is empty")
+    _fit_val_split(out, manifest)
     shards = manifest["shards"]
     split = {name: [s for s in shards if s["split"] == name] for name in ("train", "val")}
-    if not split["val"]:
-        raise GPT2LabError(f"no text found in {', '.join(manifest['settings']['sources'])}: every document is empty")
     if not split["train"]:
         raise GPT2LabError(
             f"the corpus has {split['val'][0]['tokens']:,} tokens, all of them in the validation shard "
-            f"(val_tokens {manifest['settings']['val_tokens']:,}); remove {out} and prepare with a lower --val-tokens"
+            f"(val_tokens {manifest['settings']['val_tokens']:,}); nothing was kept; prepare again with a lower "
+            "--val-tokens, or without it (then 10 % of a small corpus is held out)"
         )
     meta = {
         "tokenizer": GPT2_TOKENIZER,
@@ -256,6 +319,13 @@ def _finish(out: Path, manifest: dict) -> dict:
         "sources": manifest["settings"]["sources"],
         "shards": {name: [s["file"] for s in part] for name, part in split.items()},
         "split": "val: the first documents (at least val_tokens tokens); train: the rest, in shards",
+        "content_sha256": combine_digests(
+            [
+                (s["file"], s.get("sha256") or file_sha256(out / s["file"]))
+                for name in ("train", "val")
+                for s in split[name]
+            ]
+        ),
     }
     write_json(out / META_FILE, meta)
     manifest["complete"] = True

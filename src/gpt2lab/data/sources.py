@@ -14,7 +14,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
-from gpt2lab.data.tokens import iter_documents
+from gpt2lab.data.tokens import TEXT_SUFFIXES, folder_files, iter_documents, read_text_file
 from gpt2lab.errors import GPT2LabError
 
 TABLE_SUFFIXES = (".parquet", ".jsonl", ".arrow")
@@ -40,6 +40,11 @@ def is_table_source(source: str | Path) -> bool:
 
 def _table_files(folder: Path) -> list[Path]:
     return sorted(p for p in folder.rglob("*") if p.is_file() and p.suffix.lower() in TABLE_SUFFIXES)
+
+
+def _source_files(folder: Path) -> list[Path]:
+    """A folder of tables: every file, tables and text files alike (one document each); any other is refused."""
+    return folder_files(folder, (*TABLE_SUFFIXES, *TEXT_SUFFIXES))
 
 
 def _pyarrow():
@@ -94,8 +99,12 @@ def _arrow_texts(path: Path, column: str) -> Iterator[str]:
 
 
 def _jsonl_texts(path: Path, column: str) -> Iterator[str]:
-    with open(path, encoding="utf-8") as f:
-        for number, line in enumerate(f, 1):
+    with open(path, "rb") as f:
+        for number, raw in enumerate(f, 1):
+            try:
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError as e:
+                raise GPT2LabError(f"{path} line {number}: not UTF-8 text (invalid byte at column {e.start})") from None
             if not line.strip():
                 continue
             try:
@@ -142,14 +151,17 @@ def iter_texts(sources: list[str | Path], options: SourceOptions) -> Iterator[st
             yield from _hf_texts(str(source)[len(HF_PREFIX) :], options)
             continue
         path = Path(source)
-        files = _table_files(path) if path.is_dir() and is_table_source(path) else [path]
-        for file in files:
-            if file.suffix.lower() in READERS:
-                if not file.is_file():
-                    raise GPT2LabError(f"no such file: {file}")
-                yield from READERS[file.suffix.lower()](file, options.text_column)
+        if not (path.is_dir() and is_table_source(path)):
+            if path.suffix.lower() in READERS:
+                if not path.is_file():
+                    raise GPT2LabError(f"no such file: {path}")
+                yield from READERS[path.suffix.lower()](path, options.text_column)
             else:
                 yield from (text for _, text in iter_documents([source]))
+            continue
+        for file in _source_files(path):
+            reader = READERS.get(file.suffix.lower())
+            yield from reader(file, options.text_column) if reader else [read_text_file(file)]
 
 
 def count_documents(sources: list[str | Path], options: SourceOptions) -> int | None:
@@ -164,10 +176,13 @@ def count_documents(sources: list[str | Path], options: SourceOptions) -> int | 
             total += split.num_examples
             continue
         path = Path(source)
-        files = _table_files(path) if path.is_dir() else [path]
+        files = _source_files(path) if path.is_dir() else [path]
         for file in files:
             if file.suffix.lower() == ".parquet" and file.is_file():
-                total += _pyarrow().parquet.ParquetFile(file).metadata.num_rows
+                try:
+                    total += _pyarrow().parquet.ParquetFile(file).metadata.num_rows
+                except Exception:  # not a parquet file after all: its reader says so, in one line, when it opens it
+                    return None
             elif file.suffix.lower() == ".jsonl" and file.is_file():
                 with open(file, "rb") as f:
                     total += sum(chunk.count(b"\n") for chunk in iter(lambda: f.read(1 << 24), b""))

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import functools
 import gzip
+import hashlib
 import itertools
 import os
 from collections.abc import Iterator
@@ -23,8 +24,10 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
+from gpt2lab.data.fingerprint import combine_digests, data_fingerprint
 from gpt2lab.errors import GPT2LabError, check_number, closest_hint, is_int
-from gpt2lab.files import atomic_file, read_json, scratch_file, write_json
+from gpt2lab.files import atomic_file, make_folder, read_json, remove_stale_temp_files, scratch_file, write_json
+from gpt2lab.outputs import DATA, TOKENIZER_FILE, clear_outputs, guard_output
 from gpt2lab.tokenizer import (
     TOKENIZERS,
     Tokenizer,
@@ -91,7 +94,7 @@ def iter_documents(sources: list[str | Path] | list[tuple[str, str | Path]]) -> 
         if kind == "dataset":
             yield from NAMED_DATASETS[source]()
         elif kind == "folder":
-            files = sorted(p for p in source.rglob("*") if p.is_file() and p.suffix.lower() in TEXT_SUFFIXES)
+            files = folder_files(source, TEXT_SUFFIXES)
             if not files:
                 raise GPT2LabError(f"no text files ({', '.join(TEXT_SUFFIXES)}) in folder {source}")
             for f in files:
@@ -100,9 +103,23 @@ def iter_documents(sources: list[str | Path] | list[tuple[str, str | Path]]) -> 
             yield str(source), read_text_file(source)
 
 
+def folder_files(folder: Path, readable: tuple[str, ...]) -> list[Path]:
+    """Every file under ``folder``, in a fixed order; a file of another kind than ``readable`` (suffixes) is
+    refused by name, so that no file of a source folder is ever left out unnoticed."""
+    files = sorted(p for p in folder.rglob("*") if p.is_file())
+    bad = [str(p.relative_to(folder)) for p in files if p.suffix.lower() not in readable]
+    if bad:
+        listed = f"{', '.join(bad[:3])}{' …' if len(bad) > 3 else ''} (it reads {', '.join(readable)})"
+        raise GPT2LabError(f"folder {folder} holds files prepare cannot read: {listed}; move them out, or name files")
+    return files
+
+
 def read_text_file(path: Path) -> str:
     """The file's text; a file that is not UTF-8 text (a binary file, another encoding) is refused."""
-    data = path.read_bytes()
+    try:
+        data = path.read_bytes()
+    except OSError as err:
+        raise GPT2LabError(f"cannot read {path}: {err.strerror or err}") from err
     if b"\0" in data:
         raise GPT2LabError(f"{path} is not a text file (it holds NUL bytes); prepare reads UTF-8 text")
     try:
@@ -123,9 +140,10 @@ def prepare(
     num_threads: int | None = None,
     chunk_docs: int = 64,
     tokenizer: str = "gpt2",
+    overwrite: bool = False,
 ) -> dict:
-    """Tokenize ``sources`` into ``out_dir`` with ``tokenizer`` (``"gpt2"`` or ``"char"``); returns the
-    metadata written to ``meta.json``. The tokenizer is written beside it."""
+    """Tokenize ``sources`` into ``out_dir`` with ``tokenizer`` (``"gpt2"`` or ``"char"``); returns ``meta.json``'s
+    content. The tokenizer is written beside it. Prepared data is replaced only with ``overwrite``."""
     if isinstance(sources, str | Path):
         sources = [sources]
     check_tokenizer_name(tokenizer)
@@ -134,10 +152,10 @@ def prepare(
         raise GPT2LabError(f"threads must be an integer >= 1, got {num_threads!r}")
     resolved = resolve_sources(sources)
     out = Path(out_dir)
-    if out.exists() and not out.is_dir():
-        raise GPT2LabError(f"{out} exists and is not a folder")
+    guard_output(out, DATA, overwrite=overwrite)
     created = not out.exists()
-    out.mkdir(parents=True, exist_ok=True)
+    make_folder(out)
+    remove_stale_temp_files(out)  # a killed prepare's token stream and half-written splits
     try:
         with scratch_file(out, "tokens") as stream_path:
             threads = num_threads or os.cpu_count() or 1
@@ -145,8 +163,11 @@ def prepare(
             n_docs, n_tokens = _tokenize(documents, enc, stream_path, threads, chunk_docs)
             if n_docs == 0:
                 raise GPT2LabError(f"no text found in {', '.join(map(str, sources))}: every document is empty")
+            # the old data is no longer whole once one split is replaced: unmarked until the new one is
+            (out / "meta.json").unlink(missing_ok=True)
             meta = _write_splits(stream_path, out, n_tokens, val_fraction, enc)
         meta.update(documents=n_docs, sources=[str(s) for s in sources])
+        clear_outputs(out, DATA, keep=("train.bin", "val.bin", "meta.json", TOKENIZER_FILE))  # old shards, manifest
         save_tokenizer(enc, out)  # before meta.json, which marks the folder complete
         write_json(out / META_FILE, meta)
     except BaseException:
@@ -199,9 +220,11 @@ def _write_splits(stream_path: Path, out: Path, n_tokens: int, val_fraction: flo
     n_val = max(1, int(round(n_tokens * val_fraction)))
     n_train = n_tokens - n_val
     byte_len = token_byte_lengths(enc)
+    digests = []
     for name, part in (("train", tokens[:n_train]), ("val", tokens[n_train:])):
         with atomic_file(out / f"{name}.bin") as tmp:
             part.tofile(tmp)
+        digests.append((f"{name}.bin", hashlib.sha256(part).hexdigest()))
     meta = {
         "tokenizer": enc.name,
         "vocab_size": enc.n_vocab,
@@ -213,6 +236,7 @@ def _write_splits(stream_path: Path, out: Path, n_tokens: int, val_fraction: flo
         "val_bytes": int(byte_len[tokens[n_train:]].sum()),
         "val_fraction": val_fraction,
         "split": "tail of the token stream: val.bin holds the last val_fraction of the tokens",
+        "content_sha256": combine_digests(digests),
     }
     del tokens
     return meta
@@ -244,6 +268,11 @@ class TokenData:
                 f"tokenizer beside it has {tok.name} with {tok.n_vocab}; prepare it again"
             )
         return tok
+
+    @functools.cached_property
+    def fingerprint(self) -> dict:
+        """What identifies the folder's content (:func:`gpt2lab.data.fingerprint.data_fingerprint`)."""
+        return data_fingerprint(self.path, self.meta)
 
     @classmethod
     def open(cls, path: str | Path, vocab_size: int | None = None) -> TokenData:
@@ -340,8 +369,7 @@ class ShardedTokens:
     """A split stored as several token shards, read as one array: ``len`` and slicing, shard boundaries hidden.
 
     Each shard is a read-only memmap, so opening a 10B-token split costs no memory; a slice that crosses
-    a boundary is the concatenation of its pieces. Training's samplers and the checks of
-    :class:`gpt2lab.data.tokens.TokenData` only slice, so they read shards as they read a single ``train.bin``.
+    a boundary joins its pieces. :class:`TokenData`'s samplers and checks only slice, so shards read as one file.
     """
 
     def __init__(self, parts: list[np.ndarray]) -> None:

@@ -79,7 +79,12 @@ def evaluate(
             f"evaluation needs at least {context + 1} tokens for a context of {context}; got {len(tokens)}"
         )
     if max_tokens is not None:
-        n_windows = min(n_windows, max(1, max_tokens // context))
+        if max_tokens < context:  # one window scores `context` targets: fewer cannot be evaluated as asked
+            raise GPT2LabError(
+                f"max_tokens {max_tokens} is less than one window of context {context}: raise max_tokens to at "
+                f"least {context}, or lower the context"
+            )
+        n_windows = min(n_windows, max_tokens // context)
     vocab = config.vocab_size
     if int(tokens[: n_windows * context + 1].max()) >= vocab:
         raise GPT2LabError(f"the data has token ids >= the model's vocab size {vocab}: another tokenizer?")

@@ -28,6 +28,7 @@ from gpt2lab.data.count_models import ngram_references
 from gpt2lab.data.tokens import META_FILE, TokenData, prepare
 from gpt2lab.errors import GPT2LabError
 from gpt2lab.files import read_json, write_text
+from gpt2lab.outputs import STUDY, guard_output
 from gpt2lab.study.extrapolation import band_means
 from gpt2lab.study.plots import write_plots
 from gpt2lab.study.probe import probe_distances, run_probe
@@ -41,6 +42,7 @@ from gpt2lab.train.config import upgrade_train_fields
 
 def _claim_folder(out: Path, suite: Suite) -> None:
     """A study folder holds the runs of one suite: refuse to mix another suite's runs into it."""
+    guard_output(out, STUDY, resume=True)  # a run, data, a model or one's own files are never a study's folder
     marker = out / "suite.json"
     fingerprint = json.loads(json.dumps(suite.fingerprint()))  # as JSON reads it back (tuples -> lists)
     if marker.is_file():

@@ -21,7 +21,7 @@ from typing import Any
 
 from gpt2lab.checkpoints.names import CONFIG_FILE
 from gpt2lab.config import FIELDS, PRESETS, GPTConfig
-from gpt2lab.errors import GPT2LabError, check_number, closest_hint, is_int
+from gpt2lab.errors import GPT2LabError, check_number, check_seed, closest_hint, is_int
 from gpt2lab.files import read_json
 
 # Training-config keys renamed since run folders and TOML files were first written: old -> new.
@@ -186,6 +186,7 @@ class TrainConfig:
             if not is_int(value) or value < low:
                 kind = "a positive integer" if low == 1 else f"an integer >= {low}"
                 raise GPT2LabError(f"config: {name} must be {kind}, got {value!r}")
+        check_seed("config: seed", self.seed)
         decay = self.lr_decay_iters
         if decay is not None and (not is_int(decay) or decay < 1):
             raise GPT2LabError(f"config: lr_decay_iters must be a positive integer or unset, got {decay!r}")

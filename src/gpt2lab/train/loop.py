@@ -28,6 +28,7 @@ from gpt2lab.plots import plot_losses
 from gpt2lab.tokenizer import copy_tokenizer
 from gpt2lab.train.config import TrainConfig
 from gpt2lab.train.distributed import Dist, gather_state, load_state, setup, sync_context, teardown, wrap_model
+from gpt2lab.train.resume import data_fingerprint, resume_checkpoint
 from gpt2lab.train.run import (
     LOSS_PLOT_FILE,
     TRAIN_CONFIG_FILE,
@@ -36,10 +37,8 @@ from gpt2lab.train.run import (
     capture_rng,
     check_run_folder,
     clear_run,
-    data_fingerprint,
     read_metrics,
     restore_rng,
-    resume_checkpoint,
     start_metrics,
 )
 from gpt2lab.train.setup import (
@@ -58,7 +57,9 @@ from gpt2lab.train.setup import (
 class Trainer:
     """One training run. Every process of a distributed run builds one; only rank 0 logs and writes."""
 
-    def __init__(self, cfg: TrainConfig, dist: Dist, resume: bool = False, allow_changes: bool = False) -> None:
+    def __init__(
+        self, cfg: TrainConfig, dist: Dist, resume: bool = False, allow_changes: bool = False, from_saved: bool = False
+    ) -> None:
         self.cfg, self.dist = cfg, dist
         self.out = Path(cfg.out_dir)
         device = dist.device
@@ -77,7 +78,7 @@ class Trainer:
         model = build_model(cfg, vocab_size=self.data.vocab_size)
         self.model_config = model.config
         check_fits(cfg, self.data, model.config)
-        resume_state = resume_checkpoint(cfg, self.data.meta, model.config, allow_changes) if resume else None
+        resume_state = resume_checkpoint(cfg, self.data, model.config, allow_changes, from_saved) if resume else None
 
         self.wrapped, self.loss = wrap_model(model.to(device), dist, cfg.strategy)
         self.optimizer = make_optimizer(self.wrapped, cfg, device)
@@ -87,7 +88,8 @@ class Trainer:
         self.overflows = 0  # fp16 steps skipped because the scaled gradients overflowed
         if resume_state is not None:
             load_state(self.wrapped, self.optimizer, resume_state["model"], resume_state["optimizer"])
-            restore_rng(resume_state["rng"], self.data_gen)
+            if "rng" in resume_state:  # absent when continuing from the saved model: the seed's RNGs go on
+                restore_rng(resume_state["rng"], self.data_gen)
             if resume_state.get("scaler"):  # empty when the run was not float16 (resumed with --allow-changes)
                 self.scaler.load_state_dict(resume_state["scaler"])
             self.step = resume_state["step"]
@@ -201,7 +203,7 @@ class Trainer:
                 "scaler": self.scaler.state_dict(),  # empty unless float16
                 "skipped": self.skipped,
                 "overflows": self.overflows,
-                "data": data_fingerprint(self.data.meta),
+                "data": data_fingerprint(self.data),
             }
             save_checkpoint(self.out / CKPT_NAME, payload)
         self.saved_step = self.step
@@ -328,7 +330,13 @@ class Trainer:
         self.dist.barrier()
 
 
-def train(cfg: TrainConfig, resume: bool = False, overwrite: bool = False, allow_changes: bool = False) -> dict:
+def train(
+    cfg: TrainConfig,
+    resume: bool = False,
+    overwrite: bool = False,
+    allow_changes: bool = False,
+    from_saved_model: bool = False,
+) -> dict:
     """Run ``cfg`` (in this process, or as one rank under torchrun); returns a summary on every rank.
 
     The run folder belongs to this run alone: a fresh run into a folder that holds one is refused unless
@@ -339,7 +347,8 @@ def train(cfg: TrainConfig, resume: bool = False, overwrite: bool = False, allow
     check_run_folder(run_dir, resume, overwrite)
     dist, lock = setup(cfg.device), None
     try:
-        trainer = Trainer(cfg, dist, resume, allow_changes)  # reads the data (and checkpoint); writes nothing
+        # reads the data (and checkpoint); writes nothing
+        trainer = Trainer(cfg, dist, resume, allow_changes, from_saved_model)
         lock = RunLock(run_dir) if dist.master else None
         if overwrite and dist.master:
             clear_run(run_dir)

@@ -20,12 +20,11 @@ import numpy as np
 import torch
 
 from gpt2lab.checkpoints.names import CONFIG_FILE, WEIGHTS_FILE
-from gpt2lab.checkpoints.train_state import CKPT_NAME, load_checkpoint
-from gpt2lab.config import GPTConfig
-from gpt2lab.errors import GPT2LabError
-from gpt2lab.files import remove_stale_temp_files, write_text
+from gpt2lab.checkpoints.train_state import CKPT_NAME
+from gpt2lab.errors import GPT2LabError, os_fault
+from gpt2lab.files import make_folder, remove_stale_temp_files, write_text
+from gpt2lab.outputs import RUN, clear_outputs, guard_output
 from gpt2lab.tokenizer import TOKENIZER_FILE
-from gpt2lab.train.config import TrainConfig, upgrade_train_fields
 
 METRICS_NAME = "metrics.jsonl"
 TRAIN_CONFIG_FILE = "train_config.json"  # the run's TrainConfig, for a reader (the checkpoint holds it too)
@@ -101,7 +100,7 @@ def append_metrics(run_dir: str | Path, row: dict[str, Any]) -> None:
         with open(path, "a", encoding="utf-8") as f:
             f.write(_json_line(row))
     except OSError as err:
-        raise GPT2LabError(f"cannot append to {path}: {err.strerror or err}") from err
+        raise os_fault("append to", path, err) from err
 
 
 # ---------------------------------------------------------------------------------------- ownership
@@ -114,71 +113,20 @@ RUN_FILES = (
 
 def holds_run(run_dir: Path) -> bool:
     """Whether ``run_dir`` holds (part of) a training run."""
-    return any((run_dir / name).exists() for name in RUN_FILES)
+    return run_dir.is_dir() and any((run_dir / name).exists() for name in RUN_FILES)
 
 
 def check_run_folder(run_dir: Path, resume: bool, overwrite: bool) -> None:
-    """Refuse, before anything is written, a run folder that is a file, or that holds a run which the
-    new one would silently replace."""
-    if run_dir.exists() and not run_dir.is_dir():
-        raise GPT2LabError(f"--out {run_dir} is a file, not a run folder")
+    """Refuse, before anything is written, a run folder that :func:`gpt2lab.outputs.guard_output` refuses:
+    a file, another kind of output, a live training's folder, or a run the new one would silently replace."""
     if resume and overwrite:
         raise GPT2LabError("--resume continues a run and --overwrite starts it again: choose one")
-    if not resume and not overwrite and holds_run(run_dir):
-        raise GPT2LabError(
-            f"{run_dir} already holds a run: continue it with --resume, start it again with --overwrite, "
-            "or choose another --out"
-        )
-
-
-# What may differ between a run and its resumption: how long it runs, how often it reports, and where
-# and how it computes. Anything else (data, model, batch, schedule, seed, precision) changes the result.
-RESUMABLE_CHANGES = (
-    "max_iters", "eval_interval", "eval_iters", "log_interval", "ckpt_interval",
-    "out_dir", "device", "compile", "strategy", "skip_nonfinite", "hellaswag_interval", "hellaswag_file",
-    "reference",
-)  # fmt: skip
-
-
-def resume_checkpoint(cfg: TrainConfig, data_meta: dict, config: GPTConfig, allow_changes: bool) -> dict | None:
-    """The run's checkpoint, refused when it holds another model, or was trained on other data or settings
-    than the config describes (unless ``allow_changes``); None for a run killed before its first one."""
-    run_dir = Path(cfg.out_dir)
-    ckpt_path = run_dir / CKPT_NAME
-    if not ckpt_path.is_file() and holds_run(run_dir):
-        return None  # killed before its first checkpoint: nothing to lose, it starts from step 0
-    if not ckpt_path.is_file():
-        raise GPT2LabError(f"nothing to resume: {ckpt_path} does not exist")
-    state = load_checkpoint(ckpt_path)
-    saved, now = state["model_config"], config.to_dict()
-    diff = [f"{k}: {saved.get(k)!r} vs {now.get(k)!r}" for k in now if saved.get(k) != now.get(k)]
-    if diff:
-        raise GPT2LabError(f"{run_dir} holds a run of a different model ({'; '.join(diff)} in checkpoint vs config)")
-    saved_cfg, now_cfg = upgrade_train_fields(state.get("train_config", {}), str(ckpt_path)), cfg.to_dict()
-    changes = [
-        f"{k} {saved_cfg[k]!r} -> {now_cfg[k]!r}"
-        for k in now_cfg
-        if k in saved_cfg and k not in RESUMABLE_CHANGES and saved_cfg[k] != now_cfg[k]
-    ]
-    if "data" in state and state["data"] != data_fingerprint(data_meta):
-        changes.append(f"the data in {cfg.data_dir} ({state['data']['tokens']:,} -> {data_meta['tokens']:,} tokens)")
-    if changes and not allow_changes:
-        raise GPT2LabError(
-            f"--resume would not continue the run in {run_dir} as it was: {'; '.join(changes)}; "
-            "undo the change, or pass --allow-changes to resume with it anyway"
-        )
-    return state
-
-
-def data_fingerprint(data_meta: dict) -> dict:
-    """What identifies a prepared dataset's content (from its meta.json): its tokenizer and token counts."""
-    return {k: data_meta.get(k) for k in ("tokenizer", "vocab_size", "tokens", "train_tokens", "val_tokens")}
+    guard_output(run_dir, RUN, overwrite=overwrite, resume=resume)
 
 
 def clear_run(run_dir: Path) -> None:
     """Remove a run's own files (``--overwrite``), nothing else the folder holds."""
-    for name in RUN_FILES:
-        (run_dir / name).unlink(missing_ok=True)
+    clear_outputs(run_dir, RUN)
 
 
 class RunLock:
@@ -190,8 +138,11 @@ class RunLock:
     """
 
     def __init__(self, run_dir: Path) -> None:
-        run_dir.mkdir(parents=True, exist_ok=True)
-        self.fd = os.open(run_dir / ".lock", os.O_RDWR | os.O_CREAT, 0o644)
+        make_folder(run_dir)
+        try:
+            self.fd = os.open(run_dir / ".lock", os.O_RDWR | os.O_CREAT, 0o644)
+        except OSError as err:
+            raise os_fault("lock", run_dir / ".lock", err) from err
         try:
             fcntl.flock(self.fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
@@ -200,9 +151,13 @@ class RunLock:
             raise GPT2LabError(
                 f"{run_dir} is in use by another training (pid {owner}); wait for it to end or choose another --out"
             ) from None
-        os.ftruncate(self.fd, 0)
-        os.write(self.fd, str(os.getpid()).encode())
-        remove_stale_temp_files(run_dir, RUN_FILES)
+        try:
+            os.ftruncate(self.fd, 0)
+            os.write(self.fd, str(os.getpid()).encode())
+            remove_stale_temp_files(run_dir, RUN_FILES)
+        except OSError as err:  # the lock must not outlive a failed start (a library caller goes on running)
+            self.release()
+            raise os_fault("write", run_dir / ".lock", err) from err
 
     def release(self) -> None:
         fcntl.flock(self.fd, fcntl.LOCK_UN)
