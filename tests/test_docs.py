@@ -24,10 +24,9 @@ SHELL_LANGUAGES = {"bash", "sh", "shell", "console"}  # unlabelled blocks hold o
 # these may fail to parse, and a link to one of these pages may dangle, until that branch is merged.
 # The lead empties both after merging (then every such command must parse and every page must exist).
 PENDING_COMMANDS = [
-    ("serve",),  # gpt2lab serve MODEL (the serve branch)
     ("export", "--format"),  # gpt2lab export --format gguf (the GGUF branch)
 ]
-PENDING_PAGES = {"docs/serve.md", "docs/gguf.md", "docs/tracking.md"}
+PENDING_PAGES = {"docs/gguf.md", "docs/tracking.md"}
 
 FENCE = re.compile(r"^```([^\n`]*)\n(.*?)^```", re.S | re.M)
 LINK = re.compile(r"!?\[[^\]]*\]\(([^)\s]+)(?:\s+\"[^\"]*\")?\)")
