@@ -22,11 +22,13 @@ from pathlib import Path
 
 import pytest
 
+from gpt2lab.checkpoints.train_state import load_checkpoint
 from gpt2lab.cli.main import main
 from gpt2lab.data.fingerprint import combine_digests, file_sha256, split_files
 from gpt2lab.data.tokens import TokenData
 from gpt2lab.errors import EXIT_ENVIRONMENT
-from gpt2lab.train.run import load_checkpoint, load_model, read_metrics
+from gpt2lab.loading import load_model
+from gpt2lab.train.run import read_metrics
 
 ERRNOS = (errno.ENOSPC, errno.EROFS, errno.EACCES, errno.EEXIST)
 SETS = ["pos_encoding=learned", "window=full", "n_layer=1", "n_head=2", "n_embd=32", "model.block_size=16"]

@@ -13,6 +13,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from gpt2lab.checkpoints.train_state import load_checkpoint
 from gpt2lab.cli.main import main
 from gpt2lab.data.fingerprint import combine_digests, file_sha256
 from gpt2lab.data.tokens import prepare
@@ -20,7 +21,7 @@ from gpt2lab.errors import GPT2LabError
 from gpt2lab.tokenizer import TOKENIZER_FILE
 from gpt2lab.train.config import load_config
 from gpt2lab.train.loop import train
-from gpt2lab.train.run import load_checkpoint, read_metrics
+from gpt2lab.train.run import read_metrics
 
 SMALL = [
     "pos_encoding='learned'", "window='full'", "n_layer=1", "n_head=2", "n_embd=32", "model.block_size=16",
