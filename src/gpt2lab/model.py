@@ -239,6 +239,13 @@ class GPT(nn.Module):
 
         return export_hf(directory, self.config, self._state_to_save(), self.lm_head.weight.dtype)
 
+    def export_gguf(self, path: str | Path, tokenizer, file_type: str = "f32", overwrite: bool = False):
+        """Write a GGUF file llama.cpp runs (``gpt2`` or ``starcoder2`` architecture) with ``tokenizer``'s
+        vocabulary; see :mod:`gpt2lab.checkpoints.gguf_export`. Returns its :class:`GGUFExport` summary."""
+        from gpt2lab.checkpoints.gguf_export import export_gguf
+
+        return export_gguf(path, self.config, self._state_to_save(), tokenizer, file_type, overwrite=overwrite)
+
     def _state_to_save(self) -> dict[str, torch.Tensor]:
         """The tensors on the CPU, contiguous, with the tied LM head left out (it is wte).
 

@@ -10,6 +10,7 @@ from gpt2lab.errors import GPT2LabError
 
 DTYPES = ("float32", "bfloat16")  # names gpt2lab.kernels.precision.parse_dtype reads
 INFERENCE_DTYPES = (*DTYPES, "int8")  # int8: weights quantized after loading (gpt2lab.kernels.quantize)
+GGUF_TYPES = ("f32", "f16", "q8_0")  # gpt2lab.checkpoints.gguf_export.GGUF_TYPES, without importing numpy here
 
 
 # ---------------------------------------------------------------------------------------- generate
@@ -84,19 +85,36 @@ def cmd_convert(args) -> int:
 
 def add_export(sub) -> None:
     p = sub.add_parser(
-        "export", help="write a model in the hub layout transformers loads (as GPT-2, GPTBigCode or Starcoder2)"
+        "export",
+        help="write a model for transformers (hub layout: GPT-2, GPTBigCode or Starcoder2) or llama.cpp (GGUF)",
     )
     p.add_argument("--model", required=True, help="run folder, training checkpoint or any model generate reads")
-    p.add_argument("--out", required=True, help="folder for config.json + model.safetensors")
-    p.add_argument("--dtype", choices=DTYPES, default="float32", help="dtype of the exported weights")
+    p.add_argument("--out", required=True, help="hf: folder for config.json + model.safetensors; gguf: the .gguf file")
+    p.add_argument("--format", choices=("hf", "gguf"), default="hf", help="hf (transformers) or gguf (llama.cpp)")
+    p.add_argument("--dtype", choices=DTYPES, default=None, help="hf: dtype of the exported weights (float32)")
+    p.add_argument("--type", choices=GGUF_TYPES, default=None, help="gguf: f32, f16 or q8_0 matrices (f32)")
+    p.add_argument("--overwrite", action="store_true", help="gguf: replace an existing --out file")
     p.set_defaults(func=cmd_export)
 
 
 def cmd_export(args) -> int:
-    from gpt2lab.train.run import load_model
+    from gpt2lab.train.run import load_model, load_model_and_tokenizer
 
-    model_type = load_model(args.model, dtype=args.dtype).export_hf(args.out)
-    print(f"exported as transformers' '{model_type}' to {args.out}")
+    if args.format == "hf":
+        if args.type is not None:
+            raise GPT2LabError("--type is for --format gguf; the hub layout takes --dtype")
+        model_type = load_model(args.model, dtype=args.dtype or "float32").export_hf(args.out)
+        print(f"exported as transformers' '{model_type}' to {args.out}")
+        return 0
+    from pathlib import Path
+
+    if args.dtype is not None:
+        raise GPT2LabError("--dtype is for --format hf; GGUF takes --type (f32, f16 or q8_0)")
+    if Path(args.out).exists() and not args.overwrite:  # before loading the model, not after
+        raise GPT2LabError(f"{args.out} exists; pass --overwrite to replace it")
+    model, tokenizer = load_model_and_tokenizer(args.model, dtype="float32")
+    summary = model.export_gguf(args.out, tokenizer, args.type or "f32", overwrite=args.overwrite)
+    print(f"exported as {summary.describe()} to {args.out}")
     return 0
 
 
