@@ -83,6 +83,12 @@ def add_train(sub) -> None:
         "--allow-changes", action="store_true", help="with --resume: accept settings that differ from the run's"
     )
     p.add_argument("--out", default=None, help="run folder (overrides run.out_dir)")
+    p.add_argument(
+        "--log-to",
+        default=None,
+        metavar="TRACKERS",
+        help="also log to tensorboard, wandb and/or csv, comma-separated (overrides run.log_to)",
+    )
     p.add_argument("--plan", action="store_true", help="train nothing: print the run's tokens, FLOPs, memory, time")
     _add_plan_options(p)
     p.set_defaults(func=cmd_train)
@@ -138,6 +144,8 @@ def cmd_train(args) -> int:
     cfg = load_config(args.config, args.set)
     if args.out:
         cfg.out_dir = args.out
+    if args.log_to is not None:
+        cfg.log_to = [name.strip() for name in args.log_to.split(",") if name.strip()]
     return _report_run(train(cfg, resume=args.resume, overwrite=args.overwrite, allow_changes=args.allow_changes))
 
 

@@ -14,6 +14,7 @@ import json
 import math
 import os
 import random
+import shutil
 from pathlib import Path
 from typing import Any
 
@@ -28,6 +29,7 @@ from gpt2lab.kernels.precision import parse_dtype
 from gpt2lab.model import GPT
 from gpt2lab.tokenizer import TOKENIZER_FILE, Tokenizer, check_model_vocab, load_tokenizer
 from gpt2lab.train.config import TrainConfig
+from gpt2lab.train.tracking import CSV_NAME, TENSORBOARD_DIR, WANDB_ID_FILE
 
 CKPT_NAME = "ckpt.pt"
 METRICS_NAME = "metrics.jsonl"
@@ -161,7 +163,9 @@ def append_metrics(run_dir: str | Path, row: dict[str, Any]) -> None:
 
 RUN_FILES = (
     CKPT_NAME, METRICS_NAME, "train_config.json", "config.json", "model.safetensors", "loss.png", TOKENIZER_FILE,
+    CSV_NAME, WANDB_ID_FILE,
 )  # fmt: skip
+RUN_DIRS = (TENSORBOARD_DIR, "wandb")  # the trackers' folders (gpt2lab.train.tracking)
 
 
 def holds_run(run_dir: Path) -> bool:
@@ -188,7 +192,7 @@ def check_run_folder(run_dir: Path, resume: bool, overwrite: bool) -> None:
 RESUMABLE_CHANGES = (
     "max_iters", "eval_interval", "eval_iters", "log_interval", "ckpt_interval",
     "out_dir", "device", "compile", "strategy", "skip_nonfinite", "hellaswag_interval", "hellaswag_file",
-    "reference",
+    "reference", "log_to",
 )  # fmt: skip
 
 
@@ -231,6 +235,8 @@ def clear_run(run_dir: Path) -> None:
     """Remove a run's own files (``--overwrite``), nothing else the folder holds."""
     for name in RUN_FILES:
         (run_dir / name).unlink(missing_ok=True)
+    for name in RUN_DIRS:
+        shutil.rmtree(run_dir / name, ignore_errors=True)
 
 
 class RunLock:
