@@ -257,3 +257,37 @@ def test_cli_exports_gguf_and_refuses_to_overwrite(tmp_path):
     assert wrong.returncode == 2 and "--type" in wrong.stderr
     assert run("--out", str(tmp_path / "m.gguf"), "--overwrite").returncode == 0
     assert gguf.GGUFReader(tmp_path / "m.gguf").tensors[1].tensor_type == gguf.GGMLQuantizationType.F32
+
+
+LLAMA_CPP_VARIANTS = {
+    "gpt2-padded": (dict(vocab_size=50304), "bpe"),
+    "gpt2-gqa": (dict(n_kv_head=2), "bpe"),
+    "starcoder2-gqa": (dict(pos_encoding="rope", n_kv_head=2, rope_theta=5000.0), "bpe"),
+    "starcoder2-chars": (dict(pos_encoding="rope"), "chars"),
+}
+
+
+@pytest.mark.parametrize("variant", LLAMA_CPP_VARIANTS)
+def test_llama_cpp_tokenizes_and_computes_like_gpt2lab(tmp_path, variant):
+    """The strongest check: llama.cpp itself loads the file, tokenizes as gpt2lab does and computes its logits."""
+    llama_cpp = pytest.importorskip(
+        "llama_cpp", reason="llama-cpp-python is not installed (pip install llama-cpp-python builds llama.cpp)"
+    )
+    overrides, kind = LLAMA_CPP_VARIANTS[variant]
+    tokenizer = CharTokenizer("".join(sorted(set(TEXT)))) if kind == "chars" else gpt2_bpe()
+    config = GPTConfig.from_preset("tiny", **{"vocab_size": tokenizer.n_vocab, **overrides})
+    state = _state(config)
+    export_gguf(tmp_path / "m.gguf", config, state, tokenizer, "f32")
+    f32_cache = dict(type_k=llama_cpp.GGML_TYPE_F32, type_v=llama_cpp.GGML_TYPE_F32)  # llama.cpp's default: f16
+    llm = llama_cpp.Llama(
+        model_path=str(tmp_path / "m.gguf"), n_ctx=128, n_threads=1, logits_all=True, verbose=False, **f32_cache
+    )
+    ids = llm.tokenize(TEXT.encode("utf-8"), add_bos=False, special=False)
+    assert ids == tokenizer.encode_ordinary(TEXT)
+    assert llm.detokenize(ids).decode("utf-8") == TEXT
+    model = GPT(config).eval()
+    model.load_state_dict({**state, "lm_head.weight": state["transformer.wte.weight"]})
+    llm.eval(ids)
+    with torch.no_grad():
+        expected = model(torch.tensor([ids]))[0].numpy()
+    np.testing.assert_allclose(np.array(llm.scores[: len(ids)]), expected, atol=1e-3, rtol=0)
