@@ -168,3 +168,41 @@ def test_cli_log_to_flag(corpus, tmp_path, capsys):
     assert (tmp_path / "a" / "metrics.csv").is_file() and not (tmp_path / "a" / "tensorboard").exists()
     assert main(["train", *tiny_args(corpus, tmp_path / "b", "max_iters=2"), "--log-to", "csv,mlflow"]) == 2
     assert "unknown tracker 'mlflow'" in capsys.readouterr().err
+
+
+def test_mfu_is_logged_against_the_gpus_peak(corpus, tmp_path, monkeypatch):
+    """On a listed GPU each step row has mfu = training FLOPs per token x tokens/s / peak FLOP/s; faked here
+    with a CPU that claims a peak of 1 TFLOP/s."""
+    import gpt2lab.train.loop
+    from gpt2lab.analysis import model_report
+
+    monkeypatch.setattr(gpt2lab.train.loop, "peak_flops", lambda device, dtype: 1e12)
+    cfg = tiny_config(corpus, tmp_path, "max_iters=2")
+    train(cfg)
+    steps = [r for r in read_metrics(tmp_path) if "loss" in r]
+    model = _model_config_of(tmp_path)
+    forward = model_report(model, cfg.block_size)["flops_per_token"]["total"]
+    for row in steps:
+        assert row["mfu"] == pytest.approx(3 * forward * row["tokens_per_s"] / 1e12, rel=1e-12)
+        assert row["tokens_per_s"] == pytest.approx(2 * 2 * 16 / row["dt"], rel=1e-12)  # accum x batch x length
+
+
+def _model_config_of(run_dir):
+    from gpt2lab.config import GPTConfig
+    from gpt2lab.files import read_json
+
+    fields = {k: v for k, v in read_json(run_dir / "config.json").items() if k not in ("format", "format_version")}
+    return GPTConfig.from_dict(fields)
+
+
+def test_peak_flops_of_listed_gpus_only(monkeypatch):
+    import torch
+
+    from gpt2lab.train.plan import peak_flops
+
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: "NVIDIA H100 80GB HBM3")
+    cuda = torch.device("cuda", 0)
+    assert peak_flops(cuda, torch.bfloat16) == 989e12 and peak_flops(cuda, torch.float32) == 494.5e12
+    assert peak_flops(torch.device("cpu"), torch.float32) is None
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: "Tesla T4")
+    assert peak_flops(cuda, torch.bfloat16) is None

@@ -85,11 +85,11 @@ class Trainer:
         self.data = TokenData.open(cfg.data_dir)
         model = build_model(cfg, vocab_size=self.data.vocab_size)
         self.model_config = model.config
+        check_fits(cfg, self.data, model.config)
         # MFU needs the GPU's peak FLOP/s (gpt2lab.train.plan lists A100/H100/H200); elsewhere it is not logged
         peak = peak_flops(device, self.dtype)
         self.flops_per_s_peak = peak * dist.world if peak else None
-        self.flops_per_token = train_flops_per_token(cfg, model.config)
-        check_fits(cfg, self.data, model.config)
+        self.flops_per_token = train_flops_per_token(cfg, model.config) if peak else None
         resume_state = resume_checkpoint(cfg, self.data.meta, model.config, allow_changes) if resume else None
 
         self.wrapped = wrap_model(model.to(device), dist, cfg.strategy)

@@ -186,8 +186,11 @@ class _CSV:
         self.writer = csv.writer(self.file, lineterminator="\n")
 
     def log(self, step: int, values: dict[str, float]) -> None:
-        self.writer.writerows([step, key, repr(value)] for key, value in values.items())
-        self.file.flush()
+        try:
+            self.writer.writerows([step, key, repr(value)] for key, value in values.items())
+            self.file.flush()
+        except OSError as err:
+            raise GPT2LabError(f"cannot append to {self.path}: {err.strerror or err}") from err
 
     def close(self) -> None:
         self.file.close()
