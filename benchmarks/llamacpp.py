@@ -27,6 +27,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 
 from gpt2lab.cli.kernel_report import cpu_description
 from gpt2lab.tokenizer import gpt2_bpe
@@ -72,6 +73,22 @@ def llama_greedy(llm, ids: list[int], new_tokens: int) -> list[int]:
     return out
 
 
+def fp16_gelu_gap(llm, model, ids: list[int]) -> str:
+    """How much of the f32 gap is ggml's GELU, which looks GELU(fp16(x)) up in a table of fp16 values:
+    the gap to gpt2lab computing its GELU that way."""
+    exact = [block.mlp.activation for block in model.transformer.h]
+    for block in model.transformer.h:
+        block.mlp.activation = lambda x: F.gelu(x.half().float(), approximate="tanh").half().float()
+    try:
+        with torch.no_grad():
+            emulated = model(torch.tensor([ids]))[0].numpy()
+    finally:
+        for block, activation in zip(model.transformer.h, exact, strict=True):
+            block.mlp.activation = activation
+    gap = float(np.abs(llama_logits(llm, ids) - emulated).max())
+    return f"with ggml's fp16 GELU table emulated in gpt2lab the gap is {gap:.2e}"
+
+
 def check_parity(llm_f32, llm_q8, model) -> list[str]:
     """The parity lines; each starts with PASS or FAIL."""
     lines = []
@@ -86,6 +103,8 @@ def check_parity(llm_f32, llm_q8, model) -> list[str]:
     diff = float(np.abs(llama_logits(llm_f32, ids) - reference).max())
     verdict = "PASS" if diff <= LOGIT_TOLERANCE else "FAIL"
     lines.append(f"{verdict} f32 logits: max |llama.cpp - gpt2lab| = {diff:.2e} over {len(ids)} positions")
+    scale = float(np.abs(reference).max())
+    lines.append(f"info f32 logits: max |logit| = {scale:.2f}; {fp16_gelu_gap(llm_f32, model, ids)}")
     q8_diff = float(np.abs(llama_logits(llm_q8, ids) - reference).max())
     lines.append(f"info q8_0 logits: max |llama.cpp - gpt2lab fp32| = {q8_diff:.2e}")
     steps = max(64, GREEDY_STEPS)
