@@ -24,6 +24,7 @@ from torch import nn
 from gpt2lab.attention import CausalSelfAttention
 from gpt2lab.checkpoints import export_hf, read_checkpoint, write_gpt2lab
 from gpt2lab.checkpoints.convert import pool_kv_heads
+from gpt2lab.checkpoints.gguf_export import export_gguf
 from gpt2lab.config import ACTIVATIONS, GPTConfig, parse_dtype
 from gpt2lab.errors import GPT2LabError
 from gpt2lab.generation import generate
@@ -255,6 +256,11 @@ class GPT(nn.Module):
         or ``"starcoder2"`` (RoPE). Per-layer windows and learned positions with a window are refused.
         See :mod:`gpt2lab.checkpoints.hf_variants`."""
         return export_hf(directory, self.config, self._state_to_save(), self.lm_head.weight.dtype)
+
+    def export_gguf(self, path: str | Path, tokenizer, file_type: str = "f32", overwrite: bool = False):
+        """Write a GGUF file llama.cpp runs (``gpt2`` or ``starcoder2`` architecture) with ``tokenizer``'s
+        vocabulary; see :mod:`gpt2lab.checkpoints.gguf_export`. Returns its :class:`GGUFExport` summary."""
+        return export_gguf(path, self.config, self._state_to_save(), tokenizer, file_type, overwrite=overwrite)
 
     def _state_to_save(self) -> dict[str, torch.Tensor]:
         """The tensors on the CPU, contiguous, with the tied LM head left out (it is wte).

@@ -28,11 +28,22 @@ LOCK_FILE = ".lock"
 
 _MODEL_FILES = ("config.json", "model.safetensors", "model.safetensors.index.json", "model-*.safetensors")
 _EVAL_FILES = ("loss_by_position.csv", "loss_by_position.png")
+# gpt2lab.train.tracking's files and folders in a run (metrics.csv, the W&B run id, the trackers' logs)
+_TRACKER_FILES = ("metrics.csv", "wandb_run_id", "tensorboard", "wandb")
 # kind -> (markers: any of them present says the folder is this kind, own: every file the kind writes)
 KINDS: dict[str, tuple[tuple[str, ...], tuple[str, ...]]] = {
     RUN: (
         ("ckpt.pt", "metrics.jsonl", "train_config.json"),
-        ("ckpt.pt", "metrics.jsonl", "train_config.json", "loss.png", TOKENIZER_FILE, *_MODEL_FILES, *_EVAL_FILES),
+        (
+            "ckpt.pt",
+            "metrics.jsonl",
+            "train_config.json",
+            "loss.png",
+            TOKENIZER_FILE,
+            *_MODEL_FILES,
+            *_EVAL_FILES,
+            *_TRACKER_FILES,
+        ),
     ),
     STUDY: (("suite.json",), ("suite.json", "runs", "data", "*.csv", "*.png", "report.md")),
     DATA: (

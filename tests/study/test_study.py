@@ -330,12 +330,19 @@ def test_a_run_stopped_by_a_signal_is_not_recorded_as_finished(tmp_path, corpus,
     Scoring that half-trained model as the run's result would let a re-run keep it as finished."""
     import gpt2lab.study.runs
 
-    monkeypatch.setattr(gpt2lab.study.runs, "train", lambda cfg, resume: {"stopped": True, "signal": 2, "step": 3})
+    names = []
+
+    def stopped_training(cfg, resume, run_name=None):
+        names.append(run_name)
+        return {"stopped": True, "signal": 2, "step": 3}
+
+    monkeypatch.setattr(gpt2lab.study.runs, "train", stopped_training)
     fields = {"data_dir": str(corpus), "out_dir": str(tmp_path / "run"), "preset": None, "seq_len": 32}
     fields["model"] = {"n_layer": 1, "n_head": 2, "n_embd": 16}
     with pytest.raises(GPT2LabError, match="stopped at step 3 by a signal: run the study again to resume"):
         train_and_measure(fields, {"max_tokens": 64}, str(tmp_path / "run"))
     assert not (tmp_path / "run" / "result.json").exists()
+    assert names == ["run"]  # trackers name each run after its folder (VARIANT-sSEED in a study)
 
 
 def test_a_run_process_that_dies_without_a_result_is_an_error_not_a_hang():

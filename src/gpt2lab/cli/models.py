@@ -23,6 +23,7 @@ from gpt2lab.train.config import load_model_config, parse_overrides
 
 DTYPES = ("float32", "bfloat16")  # names gpt2lab.config.parse_dtype reads
 INFERENCE_DTYPES = (*DTYPES, "int8")  # int8: weights quantized after loading (gpt2lab.kernels.quantize)
+GGUF_TYPES = ("f32", "f16", "q8_0")  # gpt2lab.checkpoints.gguf_export.GGUF_TYPES, without importing numpy here
 
 
 # ---------------------------------------------------------------------------------------- generate
@@ -98,12 +99,15 @@ def cmd_convert(args) -> int:
 
 def add_export(sub) -> None:
     p = sub.add_parser(
-        "export", help="write a model in the hub layout transformers loads (as GPT-2, GPTBigCode or Starcoder2)"
+        "export",
+        help="write a model for transformers (hub layout: GPT-2, GPTBigCode or Starcoder2) or llama.cpp (GGUF)",
     )
     p.add_argument("--model", required=True, help="run folder, training checkpoint or any model generate reads")
-    p.add_argument("--out", required=True, help="folder for config.json + model.safetensors")
-    p.add_argument("--dtype", choices=DTYPES, default="float32", help="dtype of the exported weights")
-    p.add_argument("--overwrite", action="store_true", help="replace the model the --out folder holds")
+    p.add_argument("--out", required=True, help="hf: folder for config.json + model.safetensors; gguf: the .gguf file")
+    p.add_argument("--format", choices=("hf", "gguf"), default="hf", help="hf (transformers) or gguf (llama.cpp)")
+    p.add_argument("--dtype", choices=DTYPES, default=None, help="hf: dtype of the exported weights (float32)")
+    p.add_argument("--type", choices=GGUF_TYPES, default=None, help="gguf: f32, f16 or q8_0 matrices (f32)")
+    p.add_argument("--overwrite", action="store_true", help="replace the model --out holds (a folder, or a .gguf file)")
     p.set_defaults(func=cmd_export)
 
 
@@ -120,12 +124,31 @@ def _clear_model_folder(out: str) -> None:
 
 
 def cmd_export(args) -> int:
+    if args.format == "gguf":
+        return _export_gguf(args)
+    if args.type is not None:
+        raise GPT2LabError("--type is for --format gguf; the hub layout takes --dtype")
     _guard_model_folder(args.out, args.overwrite)
-    model = load_model(args.model, dtype=args.dtype)  # plain weights: export writes tensors, runs no kernel
+    model = load_model(args.model, dtype=args.dtype or "float32")  # plain weights: export runs no kernel
     model_type = model.export_hf(args.out)
     save_tokenizer(load_tokenizer(args.model), args.out)  # a character model's export reads and writes characters too
     _clear_model_folder(args.out)
     print(f"exported as transformers' '{model_type}' to {args.out}")
+    return 0
+
+
+def _export_gguf(args) -> int:
+    """One .gguf file: refused before the model is read when it is a folder, or exists without --overwrite."""
+    if args.dtype is not None:
+        raise GPT2LabError("--dtype is for --format hf; GGUF takes --type (f32, f16 or q8_0)")
+    out = Path(args.out)
+    if out.is_dir():
+        raise GPT2LabError(f"{out} is a folder; --format gguf writes one file: name it, e.g. {out / 'model.gguf'}")
+    if out.exists() and not args.overwrite:
+        raise GPT2LabError(f"{out} exists; pass --overwrite to replace it")
+    model = load_model(args.model, dtype="float32")
+    summary = model.export_gguf(out, load_tokenizer(args.model), args.type or "f32", overwrite=args.overwrite)
+    print(f"exported as {summary.describe()} to {out}")
     return 0
 
 

@@ -101,6 +101,12 @@ def add_train(sub) -> None:
         help="with --resume, for a run whose ckpt.pt is gone: continue from its saved model (fresh optimizer state)",
     )
     p.add_argument("--out", default=None, help="run folder (overrides run.out_dir)")
+    p.add_argument(
+        "--log-to",
+        default=None,
+        metavar="TRACKERS",
+        help="also log to tensorboard, wandb and/or csv, comma-separated (overrides run.log_to)",
+    )
     p.add_argument("--plan", action="store_true", help="train nothing: print the run's tokens, FLOPs, memory, time")
     _add_plan_options(p)
     p.set_defaults(func=cmd_train)
@@ -150,6 +156,8 @@ def cmd_train(args) -> int:
         cfg.out_dir = args.out
     if args.from_saved_model and not args.resume:
         raise GPT2LabError("--from-saved-model continues a run: use it with --resume")
+    if args.log_to is not None:
+        cfg.log_to = [name.strip() for name in args.log_to.split(",") if name.strip()]
     options = dict(resume=args.resume, overwrite=args.overwrite, allow_changes=args.allow_changes)
     return _report_run(train(cfg, **options, from_saved_model=args.from_saved_model))
 

@@ -97,7 +97,8 @@ def train_and_measure(train_fields: dict[str, Any], settings: dict[str, Any], ru
     """Train (resuming if a checkpoint exists), evaluate, and write ``result.json``. Own process."""
     cfg = TrainConfig(**train_fields)
     cfg.validate()
-    summary = train(cfg, resume=(Path(run_dir) / CKPT_NAME).is_file())
+    # the run folder is named VARIANT-sSEED: the trackers of cfg.log_to show each run under that name
+    summary = train(cfg, resume=(Path(run_dir) / CKPT_NAME).is_file(), run_name=Path(run_dir).name)
     if summary["stopped"]:  # a signal (Ctrl-C, kill): the checkpoint is saved; the run is not finished
         raise GPT2LabError(f"{run_dir} stopped at step {summary['step']} by a signal: run the study again to resume")
     model = load_model(run_dir).eval()

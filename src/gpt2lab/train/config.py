@@ -173,6 +173,7 @@ class TrainConfig:
     strategy: str = _opt("run", "ddp")  # ddp | fsdp, used under torchrun
     hellaswag_interval: int = _opt("run", 0)  # score HellaSwag every N steps (and at the end); 0: never
     hellaswag_file: str = _opt("run", "val")  # a HellaSwag jsonl, or "val": the official file, downloaded
+    log_to: list = field(default_factory=list, metadata={"section": "run", "key": None})  # gpt2lab.train.tracking
     # [reference]: published validation losses printed beside the run's own (name, source, points)
     reference: dict = field(default_factory=dict, metadata={"section": "reference"})
 

@@ -28,6 +28,7 @@ from gpt2lab.plots import plot_losses
 from gpt2lab.tokenizer import copy_tokenizer
 from gpt2lab.train.config import TrainConfig
 from gpt2lab.train.distributed import Dist, gather_state, load_state, setup, sync_context, teardown, wrap_model
+from gpt2lab.train.plan import peak_flops, train_flops_per_token
 from gpt2lab.train.resume import data_fingerprint, resume_checkpoint
 from gpt2lab.train.run import (
     LOSS_PLOT_FILE,
@@ -50,6 +51,7 @@ from gpt2lab.train.setup import (
     resolve_dtype,
     seed_everything,
 )
+from gpt2lab.train.tracking import Trackers, check_log_to
 
 # ---------------------------------------------------------------------------------------- the loop
 
@@ -58,9 +60,16 @@ class Trainer:
     """One training run. Every process of a distributed run builds one; only rank 0 logs and writes."""
 
     def __init__(
-        self, cfg: TrainConfig, dist: Dist, resume: bool = False, allow_changes: bool = False, from_saved: bool = False
+        self,
+        cfg: TrainConfig,
+        dist: Dist,
+        resume: bool = False,
+        allow_changes: bool = False,
+        from_saved: bool = False,
+        run_name: str | None = None,
     ) -> None:
         self.cfg, self.dist = cfg, dist
+        self.log_to, self.run_name, self.trackers = check_log_to(cfg.log_to), run_name, None
         self.out = Path(cfg.out_dir)
         device = dist.device
         if device.type == "cuda":
@@ -78,6 +87,10 @@ class Trainer:
         model = build_model(cfg, vocab_size=self.data.vocab_size)
         self.model_config = model.config
         check_fits(cfg, self.data, model.config)
+        # MFU needs the GPU's peak FLOP/s (gpt2lab.train.plan lists A100/H100/H200); elsewhere it is not logged
+        peak = peak_flops(device, self.dtype)
+        self.flops_per_s_peak = peak * dist.world if peak else None
+        self.flops_per_token = train_flops_per_token(cfg, model.config) if peak else None
         resume_state = resume_checkpoint(cfg, self.data, model.config, allow_changes, from_saved) if resume else None
 
         self.wrapped, self.loss = wrap_model(model.to(device), dist, cfg.strategy)
@@ -149,6 +162,7 @@ class Trainer:
         clip = self.cfg.grad_clip if self.cfg.grad_clip > 0 else math.inf
         norm = torch.nn.utils.clip_grad_norm_(params, clip)
         norm = norm.full_tensor() if hasattr(norm, "full_tensor") else norm  # FSDP2: a DTensor
+        self.grad_norm = norm  # before clipping; read when the step is logged
         bad_loss = self.dist.any(not bool(torch.isfinite(loss)))
         if not bad_loss and not self.dist.any(not bool(torch.isfinite(norm))):
             return True
@@ -213,12 +227,16 @@ class Trainer:
     def log(self, row: dict) -> None:
         if self.dist.master:
             append_metrics(self.out, row)
+            self.trackers.log(row)
 
     def _start_outputs(self) -> None:
         """The run folder, its metrics log (a resumed run's cut back to its checkpoint) and its config."""
         if self.dist.master:
             self.out.mkdir(parents=True, exist_ok=True)
             start_metrics(self.out, keep_until=self.step if self.resumed else None)
+            config = {**self.cfg.to_dict(), "model": self.model_config.to_dict()}
+            resumed_at = self.step if self.resumed else None
+            self.trackers = Trackers(self.log_to, self.out, config, self.run_name, resumed_at)
             write_json(self.out / TRAIN_CONFIG_FILE, self.cfg.to_dict())
             copy_tokenizer(self.data.path, self.out)  # generate / eval read and write what the data holds
 
@@ -230,14 +248,17 @@ class Trainer:
         value = self.dist.mean(loss).item()
         dt = time.perf_counter() - started
         self.losses.append((self.step, value))
+        tokens_per_s = self.cfg.grad_accum * self.cfg.batch_size * self.cfg.seq_len / dt
         row = {"step": self.step, "loss": value, "lr": lr_at(self.step - 1, self.cfg), "dt": dt}
+        row |= {"grad_norm": self.grad_norm.item(), "tokens_per_s": tokens_per_s}
+        if self.flops_per_s_peak:
+            row["mfu"] = self.flops_per_token * tokens_per_s / self.flops_per_s_peak
         if self.skipped:
             row["skipped_steps"] = self.skipped
         if self.scaler.is_enabled():
             row |= {"loss_scale": self.scaler.get_scale(), "overflow_steps": self.overflows}
         self.log(row)
-        tokens_per_step = self.cfg.grad_accum * self.cfg.batch_size * self.cfg.seq_len
-        bar.set_postfix(loss=f"{value:.4f}", tok_s=f"{tokens_per_step / dt:,.0f}")
+        bar.set_postfix(loss=f"{value:.4f}", tok_s=f"{tokens_per_s:,.0f}")
 
     def _evaluate_and_log(self, bar: tqdm | None = None) -> None:
         """Evaluate and log; with ``bar``, also print the losses (the step-0 evaluation is not printed)."""
@@ -304,6 +325,8 @@ class Trainer:
             stop, model_state = self._loop(bar)
         finally:
             bar.close()
+            if self.trackers is not None:
+                self.trackers.close()
             for s, h in handlers.items():
                 signal.signal(s, h)
         if self.step == self.cfg.max_iters or stop:
@@ -336,19 +359,21 @@ def train(
     overwrite: bool = False,
     allow_changes: bool = False,
     from_saved_model: bool = False,
+    run_name: str | None = None,
 ) -> dict:
     """Run ``cfg`` (in this process, or as one rank under torchrun); returns a summary on every rank.
 
     The run folder belongs to this run alone: a fresh run into a folder that holds one is refused unless
     ``overwrite`` (then the old run's files are removed first) or ``resume``; a second training into the
-    same folder at once is refused by a lock. Nothing is written before these checks pass.
+    same folder at once is refused by a lock. Nothing is written before these checks pass. ``run_name``
+    names the run in the trackers of ``cfg.log_to`` (default: the run folder's name).
     """
     run_dir = Path(cfg.out_dir)
     check_run_folder(run_dir, resume, overwrite)
     dist, lock = setup(cfg.device), None
     try:
         # reads the data (and checkpoint); writes nothing
-        trainer = Trainer(cfg, dist, resume, allow_changes, from_saved_model)
+        trainer = Trainer(cfg, dist, resume, allow_changes, from_saved_model, run_name)
         lock = RunLock(run_dir) if dist.master else None
         if overwrite and dist.master:
             clear_run(run_dir)

@@ -26,6 +26,8 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+import torch
+
 from gpt2lab.analysis import model_report
 from gpt2lab.config import GPT2_VOCAB_SIZE, GPTConfig
 from gpt2lab.data.tokens import META_FILE
@@ -71,6 +73,21 @@ def _flops(cfg: TrainConfig, config: GPTConfig) -> dict[str, float]:
         "eval_tokens": eval_tokens,
         "eval_run": forward * eval_tokens,
     }
+
+
+def train_flops_per_token(cfg: TrainConfig, config: GPTConfig) -> float:
+    """Training FLOPs per token (3 x forward at the batch's sequence length): the numerator of MFU."""
+    return 3 * model_report(config, cfg.seq_len)["flops_per_token"]["total"]
+
+
+def peak_flops(device: torch.device, dtype: torch.dtype) -> float | None:
+    """The dense peak FLOP/s of the GPU ``device`` when training in ``dtype`` (fp32: TF32), if it is listed in
+    :data:`PEAK_FLOPS` (the denominator of MFU); None for a CPU or an unlisted GPU."""
+    if device.type != "cuda":
+        return None
+    name = torch.cuda.get_device_name(device)
+    listed = next((gpu for gpu in PEAK_FLOPS if gpu in name), None)
+    return PEAK_FLOPS[listed]["float32" if dtype == torch.float32 else "bfloat16"] if listed else None
 
 
 def _fsdp_gathered_bytes(config: GPTConfig, params: dict[str, int]) -> int:

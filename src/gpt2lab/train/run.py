@@ -13,6 +13,7 @@ import json
 import math
 import os
 import random
+import shutil
 from pathlib import Path
 from typing import Any
 
@@ -25,6 +26,7 @@ from gpt2lab.errors import GPT2LabError, os_fault
 from gpt2lab.files import make_folder, remove_stale_temp_files, write_text
 from gpt2lab.outputs import RUN, clear_outputs, guard_output
 from gpt2lab.tokenizer import TOKENIZER_FILE
+from gpt2lab.train.tracking import CSV_NAME, TENSORBOARD_DIR, WANDB_ID_FILE
 
 METRICS_NAME = "metrics.jsonl"
 TRAIN_CONFIG_FILE = "train_config.json"  # the run's TrainConfig, for a reader (the checkpoint holds it too)
@@ -108,7 +110,9 @@ def append_metrics(run_dir: str | Path, row: dict[str, Any]) -> None:
 
 RUN_FILES = (
     CKPT_NAME, METRICS_NAME, TRAIN_CONFIG_FILE, CONFIG_FILE, WEIGHTS_FILE, LOSS_PLOT_FILE, TOKENIZER_FILE,
+    CSV_NAME, WANDB_ID_FILE,
 )  # fmt: skip
+RUN_DIRS = (TENSORBOARD_DIR, "wandb")  # the trackers' folders (gpt2lab.train.tracking)
 
 
 def holds_run(run_dir: Path) -> bool:
@@ -127,6 +131,8 @@ def check_run_folder(run_dir: Path, resume: bool, overwrite: bool) -> None:
 def clear_run(run_dir: Path) -> None:
     """Remove a run's own files (``--overwrite``), nothing else the folder holds."""
     clear_outputs(run_dir, RUN)
+    for name in RUN_DIRS:
+        shutil.rmtree(run_dir / name, ignore_errors=True)
 
 
 class RunLock:
