@@ -20,13 +20,6 @@ COMMAND_DOCS = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]
 LINK_DOCS = [ROOT / "README.md", *sorted((ROOT / "docs").rglob("*.md"))]
 SHELL_LANGUAGES = {"bash", "sh", "shell", "console"}  # unlabelled blocks hold output and schematics
 
-# Documented features whose code lands from other branches in the same release. A command matching one of
-# these may fail to parse, and a link to one of these pages may dangle, until that branch is merged.
-# The lead empties both after merging (then every such command must parse and every page must exist).
-PENDING_COMMANDS = [
-    ("export", "--format"),  # gpt2lab export --format gguf (the GGUF branch)
-]
-PENDING_PAGES = {"docs/gguf.md", "docs/tracking.md"}
 
 FENCE = re.compile(r"^```([^\n`]*)\n(.*?)^```", re.S | re.M)
 LINK = re.compile(r"!?\[[^\]]*\]\(([^)\s]+)(?:\s+\"[^\"]*\")?\)")
@@ -87,10 +80,6 @@ def documented_commands() -> list[tuple[str, list[str]]]:
     return commands
 
 
-def is_pending(args: list[str]) -> bool:
-    return any(args[:1] == [first] and all(o in args for o in rest) for first, *rest in PENDING_COMMANDS)
-
-
 def parse(args: list[str]):
     """The parser's namespace for ``args``, or pytest.fail with argparse's own message."""
     stderr = io.StringIO()
@@ -110,21 +99,25 @@ def test_the_docs_show_commands_of_every_kind():
     shell = [body for language, body in code_blocks(readme) if language in SHELL_LANGUAGES]
     assert any("bash scripts/setup.sh && .venv/bin/gpt2lab demo\nbash scripts/test.sh\n" in b for b in shell)
     shown = {args[0] for _, args in COMMANDS if args}
-    assert {"demo", "generate", "prepare", "train", "plan", "eval", "harness", "study", "info"} <= shown
+    assert {
+        "demo",
+        "generate",
+        "prepare",
+        "train",
+        "plan",
+        "eval",
+        "harness",
+        "study",
+        "info",
+        "serve",
+        "export",
+    } <= shown
     assert len(COMMANDS) > 40
 
 
 @pytest.mark.parametrize("where, args", COMMANDS, ids=[w for w, _ in COMMANDS])
 def test_every_documented_command_parses(where, args):
-    if is_pending(args):
-        pytest.skip(f"a feature from another branch, allowed to fail until merged: {where}")
     parse(args)
-
-
-def test_pending_list_only_holds_what_the_docs_show():
-    """Each allow-list entry still names a documented command; a stale entry must be removed, not kept."""
-    for first, *rest in PENDING_COMMANDS:
-        assert any(args[:1] == [first] and all(o in args for o in rest) for _, args in COMMANDS), (first, rest)
 
 
 def github_slug(heading: str) -> str:
@@ -159,8 +152,6 @@ def test_every_relative_link_resolves(doc):
         path_part, _, anchor = target.partition("#")
         path = (doc.parent / path_part).resolve() if path_part else doc
         name = path.relative_to(ROOT).as_posix() if path.is_relative_to(ROOT) else str(path)
-        if name in PENDING_PAGES:
-            continue
         if not path.exists():
             problems.append(f"{target}: no such file")
         elif anchor and checks_anchors and path.suffix == ".md" and anchor not in anchors(path):

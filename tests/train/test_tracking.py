@@ -181,7 +181,7 @@ def test_mfu_is_logged_against_the_gpus_peak(corpus, tmp_path, monkeypatch):
     train(cfg)
     steps = [r for r in read_metrics(tmp_path) if "loss" in r]
     model = _model_config_of(tmp_path)
-    forward = model_report(model, cfg.block_size)["flops_per_token"]["total"]
+    forward = model_report(model, cfg.seq_len)["flops_per_token"]["total"]
     for row in steps:
         assert row["mfu"] == pytest.approx(3 * forward * row["tokens_per_s"] / 1e12, rel=1e-12)
         assert row["tokens_per_s"] == pytest.approx(2 * 2 * 16 / row["dt"], rel=1e-12)  # accum x batch x length
