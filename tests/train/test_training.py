@@ -16,6 +16,7 @@ import torch
 from training_helpers import logged_losses, start_training, tiny_args, tiny_config, wait_for_step
 
 import gpt2lab.kernels.choice as kernel_choice
+import gpt2lab.train.config
 from gpt2lab.checkpoints.train_state import load_checkpoint, save_checkpoint
 from gpt2lab.cli.main import main
 from gpt2lab.config import GPTConfig
@@ -54,9 +55,10 @@ def test_overrides_and_sections(tmp_path):
     assert load_config(None, ["data.dir=some/folder"]).data_dir == "some/folder"
 
 
-def test_the_old_block_size_of_the_batch_is_read_as_seq_len(tmp_path, capsys):
+def test_the_old_block_size_of_the_batch_is_read_as_seq_len(tmp_path, capsys, monkeypatch):
     """[batch] block_size was the training length before seq_len had its own name: a TOML file and --set
     that spell it so still work, with one note on stderr per source; model.block_size stays the model's."""
+    monkeypatch.setattr(gpt2lab.train.config, "_noted", set())  # once per source and process: start afresh
     path = tmp_path / "old.toml"
     path.write_text('[model]\npreset = "tiny"\nblock_size = 256\n[batch]\nblock_size = 64\n')
     cfg = load_config(path)
