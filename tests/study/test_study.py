@@ -334,7 +334,7 @@ def test_a_run_process_that_dies_without_a_result_is_an_error_not_a_hang():
 
 
 def test_the_report_explains_a_control_that_first_gets_worse(tmp_path):
-    from gpt2lab.study.report import _control_jolt
+    from gpt2lab.study.sections import _control_jolt
 
     (tmp_path / "tiny.toml").write_text(SUITE)
     suite = load_suite(tmp_path / "tiny.toml", data="shakespeare")

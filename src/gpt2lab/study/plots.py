@@ -20,12 +20,12 @@ def _legend(ax) -> None:
 
 def _references(ax, out: Path, lowest: int = 3) -> None:
     """The n-gram reference lines from ``lowest``-gram up (the 1- and 2-gram would squeeze the axis)."""
-    styles = (":", "--", "-.", (0, (1, 3)), (0, (5, 2, 1, 2)))
+    styles = {3: ("-.", "silver"), 4: (":", "gray"), 5: ("--", "black")}
     for row in read_csv(out / "references.csv"):
         n = int(row["model"].split("-")[0]) if row["model"].split("-")[0].isdigit() else 0
         if n >= lowest:
-            style = styles[(n - 1) % len(styles)]
-            ax.axhline(float(row["val_loss"]), color="gray", ls=style, lw=1, label=f"{row['model']} (count model)")
+            style, color = styles.get(n, ("--", "black"))
+            ax.axhline(float(row["val_loss"]), color=color, ls=style, lw=1, label=f"{row['model']} (count model)")
 
 
 def _smooth(curve: np.ndarray, width: int = 8, exact: int = 0) -> tuple[np.ndarray, np.ndarray]:
@@ -71,13 +71,14 @@ def _plot_loss_curves(out: Path, results: list[dict]) -> None:
 def _plot_loss_by_position(out: Path, rows: list[dict], results: list[dict], context: int) -> None:
     with plot_file(out / "loss_by_position.png", size=WIDE, dpi=110) as (ax,):
         for name, curves in group_by_variant(results, "by_position").items():
-            ax.plot(*_smooth(np.mean(curves, axis=0), exact=8), lw=1.2, label=name)
-        for row in rows:
+            positions, values = _smooth(np.mean(curves, axis=0), exact=8)
+            ax.plot(positions + 1, values, lw=1.2, marker=".", markevery=list(range(8)), label=name)
+        for row in rows:  # position p has seen p + 1 tokens; a token reach r back is the (r + 1)-th seen
             if row["reach"] != "full" and int(row["reach"]) < context:
-                ax.axvline(int(row["reach"]), ls=":", color="gray", lw=1)
+                ax.axvline(int(row["reach"]) + 1, ls=":", color="gray", lw=1)
         ax.set_xscale("log")
         ax.set(
-            xlabel="position in the context (log scale; dotted: windowed reach)",
+            xlabel="tokens seen = position + 1 (log scale; dotted: windowed reach + 1)",
             ylabel="loss (nats/token; positions 0-7 exact, then 8-position mean)",
             title=f"Loss by position, trained context {context} (mean over seeds)",
         )

@@ -3,18 +3,22 @@
 A suite (TOML) names the data and its tokenizer, the model shape shared by all variants, the training
 budget, the seeds and the variants. ``run_study`` then
 
-1. prepares the data once and scores unigram and bigram count models on it (reference lines);
+1. prepares the data once and scores Witten-Bell n-gram models (n = 1..5) on the study's evaluation
+   tokens and windows (reference lines; :mod:`gpt2lab.data.count_models`);
 2. trains each variant with each seed, each run in a fresh process, and evaluates it on the same
-   validation tokens (loss, loss by position, and at 1x/2x/4x the trained context);
-3. uptrains GQA and MQA from each seed's baseline at several fractions of its steps, beside a control
-   that continues the baseline (:mod:`gpt2lab.study.uptrain`);
+   validation tokens (loss, loss by position, at 1x/2x/4x the trained context, and with the context
+   cut to c tokens: :mod:`gpt2lab.study.context_use`), recording its step time and peak memory;
+3. uptrains GQA and MQA from each seed's baseline's final state at several fractions of its steps,
+   beside the baseline continued and the converted shape from scratch (:mod:`gpt2lab.study.uptrain`);
 4. trains each variant's shape on a passkey task to probe its receptive field (:mod:`gpt2lab.study.probe`);
-5. writes the CSVs (``results.csv``, ``comparisons.csv`` with paired t intervals, ``bands.csv``,
+5. writes the CSVs (``results.csv``, ``comparisons.csv`` with paired t intervals and Holm, ``bands.csv``,
+   ``context_use.csv``,
    ``runs.csv``, ``references.csv``, ``uptrain.csv``, ``probe.csv``, ``extrapolation.csv``), the plots
    and ``report.md``, whose every number is read back from those CSVs (and the benchmark CSV it cites).
 
 A study folder belongs to one suite (``suite.json``): an interrupted study resumes where it stopped,
-finished runs are kept, and a folder made by another suite is refused rather than mixed in.
+finished runs are kept, and a folder made by another suite is refused rather than mixed in. With
+``max_minutes`` a call is one chunk: the report is built from the runs present and names the missing.
 """
 
 from __future__ import annotations
