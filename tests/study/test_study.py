@@ -98,7 +98,17 @@ def test_tiny_suite_end_to_end(tmp_path, shared_data):
     suite = load_suite(tmp_path / "tiny.toml", data=str(tmp_path / "corpus.txt"))
     out = tmp_path / "study"
     report = run_study(suite, out, log=lambda *_: None).read_text()
-    for name in ("results", "runs", "comparisons", "bands", "references", "uptrain", "probe", "extrapolation"):
+    for name in (
+        "results",
+        "runs",
+        "comparisons",
+        "bands",
+        "references",
+        "uptrain",
+        "probe",
+        "extrapolation",
+        "context_use",
+    ):
         assert (out / f"{name}.csv").is_file(), name
     for name in (
         "loss_curves",
@@ -108,6 +118,7 @@ def test_tiny_suite_end_to_end(tmp_path, shared_data):
         "probe",
         "extrapolation",
         "uptrain",
+        "context_use",
     ):
         assert (out / f"{name}.png").is_file(), name
 
@@ -146,7 +157,15 @@ def test_tiny_suite_end_to_end(tmp_path, shared_data):
     up = _rows(out / "uptrain.csv")
     zero = {int(r["seed"]): float(r["val_loss"]) for r in up if r["method"] == "control" and float(r["fraction"]) == 0}
     assert zero == {s: pytest.approx(loss[("baseline", s)], abs=2e-4) for s in (1, 2)}
-    assert {r["method"] for r in _rows(out / "uptrain_pairs.csv")} == {"mean", "first"}
+    pairs = _rows(out / "uptrain_pairs.csv")
+    assert {r["method"] for r in pairs} == {"mean", "first"}
+    assert {r["versus"] for r in pairs if r["method"] == "mean"} == {"continued MHA", "from scratch, same total steps"}
+    scratch = {int(r["steps"]) for r in up if r["method"] == "scratch"}
+    assert scratch == {2}  # the converted shape from scratch for the baseline's 4 steps + the largest fraction's 2
+
+    # Context use: every run measured on the same targets; the report names each variant's effective context.
+    cuts = _rows(out / "context_use.csv")
+    assert {r["variant"] for r in cuts} == {"baseline", "rope", "window"} and "## Context use" in report
 
     # A second call keeps every finished run; another suite into the same folder is refused.
     kept = [out / "runs" / "baseline-s1" / "result.json", out / "runs" / "probe-window-s1.json"]

@@ -60,7 +60,8 @@ def _job(suite, runs: Runs, config, base_dirs: dict, cell: tuple, seed: int) -> 
 def run_uptraining(suite, runs: Runs, base_losses: dict[int, float], context: int, log) -> list[dict]:
     """One row per (method, n_kv_head, fraction, seed): its steps and evaluation loss; [] while some
     continuation is unfinished (out of time). method: ``control``, ``mean``, ``first`` or ``scratch``;
-    fraction 0 is the conversion alone (the control at 0 is the baseline itself)."""
+    fraction 0 is the conversion alone (the control at 0 is the baseline itself); a scratch row's steps are
+    the uptraining steps it matches (it trains the baseline's max_iters + steps)."""
     up = {**DEFAULTS, **suite.uptrain}
     total = int(suite.train["max_iters"])
     config = suite.variant_config(suite.variants[0], runs.vocab_size)
