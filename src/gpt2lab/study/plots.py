@@ -15,6 +15,8 @@ WIDE = (9, 4.5)
 
 
 def _legend(ax) -> None:
+    if not ax.get_legend_handles_labels()[0]:
+        return  # nothing labelled (e.g. every comparison had too few seeds for an interval)
     ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1.0), borderaxespad=0)
 
 

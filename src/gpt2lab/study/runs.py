@@ -161,14 +161,16 @@ class Runs:
 
     def __init__(self, runs_dir: Path, base_fields: dict, settings: dict, parallel: int, log, deadline=None) -> None:
         self.runs_dir, self.base_fields, self.settings, self.log = runs_dir, base_fields, settings, log
-        self.vocab_size = int(TokenData.open(base_fields["data_dir"]).meta["vocab_size"])
         self.pool = ThreadPoolExecutor(max_workers=parallel)
         self.threads = max(1, torch.get_num_threads() // parallel)
         self.deadline = deadline  # time.monotonic() past which no run starts and running ones checkpoint and stop
         self.missing: list[str] = []  # runs this call did not finish (out of time), for the report
+        self.durations: list[float] = []  # wall seconds of the runs this call trained
 
-    def out_of_time(self) -> bool:
-        return self.deadline is not None and time.monotonic() > self.deadline
+    def out_of_time(self, expected: float = 0.0) -> bool:
+        """Past the deadline, or (``expected`` seconds of work) would be: a run is not started that the
+        budget cannot finish, judged by the median wall time of the runs this call has trained."""
+        return self.deadline is not None and time.monotonic() + expected > self.deadline
 
     def run(self, name: str, seed: int, fields: dict[str, Any], settings: dict | None = None) -> dict | None:
         """The run's result, or None when the time budget ran out before it finished (it resumes next call)."""
@@ -182,12 +184,13 @@ class Runs:
                 raise GPT2LabError(f"{run_dir} holds a run of other settings; remove it or use a new --out")
             self.log(f"[study] {run_dir.name}: done earlier, kept")
             return result
-        if self.out_of_time():
+        if self.out_of_time(statistics.median(self.durations) if self.durations else 0.0):
             self.missing.append(run_dir.name)
             return None
         self.log(f"[study] {run_dir.name}: training")
+        start = time.monotonic()
         try:
-            return run_isolated(
+            result = run_isolated(
                 train_and_measure,
                 train_fields,
                 settings or self.settings,
@@ -195,6 +198,8 @@ class Runs:
                 threads=self.threads,
                 deadline=self.deadline,
             )
+            self.durations.append(time.monotonic() - start)
+            return result
         except OutOfTime:
             self.log(f"[study] {run_dir.name}: out of time, stopped at a checkpoint (the next call resumes it)")
             self.missing.append(run_dir.name)

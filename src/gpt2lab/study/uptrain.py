@@ -17,6 +17,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
+from gpt2lab.data.tokens import TokenData
 from gpt2lab.eval.loss import evaluate
 from gpt2lab.loading import load_model
 from gpt2lab.study.continuation import continuation_fields
@@ -64,7 +65,8 @@ def run_uptraining(suite, runs: Runs, base_losses: dict[int, float], context: in
     the uptraining steps it matches (it trains the baseline's max_iters + steps)."""
     up = {**DEFAULTS, **suite.uptrain}
     total = int(suite.train["max_iters"])
-    config = suite.variant_config(suite.variants[0], runs.vocab_size)
+    vocab_size = int(TokenData.open(runs.base_fields["data_dir"]).meta["vocab_size"])
+    config = suite.variant_config(suite.variants[0], vocab_size)
     base_dirs = {seed: str(runs.runs_dir / f"baseline-s{seed}") for seed in suite.seeds}
     data_dir, max_tokens = runs.base_fields["data_dir"], suite.eval["max_tokens"]
     plan = _plan(up, total)
