@@ -105,20 +105,31 @@ def cost_section(out: Path, suite: Suite, rows: list[dict[str, str]], context: i
 
 def can_and_cannot(out: Path, suite: Suite, context: int) -> list[str]:
     n = len(suite.seeds)
+    rows = read_csv(out / "results.csv")
+    refs = {r["model"]: float(r["val_loss"]) for r in read_csv(out / "references.csv")}
+    beats = float(rows[0]["val_loss"]) < min(refs.values())
+    quality = (
+        "- The reference beats every count model, so differences are about models that have learned more than "
+        "n-gram statistics; they are still differences at this budget, not at convergence."
+        if beats
+        else "- The reference does not beat the best count model (first paragraph): every difference here is "
+        "convergence speed at this budget, not final quality; a variant that is behind may catch up."
+    )
     return [
         "## What this study can and cannot show",
         "",
         f"- It can show differences larger than its detection limits between small models ({suite.model}) "
-        f"trained briefly on one corpus with {n} seeds each; it cannot rank variants whose intervals include "
-        "zero, and a difference it does not detect may still exist.",
+        f"trained briefly on one corpus with {n} seeds each, after Holm's correction across the comparisons; it "
+        "cannot rank variants whose intervals include zero, and a difference it does not detect may still exist.",
+        quality,
         "- It measures the variants at one small scale and one budget. Published claims (RoFormer, GQA, "
         "Longformer, Mistral) concern models and budgets orders of magnitude larger; agreement or disagreement "
         "here is evidence about this regime only.",
-        "- The receptive-field probe shows what each shape can learn on a synthetic task; it cannot say "
-        "whether natural text at this context needs that reach.",
+        "- A window can only matter where its reach is below what the models use (the effective context); the "
+        "receptive-field probe shows what each shape can learn on a synthetic task, not what text needs.",
         f"- Extrapolation covers 4x the trained context ({4 * context} tokens) on held-out Shakespeare only.",
-        "- Speeds come from CPU benchmarks on a shared machine; accelerators change absolute figures and "
-        "possibly the ranking of kernels.",
+        "- Step times and memory are measured on the machine that ran the study, possibly shared: compare them "
+        "within this report; accelerators change absolute figures and possibly the ranking of kernels.",
         "",
     ]
 

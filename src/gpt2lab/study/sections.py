@@ -65,7 +65,8 @@ def context_use_section(out: Path, rows: list[dict[str, str]]) -> list[str]:
     intro = (
         "Loss when the model may read only the last c tokens, minus its loss with the full context, on the same "
         "sampled held-out targets (each with a full context behind it), mean over seeds. The effective context "
-        "is the smallest measured c from which on every cut costs less than 0.01 nats (mean over seeds): "
+        "is the smallest measured c from which every longer cut costs less than 0.01 nats (each run's, mean over "
+        "seeds): "
         f"{effective}. A window whose reach is below the reference's effective context binds what the "
         "reference uses; one above it does not."
     )
@@ -154,12 +155,17 @@ def uptrain_section(out: Path, suite: Suite) -> list[str]:
         f"Each seed's baseline (trained {total} steps) is converted to fewer K/V heads (mean of each group, or "
         "its first head) and trained on from its final training state: weights, AdamW moments (the pooled K/V "
         "heads' moments pooled the same way as their weights), step count and data order, with the learning "
-        f"rate held at the schedule's final {suite.train.get('min_lr')} (no re-warm-up). Δ is taken seed by seed "
+        f"rate held at the schedule's final min_lr{_value(suite.train.get('min_lr'))} (no re-warm-up). "
+        "Δ is taken seed by seed "
         "against (a) the unconverted baseline continued the same way (continued MHA) and (b) the converted "
         f"shape trained from scratch for the same total steps ({total} + the uptraining's)."
     ) + _control_jolt(read_csv(out / "uptrain.csv"), suite)
     lines = table(["init", "K/V heads", "uptraining", "versus", "val loss", *PAIRED_HEADER], body)
     return figure_section("Uptraining", intro, lines, "uptrain.png", "uptraining")
+
+
+def _value(value) -> str:
+    return "" if value is None else f" = {value}"
 
 
 def _control_jolt(rows: list[dict[str, str]], suite: Suite) -> str:
