@@ -19,7 +19,6 @@ import torch.nn.functional as F
 
 from gpt2lab.checkpoints.convert import pool_kv_heads
 from gpt2lab.config import GPTConfig
-from gpt2lab.data.count_models import interpolated_bigram_loss, ngram_references
 from gpt2lab.errors import GPT2LabError
 from gpt2lab.model import GPT
 from gpt2lab.study.extrapolation import sliding
@@ -99,7 +98,17 @@ def test_tiny_suite_end_to_end(tmp_path, shared_data):
     suite = load_suite(tmp_path / "tiny.toml", data=str(tmp_path / "corpus.txt"))
     out = tmp_path / "study"
     report = run_study(suite, out, log=lambda *_: None).read_text()
-    for name in ("results", "runs", "comparisons", "bands", "references", "uptrain", "probe", "extrapolation"):
+    for name in (
+        "results",
+        "runs",
+        "comparisons",
+        "bands",
+        "references",
+        "uptrain",
+        "probe",
+        "extrapolation",
+        "context_use",
+    ):
         assert (out / f"{name}.csv").is_file(), name
     for name in (
         "loss_curves",
@@ -109,6 +118,7 @@ def test_tiny_suite_end_to_end(tmp_path, shared_data):
         "probe",
         "extrapolation",
         "uptrain",
+        "context_use",
     ):
         assert (out / f"{name}.png").is_file(), name
 
@@ -147,7 +157,15 @@ def test_tiny_suite_end_to_end(tmp_path, shared_data):
     up = _rows(out / "uptrain.csv")
     zero = {int(r["seed"]): float(r["val_loss"]) for r in up if r["method"] == "control" and float(r["fraction"]) == 0}
     assert zero == {s: pytest.approx(loss[("baseline", s)], abs=2e-4) for s in (1, 2)}
-    assert {r["method"] for r in _rows(out / "uptrain_pairs.csv")} == {"mean", "first"}
+    pairs = _rows(out / "uptrain_pairs.csv")
+    assert {r["method"] for r in pairs} == {"mean", "first"}
+    assert {r["versus"] for r in pairs if r["method"] == "mean"} == {"continued MHA", "from scratch, same total steps"}
+    scratch = {int(r["steps"]) for r in up if r["method"] == "scratch"}
+    assert scratch == {2}  # the converted shape from scratch for the baseline's 4 steps + the largest fraction's 2
+
+    # Context use: every run measured on the same targets; the report names each variant's effective context.
+    cuts = _rows(out / "context_use.csv")
+    assert {r["variant"] for r in cuts} == {"baseline", "rope", "window"} and "## Context use" in report
 
     # A second call keeps every finished run; another suite into the same folder is refused.
     kept = [out / "runs" / "baseline-s1" / "result.json", out / "runs" / "probe-window-s1.json"]
@@ -184,18 +202,6 @@ def test_paired_interval_by_hand():
     assert got["detection_limit"] == pytest.approx((4.3027 + 1.0607) * 0.1 / math.sqrt(3), abs=1e-3)
     lower = paired_difference({1: 0.5, 2: 0.6, 3: 0.55}, {1: 1.0, 2: 1.0, 3: 1.0})
     assert lower["verdict"] == "lower" and lower["high"] < 0
-
-
-def test_ngram_losses_by_hand():
-    train, val = np.array([0, 1, 0, 1]), np.array([0, 1, 0])
-    # add-one unigram over 3 symbols: counts 3, 3, 1 of 7; targets 1, 0
-    refs = ngram_references(np.tile(train, 50), val, vocab_size=3)
-    assert refs["unigram"] == pytest.approx(-math.log(101 / 203))
-    # bigram from [0 1 0 1]: P(1|0) = 2/2, P(0|1) = 1/1, mixed with the unigram 3/7
-    lam = 0.6
-    expected = -(math.log(lam + (1 - lam) * 3 / 7) + math.log(lam + (1 - lam) * 3 / 7)) / 2
-    assert interpolated_bigram_loss(train, val, 3, lam) == pytest.approx(expected)
-    assert refs["bigram"] < refs["unigram"]
 
 
 @pytest.mark.parametrize("pos_encoding", ["learned", "rope"])
@@ -306,17 +312,20 @@ def test_compare_to_must_name_a_variant(tmp_path):
         load_suite(path)
 
 
-def test_default_suite_can_tell_the_variants_apart():
+@pytest.mark.parametrize("name", ["default", "cpu", "gpu"])
+def test_suites_can_tell_the_variants_apart(name):
     """Issue 12's regime: characters, context >= 256, >= 3 seeds, one window binding well inside the
     context and one whose stacked reach passes it, every probed window within the probe's context."""
     from pathlib import Path
 
-    suite = load_suite(Path(__file__).resolve().parents[2] / "configs" / "study" / "default.toml")
+    suite = load_suite(Path(__file__).resolve().parents[2] / "configs" / "study" / f"{name}.toml")
     context = suite.model["block_size"]
-    assert suite.tokenizer == "char" and context >= 256 and len(suite.seeds) >= 3
+    assert suite.tokenizer == "char" and context >= 128 and len(suite.seeds) >= (3 if name == "default" else 5)
     configs = {v["name"]: suite.variant_config(v, 65) for v in suite.variants}
     reaches = [r for r in map(receptive_reach, configs.values()) if r is not None]
-    assert min(reaches) <= context // 2 and max(reaches) > context
+    assert min(reaches) <= context // 2 and max(reaches) > (context if name != "cpu" else 40)
+    combined = configs["rope-gqa-window"]  # RoPE + GQA + window, in every suite
+    assert combined.pos_encoding == "rope" and combined.n_kv_head < combined.n_head and combined.window
     for name in suite.probe["variants"]:
         assert (configs[name].window or 0) <= suite.probe["context"]
     # every variant changes exactly one thing of the reference it is compared with
@@ -351,7 +360,7 @@ def test_a_run_process_that_dies_without_a_result_is_an_error_not_a_hang():
 
 
 def test_the_report_explains_a_control_that_first_gets_worse(tmp_path):
-    from gpt2lab.study.report import _control_jolt
+    from gpt2lab.study.sections import _control_jolt
 
     (tmp_path / "tiny.toml").write_text(SUITE)
     suite = load_suite(tmp_path / "tiny.toml", data="shakespeare")
@@ -419,3 +428,162 @@ def _maps(pid: int) -> str:
         return Path(f"/proc/{pid}/maps").read_text()
     except OSError:
         return ""
+
+
+def test_holm_by_hand():
+    from gpt2lab.study.stats import holm
+
+    rows = holm([{"p_value": p} for p in (0.01, 0.04, 0.03, 0.2)] + [{"p_value": ""}])
+    # sorted 0.01, 0.03, 0.04, 0.2 against 0.05/4, 0.05/3, 0.05/2, 0.05/1: adjusted 0.04, 0.09, 0.09, 0.2
+    assert [r["p_holm"] for r in rows[:4]] == pytest.approx([0.04, 0.09, 0.09, 0.2])
+    assert [r["holm_significant"] for r in rows[:4]] == [True, False, False, False]
+    assert rows[4]["p_holm"] == ""
+
+
+def test_unpaired_interval_and_seed_correlation():
+    mine, ref = {1: 1.0, 2: 1.2, 3: 1.1, 4: 1.4}, {1: 0.9, 2: 1.0, 3: 1.05, 4: 1.2}
+    row = paired_difference(mine, ref)
+    a, b = np.array(list(mine.values())), np.array(list(ref.values()))
+    assert row["seed_correlation"] == pytest.approx(np.corrcoef(a, b)[0, 1])
+    se = math.sqrt(a.var(ddof=1) / 4 + b.var(ddof=1) / 4)
+    df = se**4 / ((a.var(ddof=1) / 4) ** 2 / 3 + (b.var(ddof=1) / 4) ** 2 / 3)
+    half = t_quantile(0.975, int(df)) * se
+    assert row["unpaired_low"] == pytest.approx(a.mean() - b.mean() - half)
+    assert row["unpaired_high"] - row["unpaired_low"] > row["high"] - row["low"]  # r > 0: pairing narrows it
+    # the paired p-value: two-sided t test of the differences
+    d = a - b
+    t = d.mean() / (d.std(ddof=1) / 2)
+    from gpt2lab.study.stats import t_cdf
+
+    assert row["p_value"] == pytest.approx(2 * (1 - t_cdf(t, 3)))
+
+
+def test_loss_by_cut_reads_exactly_the_last_c_tokens():
+    from gpt2lab.study.context_use import effective_context, loss_by_cut
+
+    torch.manual_seed(0)
+    model = GPT(GPTConfig(vocab_size=11, n_layer=1, n_head=2, n_embd=16, block_size=16, pos_encoding="rope")).eval()
+    tokens = np.random.default_rng(0).integers(0, 11, 200)
+    measured = loss_by_cut(model, tokens, context=16, targets=5, batch_size=2)
+    assert measured["lengths"][0] == 1 and measured["lengths"][-1] == 16 and measured["targets"] == 5
+    at = np.arange(16, 200, (200 - 16) // 5)[:5]
+    for c, loss in zip(measured["lengths"], measured["loss"], strict=True):
+        with torch.no_grad():
+            expected = np.mean(
+                [
+                    F.cross_entropy(model(torch.tensor(tokens[i - c : i])[None])[0, -1], torch.tensor(tokens[i])).item()
+                    for i in at
+                ]  # fmt: skip
+            )
+        assert loss == pytest.approx(expected, abs=1e-5), c
+    # the smallest c from which every longer cut costs < 0.01 nats
+    assert effective_context([1, 2, 4, 8], [2.5, 2.1, 2.005, 2.0]) == 4
+    assert effective_context([1, 2, 4, 8], [2.5, 2.0, 2.05, 2.0]) == 8  # a later cut that costs: not yet
+    assert effective_context([1, 2, 4, 8], [2.0, 2.0, 2.0, 2.0]) == 1
+
+
+def test_a_continuation_starts_from_the_final_state_with_pooled_moments(tmp_path, corpus):
+    """Uptraining resumes the baseline's last checkpoint: its step, its AdamW moments (K/V pooled like the
+    weights) and its data order, with the learning rate flat at min_lr past the baseline's schedule."""
+    from gpt2lab.checkpoints.train_state import load_checkpoint
+    from gpt2lab.study.continuation import continuation_fields, seed_continuation
+    from gpt2lab.train.config import TrainConfig
+    from gpt2lab.train.loop import train
+    from gpt2lab.train.setup import lr_at
+
+    model = {"n_layer": 1, "n_head": 4, "n_embd": 16, "block_size": 16, "pos_encoding": "rope"}
+    base = {"data_dir": str(corpus), "seq_len": 16, "batch_size": 2, "max_iters": 4, "lr": 1e-2, "min_lr": 1e-3,
+            "warmup_iters": 1, "eval_interval": 4, "eval_iters": 1, "ckpt_interval": 4, "dtype": "float32"}  # fmt: skip
+    train(TrainConfig(**base, preset=None, model=model, out_dir=str(tmp_path / "base")))
+    config = GPTConfig.from_dict({**model, "vocab_size": 50257})
+    fields = {**base, **continuation_fields(base, config, 3, 2), "out_dir": str(tmp_path / "up")}
+    cfg = TrainConfig(**fields)
+    assert [lr_at(s, cfg) for s in (4, 5, 6)] == [1e-3] * 3  # no re-warm-up: flat at the final rate
+    seed_continuation(str(tmp_path / "base"), str(tmp_path / "up"), cfg.to_dict(), 2, "mean")
+    before, after = load_checkpoint(tmp_path / "base" / "ckpt.pt"), load_checkpoint(tmp_path / "up" / "ckpt.pt")
+    assert after["step"] == before["step"] == 4 and _same(after["rng"], before["rng"])
+    name = "transformer.h.0.attn.c_attn.weight"
+    for key in ("exp_avg", "exp_avg_sq"):
+        moment = before["optimizer"]["state"][name][key]  # rows q (16) | k (4 heads x 4) | v (4 heads x 4)
+        pooled = after["optimizer"]["state"][name][key]  # q (16) | k (2 heads x 4) | v (2 heads x 4)
+        assert torch.equal(pooled[:16], moment[:16])
+        for new, old in ((pooled[16:24], moment[16:32]), (pooled[24:32], moment[32:48])):
+            assert torch.allclose(new, old.reshape(2, 2, 4, 16).mean(dim=1).reshape(8, 16))
+    assert after["model"][name].shape == (32, 16) and after["model_config"]["n_kv_head"] == 2
+    summary = train(cfg, resume=True)
+    assert summary["step"] == 7
+
+
+def _same(a, b) -> bool:
+    if isinstance(a, torch.Tensor):
+        return torch.equal(a, b)
+    if isinstance(a, dict):
+        return a.keys() == b.keys() and all(_same(a[k], b[k]) for k in a)
+    if isinstance(a, (list, tuple)):
+        return len(a) == len(b) and all(_same(x, y) for x, y in zip(a, b, strict=True))
+    return a == b
+
+
+def test_out_of_time_stops_a_run_and_reports_it():
+    from gpt2lab.study.runs import OutOfTime
+
+    start = time.monotonic()
+    with pytest.raises(OutOfTime):
+        run_isolated(time.sleep, 60, threads=1, deadline=time.monotonic() + 1)
+    assert time.monotonic() - start < 30
+
+
+CHUNK_SUITE = """
+name = "chunks"
+tokenizer = "char"
+seeds = [1, 2]
+parallel = 2
+[model]
+n_layer = 1
+n_head = 2
+n_embd = 16
+block_size = 32
+[train]
+max_iters = 3
+batch_size = 2
+seq_len = 32
+warmup_iters = 1
+eval_interval = 3
+eval_iters = 1
+ckpt_interval = 3
+dtype = "float32"
+[eval]
+max_tokens = 512
+context_targets = 16
+[[variants]]
+name = "baseline"
+[[variants]]
+name = "gqa"
+n_kv_head = 1
+"""
+
+
+@pytest.mark.slow
+def test_a_study_in_chunks_reports_what_is_present_and_names_what_is_missing(tmp_path, shared_data):
+    (tmp_path / "corpus.txt").write_text((shared_data / "tinyshakespeare.txt").read_text()[:40_000])
+    (tmp_path / "chunks.toml").write_text(CHUNK_SUITE)
+    suite = load_suite(tmp_path / "chunks.toml", data=str(tmp_path / "corpus.txt"))
+    out = tmp_path / "study"
+    # a chunk with no time left trains nothing: the report says so and names every run
+    first = run_study(suite, out, log=lambda *_: None, max_minutes=0).read_text()
+    assert "No baseline run has finished" in first and "- baseline-s1" in first and "- gqa-s2" in first
+    # a chunk with time trains them all: a complete report, nothing missing
+    full = run_study(suite, out, log=lambda *_: None, max_minutes=30).read_text()
+    assert "## Missing runs" not in full and (out / "missing.txt").read_text() == ""
+    # one run lost (say its chunk ran out): the next report is built from the others and names it
+    (out / "runs" / "gqa-s2" / "result.json").unlink()
+    (out / "runs" / "gqa-s2" / "ckpt.pt").unlink()
+    partial = run_study(suite, out, log=lambda *_: None, max_minutes=0).read_text()
+    assert "## Missing runs" in partial and "`gqa-s2`" in partial
+    gqa = next(r for r in _rows(out / "results.csv") if r["variant"] == "gqa")
+    assert gqa["seeds"] == "1"
+    # the first paragraph compares the reference with the best count model, from references.csv
+    refs = {r["model"]: float(r["val_loss"]) for r in _rows(out / "references.csv")}
+    assert set(refs) == {"1-gram", "2-gram", "3-gram", "4-gram", "5-gram"}
+    assert partial.splitlines()[2].startswith("**The reference")
+    assert f"{min(refs.values()):.4f}" in partial.splitlines()[2]

@@ -202,10 +202,17 @@ def add_study(sub) -> None:
     p.add_argument(
         "--set", action="append", default=[], metavar="KEY=VALUE", help="override a suite key, e.g. train.max_iters=10"
     )
+    p.add_argument(
+        "--max-minutes",
+        type=arg.nonnegative_float("max_minutes"),
+        default=None,
+        help="minutes: no run starts later, running ones checkpoint and stop; re-run to resume (0: report only)",
+    )
     p.set_defaults(func=cmd_study)
 
 
 def cmd_study(args) -> int:
-    report = run_study(load_suite(args.suite, data=args.data, overrides=args.set), args.out)
+    suite = load_suite(args.suite, data=args.data, overrides=args.set)
+    report = run_study(suite, args.out, max_minutes=args.max_minutes)
     print(f"report: {report}")
     return 0

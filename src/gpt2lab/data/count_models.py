@@ -7,8 +7,19 @@ nothing but token frequencies; one that beats the bigram's uses more than one to
 Both are estimated from the train split's counts with add-one (Laplace) smoothing, so that every
 token of the vocabulary has a probability and an unseen validation token costs a finite loss. Both
 score the targets ``tokens[1:]`` of a validation stream (the first token has nothing before it), in
-mean nats per token, like a model's loss on the same stream. The study's reference line is the
-interpolated bigram (:func:`ngram_references`), a stronger baseline than add-one smoothing.
+mean nats per token, like a model's loss on the same stream.
+
+The study's references are stronger: interpolated Witten-Bell n-gram models for n = 1..5
+(:class:`WittenBell`, :func:`ngram_references`), scored window by window exactly as the study scores a
+GPT, so a target at window position p uses at most the p + 1 tokens of its window before it.
+Witten-Bell (Witten & Bell 1991; the interpolated form as in Chen & Goodman 1998) needs no tuned
+discount: for a history h of length k,
+
+    P_k(w | h) = (c(h w) + N1+(h ·) P_{k-1}(w | h')) / (c(h ·) + N1+(h ·)),
+
+h' = h without its oldest token, c(h ·) = sum over w of c(h w), N1+(h ·) = the number of distinct w
+seen after h; a history never seen in training backs off entirely, P_k = P_{k-1}; the recursion ends
+in the uniform 1 / vocab_size, so every token has a probability.
 """
 
 from __future__ import annotations
@@ -44,25 +55,88 @@ def bigram_loss(train: np.ndarray, tokens: np.ndarray, vocab_size: int) -> float
     return float(-(np.log(seen + 1.0) - np.log(context + vocab_size)).mean())
 
 
-def interpolated_bigram_loss(train: np.ndarray, tokens: np.ndarray, vocab_size: int, weight: float) -> float:
-    """Mean -log p(b | a), p = weight * count(a b) / count(a ·) + (1 - weight) * add-one unigram p(b):
-    the bigram where its counts speak, the unigram where they are thin or absent."""
-    train, tokens = np.asarray(train, dtype=np.int64), np.asarray(tokens, dtype=np.int64)
-    unigram = (np.bincount(train, minlength=vocab_size) + 1.0) / (len(train) + vocab_size)
-    seen, context = _pair_and_context_counts(train, tokens, vocab_size)
-    bigram = np.divide(seen, context, out=np.zeros(len(seen)), where=context > 0)
-    return float(-np.log(weight * bigram + (1 - weight) * unigram[tokens[1:]]).mean())
+def ngram_references(train: np.ndarray, val: np.ndarray, vocab_size: int, context: int, max_order: int = 5):
+    """The study's reference lines: Witten-Bell n-gram losses, n = 1..max_order, counted on ``train`` and
+    scored on the study's evaluation tokens ``val`` in its windows of ``context`` (see
+    :func:`windowed_ngram_losses`); nothing is tuned on the validation split (Witten-Bell has no parameter)."""
+    return windowed_ngram_losses(train, val, vocab_size, context, max_order)
 
 
-def ngram_references(train: np.ndarray, val: np.ndarray, vocab_size: int) -> dict[str, float]:
-    """Validation loss (nats/token) of the unigram and of the interpolated bigram, whose weight is chosen
-    on the last 10% of the training tokens (counted from the first 90%), never on the validation split."""
-    train, val = np.asarray(train, dtype=np.int64), np.asarray(val, dtype=np.int64)
-    cut = int(len(train) * 0.9)
-    weights = np.linspace(0.05, 0.95, 19)
-    best = float(min(weights, key=lambda w: interpolated_bigram_loss(train[:cut], train[cut:], vocab_size, w)))
-    return {
-        "unigram": unigram_loss(train, val, vocab_size),
-        "bigram": interpolated_bigram_loss(train, val, vocab_size, best),
-        "bigram_weight": best,
-    }
+class WittenBell:
+    """Interpolated Witten-Bell n-gram counts of ``train`` up to order ``order``.
+
+    N-grams are numbered order by order without ever forming a vocab_size ** n key: the j-gram ending at
+    position i is the rank of ``id(j-1-gram ending at i-1) * vocab_size + token[i]`` among the distinct
+    such keys of the train split, which fits in int64 for any vocabulary the study uses.
+    """
+
+    def __init__(self, train: np.ndarray, vocab_size: int, order: int = 5) -> None:
+        self.vocab_size, self.order = vocab_size, order
+        train = np.asarray(train, dtype=np.int64)
+        self.keys: list[np.ndarray] = [np.arange(vocab_size, dtype=np.int64)]  # unigram ids are the tokens
+        self.counts: list[np.ndarray] = [np.bincount(train, minlength=vocab_size)]
+        ids = train  # ids[i]: the j-gram ending at train position i + j - 1
+        for _ in range(1, order):
+            keys, inverse, counts = np.unique(ids[:-1] * vocab_size + train[len(train) - len(ids) + 1 :],
+                                              return_inverse=True, return_counts=True)  # fmt: skip
+            self.keys.append(keys)
+            self.counts.append(counts)
+            ids = inverse.astype(np.int64)
+        # per history (a (j-1)-gram id): c(h .) and N1+(h .), from the j-grams that extend it
+        self.history_total = [np.array([len(train)])] + [
+            np.bincount(k // vocab_size, weights=c, minlength=len(prev)) for k, c, prev in
+            zip(self.keys[1:], self.counts[1:], self.keys[:-1], strict=True)
+        ]  # fmt: skip
+        self.history_types = [np.array([np.count_nonzero(self.counts[0])])] + [
+            np.bincount(k // vocab_size, minlength=len(prev))
+            for k, prev in zip(self.keys[1:], self.keys[:-1], strict=True)
+        ]
+
+    def _lookup(self, tokens: np.ndarray) -> list[np.ndarray]:
+        """ids[j-1][i]: the train id of the j-gram of ``tokens`` ending at i, -1 if unseen (or too early)."""
+        ids = [tokens.copy()]
+        for j in range(1, self.order):
+            prev = np.concatenate([[-1], ids[-1][:-1]])  # the (j)-gram ending one token earlier
+            wanted = np.where(prev >= 0, prev * self.vocab_size + tokens, -1)
+            at = np.minimum(np.searchsorted(self.keys[j], wanted), len(self.keys[j]) - 1)
+            ids.append(np.where((wanted >= 0) & (self.keys[j][at] == wanted), at, -1))
+        return ids
+
+    def probabilities(self, tokens: np.ndarray) -> np.ndarray:
+        """P_k(tokens[i] | the k tokens before it) for k = 0..order-1: shape (order, len(tokens)).
+        Row k at positions i < k uses a history that reaches before the stream: it is not meaningful."""
+        tokens = np.asarray(tokens, dtype=np.int64)
+        ids = self._lookup(tokens)
+        prob = np.full(len(tokens), 1.0 / self.vocab_size)
+        rows = []
+        for k in range(self.order):  # history length k
+            if k == 0:
+                history = np.zeros(len(tokens), dtype=np.int64)
+            else:
+                history = np.concatenate([[-1], ids[k - 1][:-1]])
+            known = history >= 0
+            safe = np.where(known, history, 0)
+            total, types = self.history_total[k][safe], self.history_types[k][safe]
+            seen = np.where(ids[k] >= 0, self.counts[k][np.maximum(ids[k], 0)], 0)
+            mixed = (seen + types * prob) / np.maximum(total + types, 1)
+            prob = np.where(known & (total > 0), mixed, prob)
+            rows.append(prob)
+        return np.stack(rows)
+
+
+def windowed_ngram_losses(train: np.ndarray, tokens: np.ndarray, vocab_size: int, context: int,
+                          max_order: int = 5) -> dict[str, float]:  # fmt: skip
+    """Mean loss (nats/token) of the n-gram models n = 1..max_order on ``tokens`` scored as the study
+    scores a GPT: non-overlapping windows of ``context`` targets, ``tokens[r*context + p + 1]`` predicted
+    at window position p from at most the p + 1 window tokens before it (so the n-gram's history is cut
+    at the window's start, like the GPT's)."""
+    tokens = np.asarray(tokens, dtype=np.int64)
+    n_windows = (len(tokens) - 1) // context
+    targets = np.arange(1, n_windows * context + 1)
+    position = (targets - 1) % context
+    probs = WittenBell(train, vocab_size, max_order).probabilities(tokens[: n_windows * context + 1])
+    out = {}
+    for n in range(1, max_order + 1):
+        history = np.minimum(n - 1, position + 1)  # history length the window allows
+        out[f"{n}-gram"] = float(-np.log(probs[history, targets]).mean())
+    return out

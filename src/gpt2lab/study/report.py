@@ -9,7 +9,17 @@ import statistics
 from pathlib import Path
 
 from gpt2lab.files import write_text
-from gpt2lab.study.probe import KEYS
+from gpt2lab.study.sections import (
+    PAIRED_HEADER,
+    comparison_cells,
+    context_use_section,
+    extrapolation_section,
+    holm_cells,
+    num,
+    probe_section,
+    table,
+    uptrain_section,
+)
 from gpt2lab.study.suite import VARIANT_KEYS, Suite, read_csv
 
 RESULT_COLUMNS = [  # (results.csv column, title, format)
@@ -20,40 +30,17 @@ RESULT_COLUMNS = [  # (results.csv column, title, format)
     ("reach", "reach", "{:.0f}"),
     ("params", "params", "{:,.0f}"),
     ("kv_kib_at_ctx", "KV KiB @ctx", "{:,.0f}"),
-    ("train_tok_s", "train tok/s", "{:,.0f}"),
+    ("flops_per_token", "fwd FLOPs/token", "{:,.0f}"),
+    ("step_ms", "ms/step", "{:,.1f}"),
+    ("peak_mib", "peak MiB", "{:,.0f}"),
+    ("effective_context", "effective context", "{:.0f}"),
     ("val_loss", "val loss", "{:.4f}"),
     ("val_loss_sd", "± sd", "{:.4f}"),
     ("loss_first", "loss, first positions", "{:.3f}"),
     ("loss_late", "loss, second half", "{:.3f}"),
 ]
 
-_PAIRED_HEADER = ["Δ loss (mean)", "95% interval", "detection limit", "verdict"]
-
-
-def num(value: str, pattern: str = "{:.3f}") -> str:
-    """A CSV cell as the report prints it (blank cells print as 'n/a', words as they are)."""
-    if value == "":
-        return "n/a"
-    try:
-        return pattern.format(float(value))
-    except ValueError:
-        return value
-
-
-def table(header: list[str], rows: list[list[str]]) -> list[str]:
-    return ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"] + [
-        "| " + " | ".join(r) + " |" for r in rows
-    ]
-
-
-def figure_section(title: str, intro: str, table_lines: list[str], figure: str, alt: str) -> list[str]:
-    """A report section laid out as each of them is: heading, what was measured, the table, the figure."""
-    return [f"## {title}", "", intro, "", *table_lines, "", f"![{alt}]({figure})", ""]
-
-
-def comparison_cells(row: dict[str, str]) -> list[str]:
-    interval = "n/a" if row["low"] == "" else f"[{num(row['low'], '{:+.4f}')}, {num(row['high'], '{:+.4f}')}]"
-    return [num(row["mean_diff"], "{:+.4f}"), interval, num(row["detection_limit"], "{:.4f}"), row["verdict"]]
+HOLM_HEADER = ["unpaired 95% interval", "seed correlation r", "p (paired t)", "p, Holm", "significant after Holm"]
 
 
 def comparisons_section(out: Path, suite: Suite) -> list[str]:
@@ -73,9 +60,13 @@ def comparisons_section(out: Path, suite: Suite) -> list[str]:
         "can exist unseen.",
         "",
         *table(
-            ["variant", "reference", *_PAIRED_HEADER],
-            [[r["variant"], r["reference"], *comparison_cells(r)] for r in rows],
+            ["variant", "reference", *PAIRED_HEADER, *HOLM_HEADER],
+            [[r["variant"], r["reference"], *comparison_cells(r), *holm_cells(r)] for r in rows],
         ),
+        "",
+        f"Holm's step-down correction is applied across these {len(rows)} comparisons (family-wise error 5 %); "
+        "only the last column's 'True' survive it. The unpaired interval ignores the seed matching; pairing "
+        "narrows the interval only where r > 0.",
         "",
     ]
     if limits:
@@ -85,111 +76,6 @@ def comparisons_section(out: Path, suite: Suite) -> list[str]:
             "",
         ]
     return text + ["![paired differences](comparisons.png) ![quality vs KV cache](quality_vs_kv.png)", ""]
-
-
-def probe_section(out: Path) -> list[str]:
-    path = out / "probe.csv"
-    if not path.is_file():
-        return []
-    rows = read_csv(path)
-
-    def mean_acc(variant: str, distance: int) -> str:
-        got = [float(r["accuracy"]) for r in rows if r["variant"] == variant and int(r["distance"]) == distance]
-        return f"{statistics.fmean(got):.2f}" if got else "n/a"
-
-    body = []
-    for name in dict.fromkeys(r["variant"] for r in rows):
-        mine = [r for r in rows if r["variant"] == name]
-        reach = mine[0]["reach"]
-        visible_ok = all((r["key_visible"] == "True") == (r["within_reach"] == "True") for r in mine)
-        distances = sorted({int(r["distance"]) for r in mine})
-        at = [d for d in distances if reach == "full" or d <= int(reach)]
-        past = [d for d in distances if reach != "full" and d > int(reach)]
-        body.append(
-            [
-                name,
-                reach,
-                f"{mean_acc(name, at[-1])} (d={at[-1]})" if at else "n/a",
-                f"{mean_acc(name, past[0])} (d={past[0]})" if past else "n/a",
-                "yes" if visible_ok else "NO",
-            ]
-        )
-    header = [
-        "variant",
-        "reach",
-        "accuracy at the furthest d within reach",
-        "just beyond reach",
-        "key visible ⇔ d ≤ reach",
-    ]
-    intro = (
-        "Each variant's shape is trained from scratch on a passkey task: one key symbol at distance d before a "
-        f"query marker, filler elsewhere; chance is 1/{KEYS}. The last column checks the window convention exactly "
-        "on the trained model: changing the key changes the answer's logits if and only if d ≤ reach."
-    )
-    return figure_section("Receptive-field probe", intro, table(header, body), "probe.png", "receptive-field probe")
-
-
-def extrapolation_section(out: Path, context: int) -> list[str]:
-    path = out / "extrapolation.csv"
-    if not path.is_file():
-        return []
-    rows = read_csv(path)
-    bands = list(dict.fromkeys(r["band"] for r in rows))
-    cells = {(r["variant"], r["method"], r["band"]): r["loss"] for r in rows}
-    keys = list(dict.fromkeys((r["variant"], r["method"]) for r in rows))
-    body = [[v, m, *[num(cells.get((v, m, b), "")) for b in bands]] for v, m in keys]
-    intro = (
-        f"The same held-out tokens scored in windows of 1x, 2x and 4x the trained context ({context}); "
-        "learned positions only at 1x and, as comparator, with a sliding context (each token sees at most "
-        f"{context} before it). Mean loss (nats/token) over bands of positions in the window:"
-    )
-    lines = table(["variant", "method", *[f"positions {b}" for b in bands]], body)
-    return figure_section("Length extrapolation", intro, lines, "extrapolation.png", "length extrapolation")
-
-
-def uptrain_section(out: Path, suite: Suite) -> list[str]:
-    path = out / "uptrain_pairs.csv"
-    if not path.is_file():
-        return []
-    rows = read_csv(path)
-    total = int(suite.train["max_iters"])
-    body = [
-        [
-            f"{r['method']}-init",
-            r["n_kv_head"],
-            f"{float(r['fraction']):.1%} ({r['steps']} steps)",
-            num(r["val_loss"], "{:.4f}"),
-            *comparison_cells(r),
-        ]  # fmt: skip
-        for r in rows
-    ]
-    intro = (
-        f"Each seed's baseline (trained {total} steps) is converted to fewer K/V heads (mean of each group, or "
-        "its first head) and trained on; the control continues the unconverted baseline for the same steps "
-        "with the same schedule. Δ is converted minus control, seed by seed."
-    ) + _control_jolt(read_csv(out / "uptrain.csv"), suite)
-    lines = table(["init", "K/V heads", "uptraining", "val loss", *_PAIRED_HEADER], body)
-    return figure_section("Uptraining", intro, lines, "uptrain.png", "uptraining")
-
-
-def _control_jolt(rows: list[dict[str, str]], suite: Suite) -> str:
-    """A sentence for when the control gets worse before it gets better, which the plot shows unexplained."""
-    control: dict[int, list[float]] = {}
-    for r in rows:
-        if r["method"] == "control":
-            control.setdefault(int(r["steps"]), []).append(float(r["val_loss"]))
-    steps = sorted(control)
-    if len(steps) < 2:
-        return ""
-    train, before, after = suite.train, statistics.mean(control[steps[0]]), statistics.mean(control[steps[1]])
-    if after <= before:
-        return ""
-    return (
-        f" The control's loss first rises, from {before:.3f} to {after:.3f} "
-        f"after {steps[1]} steps: every continuation warms up again to the suite's peak learning rate "
-        f"({train.get('lr')}), while the baseline had ended its schedule at {train.get('min_lr')}. That shock is "
-        "the same on both sides of each Δ, which is why the comparison is with the control, not with the baseline."
-    )
 
 
 def cost_section(out: Path, suite: Suite, rows: list[dict[str, str]], context: int) -> list[str]:
@@ -219,20 +105,31 @@ def cost_section(out: Path, suite: Suite, rows: list[dict[str, str]], context: i
 
 def can_and_cannot(out: Path, suite: Suite, context: int) -> list[str]:
     n = len(suite.seeds)
+    rows = read_csv(out / "results.csv")
+    refs = {r["model"]: float(r["val_loss"]) for r in read_csv(out / "references.csv")}
+    beats = float(rows[0]["val_loss"]) < min(refs.values())
+    quality = (
+        "- The reference beats every count model, so differences are about models that have learned more than "
+        "n-gram statistics; they are still differences at this budget, not at convergence."
+        if beats
+        else "- The reference does not beat the best count model (first paragraph): every difference here is "
+        "convergence speed at this budget, not final quality; a variant that is behind may catch up."
+    )
     return [
         "## What this study can and cannot show",
         "",
         f"- It can show differences larger than its detection limits between small models ({suite.model}) "
-        f"trained briefly on one corpus with {n} seeds each; it cannot rank variants whose intervals include "
-        "zero, and a difference it does not detect may still exist.",
+        f"trained briefly on one corpus with {n} seeds each, after Holm's correction across the comparisons; it "
+        "cannot rank variants whose intervals include zero, and a difference it does not detect may still exist.",
+        quality,
         "- It measures the variants at one small scale and one budget. Published claims (RoFormer, GQA, "
         "Longformer, Mistral) concern models and budgets orders of magnitude larger; agreement or disagreement "
         "here is evidence about this regime only.",
-        "- The receptive-field probe shows what each shape can learn on a synthetic task; it cannot say "
-        "whether natural text at this context needs that reach.",
+        "- A window can only matter where its reach is below what the models use (the effective context); the "
+        "receptive-field probe shows what each shape can learn on a synthetic task, not what text needs.",
         f"- Extrapolation covers 4x the trained context ({4 * context} tokens) on held-out Shakespeare only.",
-        "- Speeds come from CPU benchmarks on a shared machine; accelerators change absolute figures and "
-        "possibly the ranking of kernels.",
+        "- Step times and memory are measured on the machine that ran the study, possibly shared: compare them "
+        "within this report; accelerators change absolute figures and possibly the ranking of kernels.",
         "",
     ]
 
@@ -241,11 +138,49 @@ def results_table(rows: list[dict[str, str]]) -> list[str]:
     return table([t for _, t, _ in RESULT_COLUMNS], [[num(r[c], p) for c, _, p in RESULT_COLUMNS] for r in rows])
 
 
+def verdict_against_ngram(out: Path, rows: list[dict[str, str]]) -> list[str]:
+    """The report's first paragraph: does the reference beat the best count model, and by how much."""
+    refs = {r["model"]: float(r["val_loss"]) for r in read_csv(out / "references.csv")}
+    best = min(refs, key=refs.get)
+    base = float(rows[0]["val_loss"])
+    gap = base - refs[best]
+    if gap < 0:
+        text = (
+            f"**The reference beats the best count model**: {base:.4f} against the {best}'s {refs[best]:.4f} "
+            f"nats/token ({-gap:.4f} lower), on the same tokens and windows."
+        )
+    else:
+        text = (
+            f"**The reference does NOT beat the best count model**: it ends at {base:.4f} nats/token, "
+            f"{gap:.4f} above the {best}'s {refs[best]:.4f} on the same tokens and windows. Differences between "
+            "variants here describe models that have not yet learned what a 5-gram table knows: read them as "
+            "convergence speed at this budget, not as final quality."
+        )
+    return [text, ""]
+
+
+def missing_runs(out: Path) -> list[str]:
+    path = out / "missing.txt"
+    names = path.read_text().split("\n") if path.is_file() else []
+    names = [n for n in names if n]
+    if not names:
+        return []
+    return [
+        "## Missing runs",
+        "",
+        f"This report is built from the runs present; {len(names)} did not finish in this call (re-run the same "
+        "command to resume them): " + ", ".join(f"`{n}`" for n in names) + ".",
+        "",
+    ]
+
+
 def write_report(out: Path, suite: Suite, context: int) -> Path:
     rows = read_csv(out / "results.csv")
-    lines = _header(out, suite, context, rows)
+    lines = [f"# Variant study: {suite.name}", "", *verdict_against_ngram(out, rows), *missing_runs(out)]
+    lines += _header(out, suite, context, rows)[2:]
     lines += ["## Results", "", *results_table(rows), "", *_references_and_context(out, suite, rows), ""]
     lines += ["![validation loss](loss_curves.png)", "![loss by position](loss_by_position.png)", ""]
+    lines += context_use_section(out, rows)
     lines += comparisons_section(out, suite)
     lines += probe_section(out)
     lines += extrapolation_section(out, context)
@@ -304,9 +239,10 @@ def _references_and_context(out: Path, suite: Suite, rows: list[dict[str, str]])
     gain = _context_gain(base)
     early = suite.eval["early_positions"]
     return [
-        f"Reference lines on the same tokens: a unigram count model scores {num(refs['unigram'])} and an "
-        f"interpolated bigram count model {num(refs['bigram'])} nats/token; the baseline ends at "
-        f"{num(base['val_loss'])}.",
+        "Count-model references on the same tokens and windows (interpolated Witten-Bell n-grams counted on the "
+        "train split; position p of a window uses at most its p + 1 tokens, like the models): "
+        + ", ".join(f"{k} {num(v)}" for k, v in refs.items())
+        + f" nats/token; the baseline ends at {num(base['val_loss'])}.",
         "",
         f"Does the baseline use its context? Its loss on the first {early} positions is {num(base['loss_first'])} "
         f"and on the second half of the window {num(base['loss_late'])}, a gain of {gain:.3f} nats from context: "

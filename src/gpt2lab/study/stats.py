@@ -55,7 +55,10 @@ def paired_difference(values: dict[int, float], reference: dict[int, float]) -> 
     n = len(diffs)
     row: dict[str, float | int | str] = {"seeds": n, "mean_diff": statistics.fmean(diffs) if diffs else math.nan}
     if n < 2:
-        return {**row, "sd_diff": "", "low": "", "high": "", "detection_limit": "", "verdict": "too few seeds"}
+        blank = dict.fromkeys(
+            ("sd_diff", "low", "high", "detection_limit", "p_value", "unpaired_low", "unpaired_high"), ""
+        )
+        return {**row, **blank, "seed_correlation": "", "verdict": "too few seeds"}
     sd = statistics.stdev(diffs)
     se = sd / math.sqrt(n)
     half = t_quantile(0.5 + CONFIDENCE / 2, n - 1) * se
@@ -63,4 +66,43 @@ def paired_difference(values: dict[int, float], reference: dict[int, float]) -> 
     low, high = mean - half, mean + half
     verdict = "lower" if high < 0 else "higher" if low > 0 else "no difference shown"
     limit = (t_quantile(0.5 + CONFIDENCE / 2, n - 1) + t_quantile(POWER, n - 1)) * se
-    return {**row, "sd_diff": sd, "low": low, "high": high, "detection_limit": limit, "verdict": verdict}
+    p_value = 1.0 if se == 0 and mean == 0 else 0.0 if se == 0 else 2 * (1 - t_cdf(abs(mean) / se, n - 1))
+    return {
+        **row,
+        "sd_diff": sd,
+        "low": low,
+        "high": high,
+        "detection_limit": limit,
+        "verdict": verdict,
+        "p_value": p_value,
+        **unpaired_interval([values[s] for s in seeds], [reference[s] for s in seeds]),
+    }
+
+
+def unpaired_interval(mine: list[float], theirs: list[float]) -> dict[str, float]:
+    """The same difference as if the seeds were not matched (Welch's t interval), and the seeds'
+    correlation r: pairing narrows the interval only when r > 0 (var(a - b) = var a + var b - 2 cov)."""
+    va, vb = statistics.variance(mine), statistics.variance(theirs)
+    na, nb = len(mine), len(theirs)
+    se = math.sqrt(va / na + vb / nb)
+    df = (va / na + vb / nb) ** 2 / ((va / na) ** 2 / (na - 1) + (vb / nb) ** 2 / (nb - 1)) if se > 0 else na - 1
+    half = t_quantile(0.5 + CONFIDENCE / 2, max(1, int(df))) * se  # df rounded down: the wider interval
+    mean = statistics.fmean(mine) - statistics.fmean(theirs)
+    corr = statistics.correlation(mine, theirs) if va > 0 and vb > 0 else math.nan
+    return {"unpaired_low": mean - half, "unpaired_high": mean + half, "seed_correlation": corr}
+
+
+def holm(rows: list[dict], alpha: float = 1 - CONFIDENCE) -> list[dict]:
+    """Holm's step-down correction across a suite's comparisons (rows with a ``p_value``): sorted by p,
+    the i-th smallest (0-based) of m is significant if p <= alpha / (m - i) and all smaller ones were.
+    Adds ``p_holm`` (the adjusted p-value, monotone) and ``holm_significant`` to each row."""
+    tested = sorted((r for r in rows if r.get("p_value", "") != ""), key=lambda r: r["p_value"])
+    m, running = len(tested), 0.0
+    for i, row in enumerate(tested):
+        running = max(running, min(1.0, (m - i) * row["p_value"]))
+        row["p_holm"] = running
+        row["holm_significant"] = running <= alpha
+    for row in rows:
+        row.setdefault("p_holm", "")
+        row.setdefault("holm_significant", "")
+    return rows

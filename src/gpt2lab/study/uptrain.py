@@ -1,21 +1,27 @@
 """The uptraining curve (Ainslie et al. 2023): GQA and MQA converted from each seed's trained baseline,
 then trained on for a fraction of the baseline's pre-training steps, at several fractions.
 
-The control continues the unconverted multi-head baseline for the same steps with the same schedule,
-so "converted + k steps" is compared with "baseline + k steps" seed by seed, not with a baseline that
-stopped earlier. At one fraction the first-head initialisation (GQA) is trained beside mean pooling.
+Every continuation starts from the baseline's final training state (weights, AdamW moments, step and
+data order; :mod:`gpt2lab.study.continuation`) and runs its schedule on, flat at the final learning
+rate, so nothing is re-warmed. Two comparisons per converted cell, seed by seed:
+
+* ``control``: the unconverted multi-head baseline continued for the same steps the same way;
+* ``scratch``: the converted shape trained from scratch for the same total steps (baseline + uptraining,
+  its own schedule over them), at the largest fraction: the same compute spent without the baseline.
+
+At one fraction the first-head initialisation (GQA) is trained beside mean pooling.
 """
 
 from __future__ import annotations
 
-from typing import Any
-
 import numpy as np
 import torch
 
+from gpt2lab.data.tokens import TokenData
 from gpt2lab.eval.loss import evaluate
 from gpt2lab.loading import load_model
-from gpt2lab.study.runs import Runs, eval_tokens
+from gpt2lab.study.continuation import continuation_fields
+from gpt2lab.study.runs import OutOfTime, Runs, eval_tokens
 from gpt2lab.study.stats import paired_difference
 
 DEFAULTS = {"n_kv_heads": [2, 1], "fractions": [0.0, 0.025, 0.05, 0.1, 0.2], "first_head_fraction": 0.05}
@@ -29,97 +35,87 @@ def converted_losses(base_dirs: list[str], n_kv_head: int, init: str, data_dir: 
     return [evaluate(model, tokens, context=context).loss for model in models]
 
 
-def _fields(base_dirs: dict[int, str], steps: int, n_kv_head: int | None, init: str, seed: int) -> dict[str, Any]:
-    """TrainConfig fields of one continuation of ``seed``'s baseline (converted unless ``n_kv_head`` is None)."""
-    return {
-        "preset": None,
-        "model": {},
-        "init_from": base_dirs[seed],
-        "convert_n_kv_head": n_kv_head,
-        "convert_kv_init": init,
-        "max_iters": steps,
-        "warmup_iters": max(1, steps // 10),
-        "eval_interval": steps,
-        "ckpt_interval": steps,
-    }
-
-
-def run_uptraining(suite, runs: Runs, base_losses: dict[int, float], context: int, log) -> list[dict]:
-    """One row per (method, n_kv_head, fraction, seed): its steps and evaluation loss.
-
-    method: ``control`` (baseline continued), ``mean`` (K/V heads mean-pooled), ``first`` (first head
-    of each group). Fraction 0 is the conversion alone (the control at 0 is the baseline itself).
-    """
-    up = {**DEFAULTS, **suite.uptrain}
-    total = int(suite.train["max_iters"])
-    base_dir = {seed: str(runs.runs_dir / f"baseline-s{seed}") for seed in suite.seeds}
-    data_dir, max_tokens = runs.base_fields["data_dir"], suite.eval["max_tokens"]
-    settings = {**runs.settings, "extrapolation": None}  # uptrained models are scored at the trained context
-    rows: list[dict] = []
-
-    def add(method: str, n_kv: int | None, fraction: float, steps: int, losses: list[float]) -> None:
-        for seed, loss in zip(suite.seeds, losses, strict=True):
-            rows.append(
-                {
-                    "method": method,
-                    "n_kv_head": n_kv or "",
-                    "fraction": fraction,
-                    "steps": steps,
-                    "seed": seed,
-                    "val_loss": loss,
-                }
-            )
-
+def _plan(up: dict, total: int) -> list[tuple[str, int | None, float, int]]:
+    """(method, n_kv_head, fraction, steps) of every cell of the curve."""
     plan = [("control", None, f) for f in up["fractions"]]
     plan += [("mean", n, f) for f in up["fractions"] for n in up["n_kv_heads"]]
     plan.append(("first", up["n_kv_heads"][0], up["first_head_fraction"]))  # GQA's K/V init, at one fraction
-    plan = [(method, n_kv, fraction, round(fraction * total)) for method, n_kv, fraction in plan]
-    trained = {}  # (method, n_kv, fraction) -> run name, for the cells that train at all
-    jobs = []
-    for method, n_kv, fraction, steps in plan:
-        if steps > 0:
-            name = f"continue-{steps}" if method == "control" else f"uptrain-{method}-kv{n_kv}-{steps}"
-            init = "mean" if method == "control" else method
-            trained[(method, n_kv, fraction)] = name
-            jobs += [(name, seed, _fields(base_dir, steps, n_kv, init, seed)) for seed in suite.seeds]
-    log(f"[study] uptraining: {len(jobs)} continuations of the baselines")
-    done = runs.many(jobs, settings)
-    losses_of = {(name, seed): r["val_loss"] for (name, seed, _), r in zip(jobs, done, strict=True)}
-    for method, n_kv, fraction, steps in plan:
-        if (method, n_kv, fraction) in trained:
-            losses = [losses_of[(trained[(method, n_kv, fraction)], s)] for s in suite.seeds]
+    plan += [("scratch", n, max(up["fractions"])) for n in up["n_kv_heads"]]
+    return [(method, n_kv, fraction, round(fraction * total)) for method, n_kv, fraction in plan]
+
+
+def _job(suite, runs: Runs, config, base_dirs: dict, cell: tuple, seed: int) -> tuple:
+    """(name, seed, fields, settings) of one trained cell."""
+    method, n_kv, _, steps = cell
+    total = int(suite.train["max_iters"])
+    model = {k: v for k, v in config.to_dict().items() if k != "vocab_size"}
+    if method == "scratch":  # the converted shape from step 0, for the baseline's steps + the uptraining's
+        fields = {"preset": None, "model": {**model, "n_kv_head": n_kv}, "max_iters": total + steps}
+        return f"scratch-kv{n_kv}-{total + steps}", seed, fields, runs.settings
+    name = f"continue-{steps}" if method == "control" else f"uptrain-{method}-kv{n_kv}-{steps}"
+    fields = continuation_fields(suite.train, config, steps, n_kv)
+    source = {"base_dir": base_dirs[seed], "n_kv_head": n_kv, "init": "mean" if method == "control" else method}
+    return name, seed, fields, {**runs.settings, "continue_from": source}
+
+
+def run_uptraining(suite, runs: Runs, base_losses: dict[int, float], context: int, log) -> list[dict]:
+    """One row per (method, n_kv_head, fraction, seed): its steps and evaluation loss; [] while some
+    continuation is unfinished (out of time). method: ``control``, ``mean``, ``first`` or ``scratch``;
+    fraction 0 is the conversion alone (the control at 0 is the baseline itself); a scratch row's steps are
+    the uptraining steps it matches (it trains the baseline's max_iters + steps)."""
+    up = {**DEFAULTS, **suite.uptrain}
+    total = int(suite.train["max_iters"])
+    vocab_size = int(TokenData.open(runs.base_fields["data_dir"]).meta["vocab_size"])
+    config = suite.variant_config(suite.variants[0], vocab_size)
+    base_dirs = {seed: str(runs.runs_dir / f"baseline-s{seed}") for seed in suite.seeds}
+    data_dir, max_tokens = runs.base_fields["data_dir"], suite.eval["max_tokens"]
+    plan = _plan(up, total)
+    trained = [cell for cell in plan if cell[3] > 0]
+    jobs = [_job(suite, runs, config, base_dirs, cell, seed) for cell in trained for seed in suite.seeds]
+    jobs = [(name, seed, fields, {**settings, "extrapolation": None}) for name, seed, fields, settings in jobs]
+    log(f"[study] uptraining: {len(jobs)} runs (continuations of the baselines, and from-scratch comparators)")
+    done = runs.many(jobs)
+    if any(r is None for r in done) or runs.out_of_time():
+        return []  # out of time: the next call resumes the continuations and writes the curve whole
+    losses_of = {(name, seed): r["val_loss"] for (name, seed, _, _), r in zip(jobs, done, strict=True)}
+    name_of = {cell: job[0] for cell, job in zip([c for c in trained for _ in suite.seeds], jobs, strict=True)}
+    rows: list[dict] = []
+    for cell in plan:
+        method, n_kv, fraction, steps = cell
+        if cell in name_of:
+            losses = [losses_of[(name_of[cell], s)] for s in suite.seeds]
         elif method == "control":
             losses = [base_losses[s] for s in suite.seeds]  # the baseline itself
         else:  # the conversion alone, before any training
-            dirs = [base_dir[s] for s in suite.seeds]
-            losses = runs.isolated(converted_losses, dirs, n_kv, method, data_dir, context, max_tokens)
-        add(method, n_kv, fraction, steps, losses)
+            dirs = [base_dirs[s] for s in suite.seeds]
+            try:
+                losses = runs.isolated(converted_losses, dirs, n_kv, method, data_dir, context, max_tokens)
+            except OutOfTime:
+                return []
+        for seed, loss in zip(suite.seeds, losses, strict=True):
+            rows.append({"method": method, "n_kv_head": n_kv or "", "fraction": fraction, "steps": steps,
+                         "seed": seed, "val_loss": loss})  # fmt: skip
     return rows
 
 
 def uptrain_pairs(rows: list[dict]) -> list[dict]:
-    """Each converted cell's paired difference to the control at the same fraction (same seeds)."""
-    control = {(r["fraction"], r["seed"]): r["val_loss"] for r in rows if r["method"] == "control"}
-    cells = dict.fromkeys(
-        (r["method"], r["n_kv_head"], r["fraction"], r["steps"]) for r in rows if r["method"] != "control"
-    )
+    """Each converted cell's paired difference to the control at the same fraction (same seeds) and, at the
+    fraction with a from-scratch comparator, to that comparator (same K/V heads, same total steps)."""
+    by_cell: dict[tuple, dict[int, float]] = {}
+    for r in rows:
+        by_cell.setdefault((r["method"], r["n_kv_head"], r["fraction"], r["steps"]), {})[r["seed"]] = r["val_loss"]
+    control = {fraction: losses for (method, _, fraction, _), losses in by_cell.items() if method == "control"}
+    scratch = {(n_kv, fraction): ls for (method, n_kv, fraction, _), ls in by_cell.items() if method == "scratch"}
     out = []
-    for method, n_kv, fraction, steps in cells:
-        mine = {
-            r["seed"]: r["val_loss"]
-            for r in rows
-            if (r["method"], r["n_kv_head"], r["fraction"]) == (method, n_kv, fraction)
-        }
-        ref = {seed: control[(fraction, seed)] for seed in mine if (fraction, seed) in control}
-        mean_loss = float(np.mean(list(mine.values())))
-        out.append(
-            {
-                "method": method,
-                "n_kv_head": n_kv,
-                "fraction": fraction,
-                "steps": steps,
-                "val_loss": mean_loss,
-                **paired_difference(mine, ref),
-            }
-        )
+    for (method, n_kv, fraction, steps), mine in by_cell.items():
+        if method in ("control", "scratch"):
+            continue
+        versus = [("continued MHA", control.get(fraction))]
+        if method == "mean":
+            versus.append(("from scratch, same total steps", scratch.get((n_kv, fraction))))
+        for label, reference in versus:
+            if reference:
+                out.append({"method": method, "n_kv_head": n_kv, "fraction": fraction, "steps": steps,
+                            "versus": label, "val_loss": float(np.mean(list(mine.values()))),
+                            **paired_difference(mine, reference)})  # fmt: skip
     return out
