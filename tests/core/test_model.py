@@ -195,13 +195,13 @@ def test_swapped_cpu_kernels_give_the_plain_model_logits(dtype):
 
 
 def test_inference_loading_swaps_kernels_only_where_they_win(tmp_path):
-    """load_model_and_tokenizer (generate, eval) applies the kernels: fp32 stays nn.Linear, bf16 gets the
-    packed CPU layer, int8 the quantized one; the logits follow the plain model's."""
+    """load_model_and_tokenizer (generate, eval) applies the kernels: fp32 and bf16 get the measured CPU
+    layer, int8 the quantized one; the logits follow the plain model's."""
     torch.manual_seed(0)
     GPT(GPTConfig.from_preset("tiny")).save_pretrained(tmp_path)
     reference = GPT.from_pretrained(tmp_path).eval()
     idx = torch.randint(0, 50257, (1, 10))
-    kinds = {"float32": torch.nn.Linear, "bfloat16": cpu_linear.Linear, "int8": Int8Linear}
+    kinds = {"float32": cpu_linear.Linear, "bfloat16": cpu_linear.Linear, "int8": Int8Linear}
     for dtype, kind in kinds.items():
         model, _ = load_model_and_tokenizer(tmp_path, dtype=dtype)
         layers = [m for m in model.modules() if isinstance(m, torch.nn.Linear | Int8Linear)]

@@ -19,18 +19,17 @@ pytestmark = pytest.mark.usefixtures("fresh_kernel_choices")  # conftest: no cho
 
 
 def test_info_kernels_lists_every_choice_with_the_times_that_decided_it(capsys, monkeypatch):
-    """Each product shape of the tiny model's decode in bf16 (prompt rows and 1-row steps) and the training
-    dtype appear once, the picked candidate being the fastest measured; a pin shows as pinned. fp32 weights
-    keep nn.Linear (apply_inference_kernels), so they make no choice."""
+    """Each product shape of the tiny model's decode in fp32 and in bf16 (prompt rows and 1-row steps) and the
+    training dtype appear once, the picked candidate being the fastest measured; a pin shows as pinned."""
     assert main(["info", "--config", "tiny", "--kernels", "--json"]) == 0
     report = json.loads(capsys.readouterr().out)
     choices = report["choices"]
     assert report["cpu"]["model"] and report["threads"] >= 1
     shapes = {(c["operation"], c["shape"]) for c in choices}
     # 4 block shapes for the 8-token prompt and for 1-token steps, the head for the last row only
-    assert len(shapes) == len(choices) == (4 + 4 + 1) + 1  # + the training dtype probe
+    assert len(shapes) == len(choices) == 2 * (4 + 4 + 1) + 1  # two dtypes, + the training dtype probe
     assert ("linear bf16", "<=1 rows, 64->192 +bias") in shapes and ("linear bf16", "<=8 rows, 256->64 +bias") in shapes
-    assert not any(operation == "linear fp32" for operation, _ in shapes)
+    assert ("linear fp32", "<=1 rows, 64->192 +bias") in shapes and ("linear fp32", "<=8 rows, 256->64 +bias") in shapes
     for c in choices:
         assert c["how"] == "measured" and c["picked"] == min(c["seconds"], key=c["seconds"].get)
     assert {"fp32", "bf16_autocast"} == set(choices[-1]["seconds"])

@@ -1,13 +1,15 @@
 """What the inference loading path applies to a model, from outside it: the weight dtype and the CPU kernels
-that win there, decided by the weights' dtype alone, never by a timing that could differ between processes.
+that win there. A model built as an outside user builds it (``GPT(config)``) keeps plain ``nn.Linear``.
 
 * ``"int8"``: every linear layer becomes int8 (:func:`gpt2lab.kernels.quantize.quantize`).
-* bfloat16 / float16 weights on a CPU: the linear layers become :class:`~gpt2lab.kernels.cpu_linear.Linear`,
-  whose FBGEMM packed-16-bit product keeps the model usable on CPUs without bf16 instructions, where
-  PyTorch's own bf16 product is a generic kernel many times slower than fp32.
-* float32: nothing changes. The model keeps ``nn.Linear``, as built; the measured fp32 kernels of
-  :mod:`gpt2lab.kernels.cpu_linear` did not win in every process (benchmarks/outside_user.py, docs/benchmarks.md)
-  and stay available through :func:`~gpt2lab.kernels.cpu_linear.swap_linear_layers`.
+* float32, bfloat16 or float16 weights on a CPU: the linear layers become
+  :class:`~gpt2lab.kernels.cpu_linear.Linear`, which runs each product shape through the kernel measured
+  fastest in the process, ``F.linear`` among the candidates (for 16-bit weights FBGEMM's packed product
+  keeps the model usable on CPUs without bf16 instructions, where PyTorch's own bf16 product is a generic
+  kernel many times slower than fp32). Measured with benchmarks/outside_user.py, one process per
+  measurement, the swapped fp32 model was faster than plain ``nn.Linear`` in every process, for a
+  1,024-token forward and for decoding (docs/benchmarks.md); ``GPT2LAB_KERNEL=linear`` pins plain
+  ``F.linear`` where that does not hold.
 
 Training applies none of these: it runs with gradients (and usually autocast), where the swapped layer is a
 plain ``nn.Linear`` anyway.
@@ -22,7 +24,7 @@ from gpt2lab.config import parse_dtype
 from gpt2lab.kernels.cpu_linear import swap_linear_layers
 from gpt2lab.kernels.quantize import SCHEMES, quantize
 
-PACKED_DTYPES = (torch.bfloat16, torch.float16)
+SWAPPED_DTYPES = (torch.float32, torch.bfloat16, torch.float16)  # on a CPU
 
 
 def apply_inference_kernels(model: nn.Module, dtype: torch.dtype | str | None = None) -> nn.Module:
@@ -34,6 +36,6 @@ def apply_inference_kernels(model: nn.Module, dtype: torch.dtype | str | None = 
     if dtype is not None:
         model.to(dtype)
     weight = next(model.parameters())
-    if weight.is_cpu and weight.dtype in PACKED_DTYPES:
+    if weight.is_cpu and weight.dtype in SWAPPED_DTYPES:
         swap_linear_layers(model)
     return model.eval()
