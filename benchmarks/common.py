@@ -103,8 +103,8 @@ def load_reference(directory: Path, dtype: torch.dtype = torch.float32):
     return model
 
 
-def load_gpt2lab(directory: Path, dtype: torch.dtype = torch.float32):
-    """As gpt2lab's inference loading path does: the kernels that win for ``dtype`` swapped in."""
+def load_gpt2lab(directory: Path, dtype: torch.dtype | str = torch.float32):
+    """As gpt2lab's inference loading path does: the kernels that win for ``dtype`` (or ``"int8"``) swapped in."""
     from gpt2lab import GPT, apply_inference_kernels
 
     return apply_inference_kernels(GPT.from_pretrained(directory), dtype)

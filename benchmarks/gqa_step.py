@@ -26,6 +26,7 @@ import torch.nn.functional as F
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from gpt2lab.config import GPTConfig
+from gpt2lab.kernels.lm_head_loss import LanguageModelLoss
 from gpt2lab.model import GPT
 
 
@@ -72,10 +73,10 @@ def model_steps(args) -> dict:
         torch.manual_seed(0)
         config = GPTConfig(vocab_size=65, n_layer=4, n_head=args.heads, n_embd=args.heads * args.head_dim,
                            block_size=args.length, pos_encoding="rope", n_kv_head=n_kv)  # fmt: skip
-        model = GPT(config)
+        loss_fn = LanguageModelLoss(GPT(config))  # the chunked head loss, without logits
 
-        def step(model=model) -> None:
-            model(x, targets=y, return_logits=False)[1].backward()  # as the training loop calls it
+        def step(loss_fn=loss_fn) -> None:
+            loss_fn(x, y).backward()  # as the training loop calls it
 
         steps[kind] = step
     return steps

@@ -158,7 +158,7 @@ def main() -> int:
         llm_f32 = open_llama(folder / "m-f32.gguf", args.threads)
         llm_q8 = open_llama(folder / "m-q8_0.gguf", args.threads)
         reference = load_reference(folder / "hf")
-        contenders = decoders(llm_f32, llm_q8, model, load_gpt2lab(folder / "hf").quantize("int8"), reference,
+        contenders = decoders(llm_f32, llm_q8, model, load_gpt2lab(folder / "hf", "int8"), reference,
                               args.new_tokens)  # fmt: skip
         times = alternate(contenders, args.repeats)
     base = args.new_tokens / median(times["llama.cpp q8_0"])
