@@ -31,7 +31,7 @@ import torch.nn.functional as F
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import alternate, load_average, measure_in_subprocess, median, report_memory, setup  # noqa: E402
 
-from gpt2lab import GPT, GPTConfig  # noqa: E402
+from gpt2lab import GPT, GPTConfig, apply_inference_kernels  # noqa: E402
 from gpt2lab.sliding_window import sliding_window_attention  # noqa: E402
 
 HEADS, HEAD_DIM = 12, 64
@@ -95,7 +95,8 @@ def bench_kernels(lengths: list[int], repeats: int, memory: bool) -> dict:
 
 def decode_model(variant: str) -> GPT:
     # RoPE has no position table, so contexts past block_size are fine; weights stay random.
-    return GPT(GPTConfig(pos_encoding="rope", **DECODE_VARIANTS[variant])).eval()
+    # as generate loads a model: the measured CPU kernels swapped in (gpt2lab.kernels.inference)
+    return apply_inference_kernels(GPT(GPTConfig(pos_encoding="rope", **DECODE_VARIANTS[variant])))
 
 
 @torch.no_grad()
