@@ -30,7 +30,6 @@ import functools
 import warnings
 
 import torch
-from torch._dynamo.exc import BackendCompilerFailed
 
 from gpt2lab.errors import GPT2LabError
 from gpt2lab.kernels.choice import candidates, choose
@@ -105,7 +104,7 @@ class CompiledDecoder:
         if self.mode == "compiled":
             try:
                 logits = _compiled_step()(self.model, tokens, self.index, self.cache, position_ids)
-            except BackendCompilerFailed as error:  # nothing ran: this step, and all after it, run eagerly
+            except _compile_failure() as error:  # nothing ran: this step, and all after it, run eagerly
                 self.mode = _unavailable(error)
         if self.mode == "eager":
             logits = _eager_step(self.model, tokens, self.cache, position_ids)  # advances the lengths itself
@@ -137,11 +136,22 @@ class CompiledDecoder:
         shape = f"B={B}{' padded' if padded else ''}, {slots} slots, {config.n_layer}x{config.n_embd}, {dtype}"
         try:
             return choose(key, "decode step", shape, {"compiled": compiled, "eager": eager}, fallback="eager")
-        except BackendCompilerFailed as error:  # no choice is recorded: the next decoder tries again
+        except _compile_failure() as error:  # no choice is recorded: the next decoder tries again
             return _unavailable(error)
 
 
-def _unavailable(error: BackendCompilerFailed) -> str:
+def _compile_failure() -> type[Exception]:
+    """The exception torch.compile raises when its backend cannot compile (no C++ compiler, ...).
+
+    Imported when an ``except`` clause asks for it, that is after torch.compile has run and loaded its
+    compiler stack: importing ``torch._dynamo`` at the top of this module cost every gpt2lab process
+    (``import gpt2lab`` imports the kernels) about 70 MiB of resident memory, compiling or not."""
+    from torch._dynamo.exc import BackendCompilerFailed
+
+    return BackendCompilerFailed
+
+
+def _unavailable(error: Exception) -> str:
     """Warn once that compilation failed (no C++ compiler for Inductor, ...); the mode to use instead."""
     inner = error.inner_exception
     reason = (str(inner).strip().splitlines() or [type(inner).__name__])[0]
