@@ -21,6 +21,9 @@ from gpt2lab.generation_limits import plan_request, sliding_steps
 from gpt2lab.kernels.compiled_decoding import CompiledDecoder
 from gpt2lab.tokenizer import load_tokenizer
 
+# Magnitudes at or below 2^-150 round to 0 in float32 (half the smallest subnormal, ties to even): the
+# logits' dtype would divide by zero. Compared on the Python float, so no tensor is made per step.
+FLOAT32_ROUNDS_TO_ZERO = 2.0**-150
 
 @dataclass(frozen=True)
 class Sampler:
@@ -59,7 +62,7 @@ def sample_next(
     generator: torch.Generator | None = None,
 ) -> torch.Tensor:
     """Next token ids (B,) from last-position logits (B, vocab). ``temperature == 0`` is greedy."""
-    if temperature == 0 or float(torch.tensor(temperature, dtype=torch.float32)) == 0:  # below float32: greedy
+    if abs(temperature) <= FLOAT32_ROUNDS_TO_ZERO:  # 0, or a temperature float32 cannot hold: greedy
         return logits.argmax(dim=-1)
     # Shifted so the largest logit is 0 before scaling: a tiny temperature then gives -inf, not inf - inf.
     logits = (logits.float() - logits.float().amax(dim=-1, keepdim=True)) / temperature
