@@ -8,7 +8,9 @@ The weights are made once (transformers' GPT2LMHeadModel, seed 0), read by gpt2l
    * f32: llama.cpp's logits at every position of a prompt are within 1e-3 of gpt2lab's fp32 logits;
    * q8_0: llama.cpp's greedy tokens equal gpt2lab fp32's for at least 32 steps.
 2. **Speed**: greedy decoding, prompt 16 tokens, ``--new-tokens`` new ones, batch 1, every contender on the
-   same ``--threads``: llama.cpp f32 and q8_0, gpt2lab fp32 and int8, transformers fp32. Contenders run
+   same ``--threads``: llama.cpp f32 and q8_0, gpt2lab fp32 and int8 (eager, and compiled as
+   ``gpt2lab generate --compile`` runs them; the compile happens in the untimed warm-up round), transformers
+   fp32. Contenders run
    alternately, round by round (benchmarks/common.py says why); the medians are reported as tokens/s
    (new tokens / wall time, prefill included, as benchmarks/inference.py counts).
 
@@ -125,6 +127,9 @@ def decoders(llm_f32, llm_q8, model, int8_model, reference, new_tokens: int) -> 
         "llama.cpp q8_0": lambda: llama_greedy(llm_q8, prompt, new_tokens),
         "gpt2lab fp32": lambda: model.generate(idx, new_tokens, temperature=0),
         "gpt2lab int8": lambda: int8_model.generate(idx, new_tokens, temperature=0),
+        # `gpt2lab generate --compile`: the steps after the prompt through one compiled graph
+        "gpt2lab fp32 compiled": lambda: model.generate(idx, new_tokens, temperature=0, compile=True),
+        "gpt2lab int8 compiled": lambda: int8_model.generate(idx, new_tokens, temperature=0, compile=True),
         "transformers fp32": lambda: reference.generate(
             idx, max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False
         ),

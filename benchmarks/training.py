@@ -52,12 +52,14 @@ def build(kind: str, directory: Path):
     """(model, optimizer, loss function) for one contender."""
     if kind == "gpt2lab":
         from gpt2lab import GPT
-        from gpt2lab.kernels.lm_head_loss import lm_head_loss
+        from gpt2lab.kernels.lm_head_loss import LanguageModelLoss
 
-        model = GPT.from_pretrained(directory)
+        # What `gpt2lab train` steps (and compiles): the module whose forward is the loss. Compiling the GPT
+        # alone would compile only its forward, not the hidden_states + loss that training calls.
+        model = LanguageModelLoss(GPT.from_pretrained(directory))
 
         def loss_of(m, x):
-            return lm_head_loss(m.hidden_states(x), m.lm_head.weight, x)  # what `gpt2lab train` runs
+            return m(x, x)
     else:
         from transformers import GPT2LMHeadModel
 
