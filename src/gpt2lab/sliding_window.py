@@ -144,6 +144,8 @@ def flex_sliding_window_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Ten
     to a multiple of 128 (the padded keys come after every real query: causality hides them), so that prompts
     of nearby lengths share one compiled graph; training lengths are usually multiples already (no copy).
     """
+    if not torch.is_grad_enabled():  # flex on CPU refuses inputs that require grad, even under no_grad
+        q, k, v = q.detach(), k.detach(), v.detach()
     T = q.shape[2]
     pad = -T % FLEX_BLOCK
     if pad:
