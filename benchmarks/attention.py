@@ -5,7 +5,12 @@ full causal SDPA (PyTorch's flash CPU kernel) and gpt2lab's banded sliding windo
 Time (median of interleaved rounds) and peak resident memory (fresh process per cell, see
 common.py) for T = 1k, 2k, 4k, 8k, 16k.
 
-Part 2, decoding: tokens/s of one decoding step and KV-cache bytes vs context length, for the
+Part 2, prefill: the forward pass alone, without gradients (a prompt's prefill, evaluation), for
+full causal SDPA, the banded window and FlexAttention's window (compiled; the one place a CPU can run
+it, forward only), W=256. The first call of each compiles flex and is not timed; where flex cannot
+compile its column says why.
+
+Part 3, decoding: tokens/s of one decoding step and KV-cache bytes vs context length, for the
 GPT-2 124M shape (12 layers, 12 heads of 64, RoPE so that contexts may exceed 1024) with MHA,
 GQA (groups of 4: 3 K/V heads), MQA (1 K/V head) and a 256-token window. The cache is filled
 through ``KVCache.update`` with random keys and values: the cost of a step does not depend on
@@ -13,9 +18,12 @@ their values, and a real prefill of 4k tokens per variant would dominate the run
 
 Writes PNG plots into ``--plots`` and prints Markdown tables. Default run: about 5 minutes on an
 idle machine, 10-15 when the cores are shared; ``--lengths 1024,2048,4096,8192`` saves most of it.
+``--smoke`` runs tiny sizes (T 512 and 1024, kernels and prefill, one round, no memory, no plots): it
+checks the script, its figures mean nothing.
 
     python benchmarks/attention.py [--lengths 1024,2048,4096,8192,16384] [--repeats 3]
-        [--contexts 256,1024,2048,4096,8192] [--steps 8] [--skip kernels|decode] [--plots docs/img]
+        [--contexts 256,1024,2048,4096,8192] [--steps 8] [--skip kernels|prefill|decode] [--plots docs/img]
+        [--smoke]
 """
 
 from __future__ import annotations
@@ -32,10 +40,16 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import alternate, load_average, measure_in_subprocess, median, report_memory, setup  # noqa: E402
 
 from gpt2lab import GPT, GPTConfig, apply_inference_kernels  # noqa: E402
-from gpt2lab.sliding_window import sliding_window_attention  # noqa: E402
+from gpt2lab.sliding_window import (  # noqa: E402
+    banded_sliding_window_attention,
+    flex_sliding_window_attention,
+    sliding_window_attention,
+)
 
 HEADS, HEAD_DIM = 12, 64
 KERNELS = ["full causal", "window 256", "window 512"]
+PREFILL_WINDOW = 256
+PREFILL_KERNELS = ["full causal", "banded 256", "flex 256"]
 DECODE_VARIANTS = {
     "MHA": dict(),
     "GQA-4 (3 kv heads)": dict(n_kv_head=3),
@@ -86,6 +100,45 @@ def bench_kernels(lengths: list[int], repeats: int, memory: bool) -> dict:
                 m = measure_in_subprocess(__file__, ["--memory-child", f"{name}:{length}"])
                 results[length][name]["peak_increase"] = m["increase"]
         cells = [f"{n} {r['seconds'] * 1000:,.0f} ms" for n, r in results[length].items()]
+        print(f"  T={length:>6}: " + " | ".join(cells), flush=True)
+    return results
+
+
+# ---------------------------------------------------------------------------------------- prefill
+
+
+def prefill_step(kernel: str, q, k, v):
+    """One forward pass without gradients."""
+    attend = {
+        "full causal": lambda: F.scaled_dot_product_attention(q, k, v, is_causal=True),
+        "banded 256": lambda: banded_sliding_window_attention(q, k, v, PREFILL_WINDOW),
+        "flex 256": lambda: flex_sliding_window_attention(q, k, v, PREFILL_WINDOW),
+    }[kernel]
+
+    def run():
+        with torch.no_grad():
+            attend()
+
+    return run
+
+
+def bench_prefill(lengths: list[int], repeats: int) -> dict:
+    results = {}
+    for length in lengths:
+        q, k, v = qkv(length)
+        fns = {name: prefill_step(name, q, k, v) for name in PREFILL_KERNELS}
+        unavailable = None
+        try:
+            fns["flex 256"]()  # compiles for this shape, outside the timed rounds
+        except Exception as error:  # no C++ compiler, a torch without flex, ...
+            unavailable = (str(error).strip().splitlines() or [type(error).__name__])[0]
+            del fns["flex 256"]
+        times = alternate(fns, repeats)
+        results[length] = {name: {"seconds": median(ts)} for name, ts in times.items()}
+        if unavailable:
+            results[length]["flex 256"] = {"unavailable": unavailable}
+        cells = [f"{n} {r['seconds'] * 1000:,.1f} ms" if "seconds" in r else f"{n}: {r['unavailable']}"
+                 for n, r in results[length].items()]  # fmt: skip
         print(f"  T={length:>6}: " + " | ".join(cells), flush=True)
     return results
 
@@ -173,6 +226,19 @@ def kernel_table(results: dict) -> str:
     return markdown(header, rows)
 
 
+def prefill_table(results: dict) -> str:
+    """Forward times with the speed-up over full causal."""
+    rows = []
+    for length, r in results.items():
+        full = r["full causal"]["seconds"]
+        row = [f"{length:,}", f"{full * 1000:,.1f} ms"]
+        for name in PREFILL_KERNELS[1:]:
+            seconds = r[name].get("seconds")
+            row.append(f"{seconds * 1000:,.1f} ms ({full / seconds:.1f}x)" if seconds else r[name]["unavailable"])
+        rows.append(row)
+    return markdown(["T", *PREFILL_KERNELS], rows)
+
+
 def decode_table(results: dict) -> str:
     """Tokens/s and KV MiB per variant; KV also as a fraction of MHA's."""
     rows = []
@@ -240,29 +306,39 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=3, help="timed rounds per size")
     parser.add_argument("--contexts", default="256,1024,2048,4096,8192", help="decoding context lengths")
     parser.add_argument("--steps", type=int, default=8, help="decoding steps per timed call")
-    parser.add_argument("--skip", choices=["kernels", "decode"], help="leave one part out")
+    parser.add_argument("--skip", choices=["kernels", "prefill", "decode"], action="append", default=[],
+                        help="leave a part out (repeatable)")  # fmt: skip
+    parser.add_argument("--smoke", action="store_true", help="tiny sizes, one round: checks the script only")
     parser.add_argument("--no-memory", action="store_true", help="skip the kernel peak-memory subprocesses")
     parser.add_argument("--plots", type=Path, default=Path("docs/img"), help="folder for the PNG plots")
     parser.add_argument("--memory-child", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.memory_child:
         return kernel_memory_child(args.memory_child)
+    if args.smoke:
+        args.lengths, args.repeats, args.no_memory, args.plots = "512,1024", 1, True, None
+        args.skip = [*args.skip, "decode"]
     setup()
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, load average at start: {load_average()}")
     start = time.perf_counter()
-    kernels, decode = {}, {}
-    if args.skip != "kernels":
-        lengths = [int(t) for t in args.lengths.split(",")]
+    kernels, prefill, decode = {}, {}, {}
+    lengths = [int(t) for t in args.lengths.split(",")]
+    if "kernels" not in args.skip:
         print("attention forward+backward, B=1, 12 heads of 64, fp32:")
         kernels = bench_kernels(lengths, args.repeats, memory=not args.no_memory)
-    if args.skip != "decode":
+    if "prefill" not in args.skip:
+        print(f"attention forward without gradients (prefill), window {PREFILL_WINDOW}, B=1, 12 heads of 64, fp32:")
+        prefill = bench_prefill(lengths, args.repeats)
+    if "decode" not in args.skip:
         print("decoding, GPT-2 124M shape with RoPE, B=1, fp32:")
         decode = bench_decode([int(c) for c in args.contexts.split(",")], args.repeats, args.steps)
     if kernels:
         print("\n" + kernel_table(kernels))
+    if prefill:
+        print("\n" + prefill_table(prefill))
     if decode:
         print("\n" + decode_table(decode))
-    for path in plot(kernels, decode, args.plots):
+    for path in plot(kernels, decode, args.plots) if args.plots else []:
         print(f"wrote {path}")
     print(f"\n{time.perf_counter() - start:.0f} s; load average at end: {load_average()}")
 
