@@ -7,6 +7,7 @@ import os
 import shutil
 import subprocess
 import sys
+import warnings
 
 import pytest
 import torch
@@ -60,3 +61,17 @@ def test_fsdp_matches_and_its_checkpoint_resumes_in_one_process(corpus, referenc
     shutil.copytree(out, copy)
     train(tiny_config(corpus, copy, "max_iters=6"), resume=True)
     _close(logged_losses(copy), logged_losses(reference), range(1, 7))
+
+
+def test_fsdp_bf16_mixed_precision_on_two_processes(corpus, tmp_path):
+    """FSDP2's bf16 policy over a real reduction (two ranks): bf16 autocast's losses in one process to bf16
+    rounding, and a checkpoint of fp32 tensors (the shards AdamW updates, not the bf16 gathered copies)."""
+    bf16 = "dtype='bfloat16'"
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", "bfloat16 autocast on this cpu")  # a CPU without native bf16
+        train(tiny_config(corpus, tmp_path / "single", "max_iters=3", bf16))
+    out = tmp_path / "run"
+    _torchrun(corpus, out, "max_iters=3", "strategy=fsdp", bf16)
+    losses, single = logged_losses(out), logged_losses(tmp_path / "single")
+    assert [losses[s] for s in range(1, 4)] == pytest.approx([single[s] for s in range(1, 4)], abs=5e-3)
+    assert {t.dtype for t in load_checkpoint(out / "ckpt.pt")["model"].values()} == {torch.float32}

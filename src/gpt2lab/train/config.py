@@ -170,7 +170,10 @@ class TrainConfig:
     dtype: str = _opt("run", "auto")  # auto | float32 | bfloat16 | float16 (autocast; fp16 with loss scaling)
     compile: bool = _opt("run", False)
     device: str = _opt("run", "auto")
-    strategy: str = _opt("run", "ddp")  # ddp | fsdp, used under torchrun
+    strategy: str = _opt("run", "ddp")  # ddp | fsdp, used in a process group
+    # auto: a process group under torchrun only; always: a group of one in a single process too, which
+    # runs the DDP / FSDP2 paths on one device (gpt2lab.train.distributed)
+    process_group: str = _opt("run", "auto")
     hellaswag_interval: int = _opt("run", 0)  # score HellaSwag every N steps (and at the end); 0: never
     hellaswag_file: str = _opt("run", "val")  # a HellaSwag jsonl, or "val": the official file, downloaded
     log_to: list = field(default_factory=list, metadata={"section": "run", "key": None})  # gpt2lab.train.tracking
@@ -252,6 +255,7 @@ class TrainConfig:
 _CHOICES = {
     "dtype": ("auto", "float32", "bfloat16", "float16"),
     "strategy": ("ddp", "fsdp"),
+    "process_group": ("auto", "always"),
     "convert_kv_init": ("mean", "first"),
 }
 _INTEGERS = {  # field: smallest value

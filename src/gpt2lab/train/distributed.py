@@ -1,7 +1,10 @@
 """Many processes, one training loop: process-group setup, DDP / FSDP2 wrapping, full state dicts.
 
-Under ``torchrun`` (``WORLD_SIZE`` > 1) each process joins a group (gloo on CPU, NCCL on CUDA). The
-model is replicated (DDP) or sharded per block (FSDP2, ``fully_shard``). Checkpoints always hold
+Under ``torchrun`` (``WORLD_SIZE`` > 1) each process joins a group (gloo on CPU, NCCL on CUDA). With
+``[run] process_group = "always"`` a plain single process forms a group of one, so the wrapped paths
+(DDP's buckets and hooks; FSDP2's all-gathers, reduce-scatters and mixed precision; the loop's
+collectives) run on a one-GPU box as they would on many: a check of the wiring, not a speed-up.
+The model is replicated (DDP) or sharded per block (FSDP2, ``fully_shard``). Checkpoints always hold
 *full*, unsharded state dicts keyed by parameter name, so one file format serves one process, DDP
 and FSDP, and a run can resume under a different number of processes.
 """
@@ -9,6 +12,9 @@ and FSDP, and a run can resume under a different number of processes.
 from __future__ import annotations
 
 import os
+import shutil
+import tempfile
+from collections.abc import Callable
 from contextlib import nullcontext
 from dataclasses import dataclass
 
@@ -16,6 +22,7 @@ import torch
 import torch.distributed as torch_dist
 from torch.nn.parallel import DistributedDataParallel
 
+from gpt2lab.errors import GPT2LabError
 from gpt2lab.kernels.lm_head_loss import LanguageModelLoss
 
 
@@ -24,6 +31,11 @@ class Dist:
     rank: int
     world: int
     device: torch.device
+    # In a process group: the model is wrapped (DDP / FSDP2) and the loop's collectives go through the
+    # group, a group of one included: the same calls as on N processes, so a one-process run checks them
+    # too (NCCL, for one, refuses a tensor left on the host). ``world`` says how many results combine.
+    grouped: bool = False
+    store_dir: str | None = None  # a group of one's FileStore folder, removed by teardown
 
     @property
     def master(self) -> bool:
@@ -31,7 +43,8 @@ class Dist:
 
     @property
     def active(self) -> bool:
-        return self.world > 1
+        """Collectives go through a process group (several processes, or one with ``process_group = "always"``)."""
+        return self.grouped
 
     def barrier(self) -> None:
         if self.active:
@@ -64,47 +77,107 @@ def resolve_device(name: str, local_rank: int = 0) -> torch.device:
     return device
 
 
-def setup(device_name: str = "auto") -> Dist:
-    """Join the process group when launched by torchrun; a plain single process otherwise."""
+def setup(device_name: str = "auto", process_group: str = "auto") -> Dist:
+    """Join the process group when launched by torchrun (``WORLD_SIZE`` > 1); with ``process_group =
+    "always"``, form a group of one in a single process; otherwise a plain single process, no group."""
     world = int(os.environ.get("WORLD_SIZE", "1"))
     rank = int(os.environ.get("RANK", "0"))
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
     device = resolve_device(device_name, local_rank)
-    if world > 1:
-        if device.type == "cuda":
-            torch.cuda.set_device(device)
-        torch_dist.init_process_group(backend="nccl" if device.type == "cuda" else "gloo")
-    return Dist(rank, world, device)
+    if world == 1 and process_group != "always":
+        return Dist(rank, world, device)
+    if not torch_dist.is_available():
+        raise GPT2LabError("this PyTorch build has no torch.distributed: train in one process (process_group = auto)")
+    if torch_dist.is_initialized():
+        raise GPT2LabError(
+            "a process group already exists in this process; gpt2lab forms its own: destroy that one first, "
+            "or train in a process of its own"
+        )
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+    backend = "nccl" if device.type == "cuda" else "gloo"
+    # Bound to its GPU, NCCL connects at once and barriers know the device instead of guessing it.
+    device_id = device if device.type == "cuda" else None
+    if world > 1:  # torchrun's rendezvous (MASTER_ADDR, MASTER_PORT in the environment)
+        torch_dist.init_process_group(backend=backend, device_id=device_id)
+        return Dist(rank, world, device, grouped=True)
+    # A group of one meets in a file, not on a port: nothing listens on the network, no torchrun variables
+    # are needed, and each run's store is fresh (a FileStore must start empty).
+    store_dir = tempfile.mkdtemp(prefix="gpt2lab-group-")
+    try:
+        store = torch_dist.FileStore(os.path.join(store_dir, "store"), 1)
+        torch_dist.init_process_group(backend=backend, store=store, rank=0, world_size=1, device_id=device_id)
+    except BaseException:
+        shutil.rmtree(store_dir, ignore_errors=True)
+        raise
+    return Dist(0, 1, device, grouped=True, store_dir=store_dir)
 
 
 def teardown(dist: Dist) -> None:
-    if dist.active and torch_dist.is_initialized():
+    """Leave the group (a later run in this process forms its own) and remove a group of one's store."""
+    if dist.grouped and torch_dist.is_initialized():
         torch_dist.barrier()  # without it gloo sometimes aborts at exit ("terminate called without ...")
         torch_dist.destroy_process_group()
+    if dist.store_dir is not None:
+        shutil.rmtree(dist.store_dir, ignore_errors=True)
 
 
-def wrap_model(model: torch.nn.Module, dist: Dist, strategy: str) -> tuple[torch.nn.Module, torch.nn.Module]:
-    """``(model, loss)``: the model whose parameters, state dicts and logits the loop uses, and the module
-    whose ``forward(idx, targets)`` is the training loss (:class:`LanguageModelLoss`), through which every
-    training step runs. DDP replicates the loss module, so its hooks see each step; FSDP2 shards each block
-    of the model, then the model, whose :meth:`GPT.hidden_states` (what the loss calls) gathers them just
-    in time. A single process trains the bare model."""
+def wrap_model(
+    model: torch.nn.Module, dist: Dist, strategy: str, dtype: torch.dtype = torch.float32, compile: bool = False
+) -> tuple[torch.nn.Module, torch.nn.Module, Callable]:
+    """``(model, loss, loss_fn)``: the model whose parameters, state dicts and logits the loop uses; the
+    module whose ``forward(idx, targets)`` is the training loss (:class:`LanguageModelLoss`), which
+    :func:`sync_context` takes; and what each step calls, ``loss`` or ``loss`` compiled.
+
+    DDP replicates the loss module, so its hooks see each step; FSDP2 shards each block of the model,
+    then the model, whose :meth:`GPT.hidden_states` (what the loss calls) gathers them just in time.
+    Outside a process group the bare model trains.
+
+    With ``compile``, a single process and DDP compile the whole loss module, as nanoGPT compiles its
+    model: one graph from token ids to the loss, in which Inductor fuses across block boundaries (a
+    block's residual add into the next LayerNorm, the final LayerNorm into the loss) and Dynamo splits
+    DDP's graph at its gradient buckets. FSDP2 compiles each block on its own instead: its all-gathers
+    and reduce-scatters run in hooks at block boundaries, where a whole-model graph would break anyway,
+    and identical blocks share one compiled graph, so compiling takes a fraction of the time. (Which
+    of the two steps faster on a GPU is unmeasured.)
+    """
     loss = LanguageModelLoss(model)
-    if not dist.active:
-        return model, loss
-    if strategy == "fsdp":
-        from torch.distributed.device_mesh import init_device_mesh
-        from torch.distributed.fsdp import fully_shard, register_fsdp_forward_method
+    if dist.grouped and strategy == "fsdp":
+        _shard(model, dist, dtype, compile)
+        return model, loss, loss
+    if dist.grouped:
+        if dist.device.type == "cuda":  # one GPU per process: DDP's module, inputs and outputs live on it
+            index = dist.device.index
+            loss = DistributedDataParallel(loss, device_ids=[index], output_device=index)
+        else:  # CPU modules take no device ids
+            loss = DistributedDataParallel(loss)
+    return model, loss, torch.compile(loss) if compile else loss
 
-        mesh = init_device_mesh(dist.device.type, (dist.world,))
-        for block in model.transformer.h:
-            fully_shard(block, mesh=mesh)
-        # Not resharded after forward: the loss reads lm_head.weight (= wte) after hidden_states returns.
-        fully_shard(model, mesh=mesh, reshard_after_forward=False)
-        register_fsdp_forward_method(model, "hidden_states")
-        return model, loss
-    device_ids = [dist.device.index] if dist.device.type == "cuda" else None
-    return model, DistributedDataParallel(loss, device_ids=device_ids)
+
+def _shard(model: torch.nn.Module, dist: Dist, dtype: torch.dtype, compile: bool) -> None:
+    """FSDP2: each block a unit of its own (compiled first with ``compile``), then the root (embeddings,
+    final LayerNorm, the tied LM head)."""
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard, register_fsdp_forward_method
+
+    mesh = init_device_mesh(dist.device.type, (dist.world,))
+    # bf16: parameters are gathered and used in bf16 (half the all-gather bytes), gradients are
+    # reduce-scattered in fp32. The reduction sums every rank's gradient, and in bf16 (8 bits of
+    # mantissa) each addition would round away the small contributions, more with every rank; in fp32
+    # the sum is as good as one process's and lands in the fp32 shard that AdamW updates, and gradient
+    # accumulation between synced micro-batches happens in fp32 too. Autocast still wraps the step:
+    # matrix products in bf16 either way, and on CUDA LayerNorm and softmax are upcast to fp32.
+    if dtype == torch.bfloat16:
+        policy = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
+    else:  # fp32, or fp16 through autocast: parameters stay fp32 (fp16's loss scaler unscales fp32 gradients)
+        policy = MixedPrecisionPolicy()
+    for block in model.transformer.h:
+        if compile:
+            block.compile()  # in place: parameter names and state dicts unchanged
+        fully_shard(block, mesh=mesh, mp_policy=policy)
+    # Not resharded after forward: the loss reads lm_head.weight (= wte) after hidden_states returns.
+    fully_shard(model, mesh=mesh, reshard_after_forward=False, mp_policy=policy)
+    register_fsdp_forward_method(model, "hidden_states")
 
 
 def sync_context(loss: torch.nn.Module, last: bool):

@@ -93,7 +93,9 @@ class Trainer:
         self.flops_per_token = train_flops_per_token(cfg, model.config) if peak else None
         resume_state = resume_checkpoint(cfg, self.data, model.config, allow_changes, from_saved) if resume else None
 
-        self.wrapped, self.loss = wrap_model(model.to(device), dist, cfg.strategy)
+        # the model, the loss module (for sync_context), what each step calls (compiled whole or per block)
+        wrapped = wrap_model(model.to(device), dist, cfg.strategy, self.dtype, cfg.compile)
+        self.wrapped, self.loss, self.loss_fn = wrapped
         self.optimizer = make_optimizer(self.wrapped, cfg, device)
         self.scaler = grad_scaler(self.dtype, device)
         self.step = 0
@@ -107,7 +109,6 @@ class Trainer:
                 self.scaler.load_state_dict(resume_state["scaler"])
             self.step = resume_state["step"]
             self.skipped, self.overflows = resume_state.get("skipped", 0), resume_state.get("overflows", 0)
-        self.loss_fn = torch.compile(self.loss) if cfg.compile else self.loss  # (x, y) -> mean loss
         self.resumed = resume_state is not None
         self.stop_signal: int | None = None
         self.losses: list[tuple[int, float]] = []
@@ -370,7 +371,7 @@ def train(
     """
     run_dir = Path(cfg.out_dir)
     check_run_folder(run_dir, resume, overwrite)
-    dist, lock = setup(cfg.device), None
+    dist, lock = setup(cfg.device, cfg.process_group), None
     try:
         # reads the data (and checkpoint); writes nothing
         trainer = Trainer(cfg, dist, resume, allow_changes, from_saved_model, run_name)

@@ -28,7 +28,7 @@ from gpt2lab.train.run import METRICS_NAME, TRAIN_CONFIG_FILE, holds_run, read_m
 RESUMABLE_CHANGES = (
     "max_iters", "eval_interval", "eval_iters", "log_interval", "ckpt_interval",
     "out_dir", "device", "compile", "strategy", "skip_nonfinite", "hellaswag_interval", "hellaswag_file",
-    "reference", "log_to",
+    "reference", "log_to", "process_group",
 )  # fmt: skip
 # Model fields that change what training computes but not the weights' shapes: --allow-changes may change them.
 MODEL_TRAINING_FIELDS = ("dropout",)
