@@ -1,219 +1,284 @@
-"""The GPU check (run by scripts/gpu-check.sh): what the CPU test suite cannot show, in a few minutes on one GPU.
+"""The GPU check (run by scripts/gpu-check.sh; the device command is in scripts/device-gpu-check.md): what the
+CPU test suite cannot show, in under 8 minutes on one H100/H200, compilation included.
 
-1. parity: gpt2lab's GPT-2 124M against transformers' GPT2LMHeadModel on CUDA, same weights: logits
-   (fp32 with TF32 off, and bf16) and 32 greedy tokens;
-2. training: 50 steps of 124M in bf16 with torch.compile through ``gpt2lab.train.loop.train``: tokens/s,
-   MFU against the GPU's peak (gpt2lab.train.plan's FLOP count and peaks), peak memory vs the plan's estimate;
-3. attention: sliding window 256 vs full causal, forward + backward at 4k tokens, and window = T equal
-   to full attention;
-4. decoding: greedy tokens/s of gpt2lab vs transformers, batch 1, fp32 and bf16.
+Sections, in this order, each under its own time budget (``BUDGETS``) and the total (``--budget``):
 
-Weights are the real GPT-2 when ``--weights`` names a folder either library reads, else random
-(seeded) weights in the hub layout, loaded by both sides. Results go to ``--out`` (JSON) and a
-Markdown table beside it, for docs/benchmarks.md. ``--smoke`` runs tiny sizes (also on CPU) to check
-the script itself.
+  environment  GPU, torch, CUDA, driver, the peak FLOP/s that MFU divides by, a measured bf16 matmul rate
+  parity       gpt2lab's GPT-2 against transformers' on the same weights: logits in fp32 (TF32 off) and
+               bf16, 32 greedy tokens
+  decoding     124M greedy decoding in fp32 at B=1 and B=64: eager, compiled, compiled + CUDA graphs;
+               tokens/s, tokens equal
+  tiny_loss    one tiny character-level run (same config, seed, data) on the CPU and on the GPU: the losses
+  distributed  the tiny run under DDP and FSDP2 on a one-process group, against the bare run
+  attention    sliding window vs full causal at T=1024/4096/8192, forward + backward in bf16, every path
+               checked against a dense-mask reference (gpu_check_attention.py)
+  training     124M at T=1024, bf16, compiled, B=64 then B=16, through gpt2lab.train.loop.train: tokens/s,
+               MFU, peak memory against `gpt2lab plan`; last, as the longest (two compilations of about
+               a minute and a half each, evaluation's included): what is left of the total goes to it
+
+The fp32 sections come first: the trainer switches TF32 on for the whole process, and this check never
+sets it itself (setting it through two APIs in one process breaks Inductor in recent PyTorch).
+
+The JSON (``--out``) and its Markdown table (same name, ``.md``) are rewritten, atomically, after every
+section. A section that fails records its error and the next one runs; one that runs past its budget is
+stopped (SIGALRM) with the figures it had; SIGTERM (the shell's outer timeout) stops the check with
+everything finished so far on disk. ``--smoke`` runs every section at tiny sizes, on a CPU too (what needs
+CUDA is recorded as skipped): the tests run it. Sizes and sections: gpu_check_sections.py.
 """
 
 from __future__ import annotations
 
 import argparse
+import datetime
+import gc
 import json
-import statistics
+import os
+import platform
+import re
+import signal
+import subprocess
 import sys
 import tempfile
 import time
+import traceback
+from collections.abc import Callable
+from importlib import metadata
 from pathlib import Path
 
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import load_gpt2lab, load_reference, save_random_reference  # noqa: E402
+import gpu_check_sections as sections  # noqa: E402
+from gpu_check_attention import attention  # noqa: E402
+from gpu_check_sections import Context, Stopped  # noqa: E402
 
-from gpt2lab.config import GPTConfig  # noqa: E402
 from gpt2lab.files import write_json, write_text  # noqa: E402
-from gpt2lab.kernels.lm_head_loss import lm_head_loss  # noqa: E402
-from gpt2lab.model import GPT  # noqa: E402
-from gpt2lab.train.plan import PEAK_FLOPS, plan  # noqa: E402
+from gpt2lab.train.plan import peak_flops  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
-FULL = dict(greedy=32, steps=50, batch=16, length=4096, window=256, repeats=5, new_tokens=256)
-SMOKE = dict(greedy=8, steps=4, batch=2, length=512, window=64, repeats=1, new_tokens=8)
+# Seconds per section on one H100/H200 (estimates: the 124M training step compiles in about a minute, the decoding
+# step and the flex kernels in tens of seconds). They add up to more than the total on purpose: most sections end
+# well inside theirs, and the total cuts the last ones short rather than the first.
+BUDGETS = {"environment": 30, "parity": 75, "decoding": 100, "tiny_loss": 45, "distributed": 60, "attention": 90,
+           "training": 230}  # fmt: skip
+SMOKE_BUDGETS = dict.fromkeys(BUDGETS, 45)
+TOTAL_BUDGET, SMOKE_TOTAL_BUDGET = 420, 150  # seconds; scripts/gpu-check.sh's timeout comes 40 s after
+MIN_SECTION_SECONDS = 10  # a section is skipped rather than started with less than this left
 
 
-def sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize()
+class SectionTimeout(BaseException):
+    """A section ran past its budget (raised from SIGALRM). Not an Exception: nothing inside may swallow it."""
 
 
-def parity(weights: Path, device: torch.device, new_tokens: int) -> dict:
-    torch.backends.cuda.matmul.allow_tf32 = False  # exact fp32 products for the fp32 comparison
-    prompt = torch.randint(0, 50257, (2, 64), generator=torch.Generator().manual_seed(0)).to(device)
-    result = {}
-    for name, dtype in (("fp32", torch.float32), ("bf16", torch.bfloat16)):
-        ours, ref = load_gpt2lab(weights, dtype).to(device), load_reference(weights, dtype).to(device)
-        with torch.no_grad():
-            a, b = ours(prompt).float(), ref(prompt).logits.float()
-        result[f"{name}_max_abs_logit_diff"] = (a - b).abs().max().item()
-        if name == "fp32":
-            ref_ids = ref.generate(prompt[:1], max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False)
-            our_ids = ours.generate(prompt[:1], new_tokens, temperature=0)
-            result["greedy_tokens_equal"] = torch.equal(ref_ids.cpu(), torch.as_tensor(our_ids).cpu())
-        del ours, ref
-    torch.backends.cuda.matmul.allow_tf32 = True
-    result["fp32_ok"] = result["fp32_max_abs_logit_diff"] < 1e-3
-    return result
+def _raise(kind: type[BaseException]):
+    def handler(signum, frame):
+        raise kind()
+
+    return handler
 
 
-def training(device: torch.device, steps: int, batch: int, smoke: bool) -> dict:
-    from gpt2lab.data.tokens import prepare
-    from gpt2lab.train.config import load_config
-    from gpt2lab.train.loop import train
-    from gpt2lab.train.run import read_metrics
-
-    with tempfile.TemporaryDirectory() as tmp:
-        prepare("pydoc", Path(tmp) / "data")
-        sets = [f"data.dir={tmp}/data", f"out_dir={tmp}/run", f"max_iters={steps}", f"batch_size={batch}",
-                "grad_accum=1", "warmup_iters=10", "eval_interval=100000", "eval_iters=1", "ckpt_interval=100000",
-                "log_interval=1", f"device={device.type}"]  # fmt: skip
-        if smoke:
-            sets += ["preset=tiny", "model.n_layer=2", "model.n_embd=64", "batch.block_size=64", "compile=false",
-                     "dtype=float32"]  # fmt: skip
-        cfg = load_config(ROOT / "configs" / "gpt2-124m.toml", sets)
-        if device.type == "cuda":
-            torch.cuda.reset_peak_memory_stats()
-        started = time.perf_counter()
-        train(cfg)
-        seconds = time.perf_counter() - started
-        dts = [r["dt"] for r in read_metrics(Path(tmp) / "run") if "dt" in r][min(10, steps // 2) :]
-    return _training_figures(cfg, device, dts, seconds)
-
-
-def _training_figures(cfg, device: torch.device, dts: list[float], seconds: float) -> dict:
-    p = plan(cfg)
-    tok_s = p["tokens_per_step"] / statistics.median(dts)
-    gpu = (
-        next((name for name in PEAK_FLOPS if name in torch.cuda.get_device_name()), None)
-        if device.type == "cuda"
-        else None
+def environment(ctx: Context, out: dict) -> None:
+    out |= {"python": platform.python_version(), "torch": torch.__version__, "cuda": torch.version.cuda,
+            "device": ctx.device.type, "commit": _git_commit()}  # fmt: skip
+    for package in ("transformers", "triton"):
+        try:
+            out[package] = metadata.version(package)
+        except metadata.PackageNotFoundError:
+            out[package] = "missing"
+    if not ctx.cuda:
+        out["headline"] = f"no CUDA: {platform.processor() or platform.machine()}, torch {torch.__version__}"
+        return
+    props = torch.cuda.get_device_properties(ctx.device)
+    out |= {"gpu": props.name, "capability": f"{props.major}.{props.minor}", "memory_gib": props.total_memory / 2**30,
+            "multiprocessors": props.multi_processor_count, "driver": _driver()}  # fmt: skip
+    peak = peak_flops(ctx.device, torch.bfloat16)
+    out["peak_bf16_flops"] = peak  # None: the GPU is not in gpt2lab.train.plan.PEAK_FLOPS, and no MFU is computed
+    out["peak_source"] = "gpt2lab.train.plan.PEAK_FLOPS: datasheet, dense bf16" if peak else "GPU not listed: no MFU"
+    out["matmul_bf16_tflops"] = sections.matmul_tflops(ctx.device)
+    out["headline"] = (
+        f"{props.name}, driver {out['driver']}, torch {torch.__version__} CUDA {torch.version.cuda}; "
+        f"bf16 matmul {out['matmul_bf16_tflops']:.0f} TFLOP/s measured, peak used for MFU "
+        f"{peak / 1e12 if peak else float('nan'):.0f}"
     )
-    result = {
-        "batch": f"{cfg.batch_size} x {cfg.block_size}",
-        "steps": cfg.max_iters,
-        "wall_s_incl_compile": seconds,
-        "median_step_s": statistics.median(dts),
-        "tokens_per_s": tok_s,
-        "mfu": tok_s * p["flops"]["train_per_token"] / PEAK_FLOPS[gpu][p["dtype"]] if gpu else None,
-        "planned_memory_gib": p["memory_per_gpu"]["ddp"]["total"] / 2**30,
-    }
-    if device.type == "cuda":
-        result["peak_memory_gib"] = torch.cuda.max_memory_allocated() / 2**30
-    return result
 
 
-def _fwd_bwd_ms(model: GPT, x: torch.Tensor, repeats: int) -> float:
-    times = []
-    for i in range(repeats + 2):
-        sync(x.device)
-        start = time.perf_counter()
-        with torch.autocast(x.device.type, dtype=torch.bfloat16, enabled=x.device.type == "cuda"):
-            loss = lm_head_loss(model.hidden_states(x), model.lm_head.weight, x)  # what `gpt2lab train` runs
-        loss.backward()
-        sync(x.device)
-        if i >= 2:
-            times.append(time.perf_counter() - start)
-        model.zero_grad(set_to_none=True)
-    return 1000 * statistics.median(times)
+def _driver() -> str:
+    try:
+        query = ["nvidia-smi", "--query-gpu=driver_version", "--format=csv,noheader"]
+        return subprocess.run(query, capture_output=True, text=True, timeout=10).stdout.strip() or "unknown"
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
 
 
-def attention(device: torch.device, length: int, window: int, repeats: int, smoke: bool) -> dict:
-    shape = dict(n_layer=2, n_head=4, n_embd=64) if smoke else dict(n_layer=12, n_head=12, n_embd=768)
-    base = GPTConfig(pos_encoding="rope", block_size=length, **shape)
-    torch.manual_seed(0)
-    full = GPT(base).to(device)
-    x = torch.randint(0, 50257, (1, length), device=device)
-    windowed = GPT(base.replace(window=window)).to(device)
-    windowed.load_state_dict(full.state_dict())
-    whole = GPT(base.replace(window=length)).to(device)  # a window covering everything is full attention
-    whole.load_state_dict(full.state_dict())
-    with torch.no_grad():
-        diff = (whole(x[:, :512]) - full(x[:, :512])).abs().max().item()
-    full_ms, window_ms = _fwd_bwd_ms(full, x, repeats), _fwd_bwd_ms(windowed, x, repeats)
-    return {"tokens": length, "window": window, "full_ms": full_ms, "window_ms": window_ms,
-            "speedup": full_ms / window_ms, "window_T_vs_full_max_diff": diff}  # fmt: skip
+def _git_commit() -> str:
+    try:
+        head = subprocess.run(["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True, text=True, timeout=10)
+        return head.stdout.strip() or "unknown"
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
 
 
-def _decode_tok_s(fn, device: torch.device, new_tokens: int) -> float:
-    fn()  # warm-up: kernels, allocator
-    sync(device)
-    start = time.perf_counter()
-    fn()
-    sync(device)
-    return new_tokens / (time.perf_counter() - start)
+SECTIONS: dict[str, Callable[[Context, dict], None]] = {
+    "environment": environment,
+    "parity": sections.parity,
+    "decoding": sections.decoding,
+    "tiny_loss": sections.tiny_loss,
+    "distributed": sections.distributed,
+    "attention": attention,
+    "training": sections.training,
+}
 
 
-def decoding(weights: Path, device: torch.device, new_tokens: int) -> dict:
-    prompt = torch.randint(0, 50257, (1, 16), generator=torch.Generator().manual_seed(1)).to(device)
-    result = {}
-    for name, dtype in (("fp32", torch.float32), ("bf16", torch.bfloat16)):
-        ours, ref = load_gpt2lab(weights, dtype).to(device), load_reference(weights, dtype).to(device)
-        ours_tok_s = _decode_tok_s(lambda m=ours: m.generate(prompt, new_tokens, temperature=0), device, new_tokens)
-        ref_tok_s = _decode_tok_s(
-            lambda m=ref: m.generate(prompt, max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False),
-            device,
-            new_tokens,
-        )
-        result[name] = {"gpt2lab_tok_s": ours_tok_s, "transformers_tok_s": ref_tok_s, "ratio": ours_tok_s / ref_tok_s}
-        del ours, ref
-    return result
+# ---------------------------------------------------------------------------------------- the runner
+
+
+def run_sections(
+    chosen: dict[str, Callable[[Context, dict], None]],
+    budgets: dict[str, float],
+    total: float,
+    ctx: Context,
+    results: dict,
+    out: Path,
+    min_seconds: float = MIN_SECTION_SECONDS,
+) -> None:
+    """Run each section under min(its budget, what is left of ``total``; skipped under ``min_seconds``); after each,
+    rewrite ``out``. Raises :class:`Stopped` on SIGTERM, after writing what was finished."""
+    start = time.monotonic()
+    handlers = {signal.SIGALRM: signal.signal(signal.SIGALRM, _raise(SectionTimeout)),
+                signal.SIGTERM: signal.signal(signal.SIGTERM, _raise(Stopped))}  # fmt: skip
+    try:
+        for name, section in chosen.items():
+            figures = results["sections"].setdefault(name, {})
+            seconds = min(budgets[name], total - (time.monotonic() - start))
+            try:
+                if seconds < min_seconds:
+                    figures["status"] = f"skipped: {max(seconds, 0):.0f} s of the total budget left"
+                else:
+                    _run_one(section, seconds, ctx, figures)
+            finally:  # after every section, SIGTERM included
+                write_results(results, out)
+                print(headline(name, figures), flush=True)
+    finally:
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        for signum, handler in handlers.items():
+            signal.signal(signum, handler)
+
+
+def _run_one(section, seconds: float, ctx: Context, figures: dict) -> None:
+    """One section under an alarm: its figures, and its status ("ok", "timeout ...", "error") in ``figures``."""
+    began = time.monotonic()
+    ctx.deadline = began + seconds
+    try:
+        signal.setitimer(signal.ITIMER_REAL, seconds)
+        section(ctx, figures)
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        figures.setdefault("status", "ok")
+    except SectionTimeout:
+        figures["status"] = f"timeout: stopped at the end of its {seconds:.0f} s, with the figures measured by then"
+    except Stopped:
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        figures["status"] = "stopped by SIGTERM (the outer timeout)"
+        raise
+    except Exception as error:  # the next section runs all the same
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        figures["status"] = "error"
+        figures["error"] = f"{type(error).__name__}: {(str(error).strip().splitlines() or [''])[0]}"[:300]
+        figures["traceback"] = traceback.format_exc().strip().splitlines()[-12:]
+    finally:
+        figures["seconds"] = round(time.monotonic() - began, 1)
+        gc.collect()
+        if ctx.cuda:
+            torch.cuda.empty_cache()
+
+
+def headline(name: str, figures: dict) -> str:
+    """The line printed for a section: its state, its time, its headline figures (or what stopped it)."""
+    state, _, why = figures.get("status", "?").partition(": ")
+    detail = " ".join(part for part in (figures.get("headline"), figures.get("error"), why) if part)
+    return f"{name:<12} {state:<8} {figures.get('seconds', 0):6.1f} s  {detail}"
+
+
+def write_results(results: dict, out: Path) -> None:
+    out.parent.mkdir(parents=True, exist_ok=True)
+    write_json(out, results)
+    write_text(out.with_suffix(".md"), markdown(results))
 
 
 def markdown(results: dict) -> str:
-    lines = [f"# GPU check: {results['device']} (torch {results['torch']})", ""]
-    for section, values in results.items():
-        if isinstance(values, dict):
-            lines += [f"## {section}", "", "| figure | value |", "| --- | --- |"]
-            for key, value in values.items():
-                shown = (
-                    json.dumps(value)
-                    if isinstance(value, dict)
-                    else (f"{value:.4g}" if isinstance(value, float) else value)
-                )
-                lines.append(f"| {key} | {shown} |")
-            lines.append("")
+    """Every section as a two-column table (nested figures flattened to dotted names), for docs/benchmarks.md."""
+    lines = [f"# GPU check: {results['device']} ({results['date']}, torch {results['torch']})", ""]
+    for section, figures in results["sections"].items():
+        lines += [f"## {section}", "", "| figure | value |", "| --- | --- |"]
+        lines += [f"| {key} | {_shown(value)} |" for key, value in _flatten(figures) if key != "traceback"]
+        lines.append("")
     return "\n".join(lines)
 
 
-def main() -> None:
+def _flatten(figures: dict, prefix: str = "") -> list[tuple[str, object]]:
+    rows = []
+    for key, value in figures.items():
+        if isinstance(value, dict):
+            rows += _flatten(value, f"{prefix}{key}.")
+        else:
+            rows.append((f"{prefix}{key}", value))
+    return rows
+
+
+def _shown(value) -> str:
+    if isinstance(value, float):
+        return f"{value:.4g}"
+    if isinstance(value, list) and len(value) > 6:
+        return f"{len(value)} values: {_shown(value[0])} … {_shown(value[-1])}"
+    text = json.dumps(value) if isinstance(value, list) else str(value)
+    return text.replace("|", "\\|")
+
+
+def default_out(device_name: str, smoke: bool) -> Path:
+    """benchmarks/results/gpu-check-<gpu>-<date>.json, the GPU named as in lower case with dashes."""
+    slug = re.sub(r"[^a-z0-9]+", "-", device_name.lower()).strip("-") or "unknown"
+    date = datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%d")
+    return ROOT / "benchmarks" / "results" / f"gpu-check-{'smoke-' if smoke else ''}{slug}-{date}.json"
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--weights", type=Path, default=None, help="a GPT-2 folder (hub layout); default: random")
-    parser.add_argument("--out", type=Path, default=Path("benchmarks/results/gpu-check.json"))
+    parser.add_argument("--out", type=Path, default=None, help="the JSON file (the .md goes beside it)")
     parser.add_argument("--smoke", action="store_true", help="tiny sizes, CPU allowed: checks the script itself")
-    args = parser.parse_args()
+    parser.add_argument("--budget", type=float, default=None, help="total seconds (default 420; smoke 150)")
+    parser.add_argument("--sections", default=",".join(SECTIONS), help=f"comma-separated, of {', '.join(SECTIONS)}")
+    args = parser.parse_args(argv)
+    unknown = [s for s in args.sections.split(",") if s not in SECTIONS]
+    if unknown:
+        parser.error(f"unknown section(s) {', '.join(unknown)}; the sections are {', '.join(SECTIONS)}")
+    return args
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if device.type != "cuda" and not args.smoke:
-        sys.exit("error: no CUDA device: the GPU check needs one (--smoke runs tiny sizes on CPU)")
+        print("error: no CUDA device: the GPU check needs one (--smoke runs tiny sizes on CPU)", file=sys.stderr)
+        return 1
     name = torch.cuda.get_device_name() if device.type == "cuda" else "cpu"
-    results: dict = {"device": name, "torch": torch.__version__}
-    with tempfile.TemporaryDirectory() as tmp:
-        weights = args.weights
-        if weights is None:
-            weights = Path(tmp) / "random-gpt2"
-            save_random_reference(weights)
-        n = SMOKE if args.smoke else FULL
-        for section, run in (
-            ("parity", lambda: parity(weights, device, n["greedy"])),
-            ("training", lambda: training(device, n["steps"], n["batch"], args.smoke)),
-            ("attention", lambda: attention(device, n["length"], n["window"], n["repeats"], args.smoke)),
-            ("decoding", lambda: decoding(weights, device, n["new_tokens"])),
-        ):
-            started = time.perf_counter()
-            results[section] = run()
-            print(f"{section} ({time.perf_counter() - started:.0f} s): {json.dumps(results[section])}", flush=True)
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    write_json(args.out, results)
-    write_text(args.out.with_suffix(".md"), markdown(results))
-    print(f"results: {args.out}, {args.out.with_suffix('.md')}")
+    out = args.out or default_out(name, args.smoke)
+    chosen = {s: SECTIONS[s] for s in SECTIONS if s in args.sections.split(",")}
+    total = args.budget or (SMOKE_TOTAL_BUDGET if args.smoke else TOTAL_BUDGET)
+    date = datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%d %H:%M UTC")
+    results = {"device": name, "date": date, "torch": torch.__version__, "smoke": args.smoke, "budget_s": total,
+               "sections": {}}  # fmt: skip
+    print(f"GPU check on {name}: {', '.join(chosen)} within {total:.0f} s; results in {out}", flush=True)
+    with tempfile.TemporaryDirectory(prefix="gpu-check-") as tmp:
+        ctx = Context(device, args.smoke, Path(tmp), args.weights)
+        try:
+            run_sections(chosen, SMOKE_BUDGETS if args.smoke else BUDGETS, total, ctx, results, out)
+        except Stopped:
+            print(f"stopped by SIGTERM; finished sections are in {out}", flush=True)
+            return 143
+    print("\n".join(["", "summary:", *(headline(n, f) for n, f in results["sections"].items()), f"results: {out}"]))
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    sys.exit(main())

