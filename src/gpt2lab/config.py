@@ -36,6 +36,10 @@ class GPTConfig:
     * ``pos_encoding``: ``"learned"`` (GPT-2's ``wpe`` table) or ``"rope"`` (rotary, no ``wpe``).
     * ``n_kv_head``: key/value heads; ``None`` means ``n_head`` (multi-head), ``1`` is multi-query.
     * ``activation``: the MLP's nonlinearity, one of :data:`ACTIVATIONS` (``"gelu_tanh"`` is GPT-2's).
+    * ``padded_vocab_size``: rows of ``wte`` and the LM head, ``None`` meaning ``vocab_size``. Training pads
+      the vocabulary to a multiple of 64 (50,257 -> 50,304, as nanoGPT and llm.c do) so that the LM head's
+      product is aligned for tensor cores; the rows past ``vocab_size`` are never a real token (see
+      :class:`gpt2lab.model.GPT`) and are dropped on export.
     * ``window``: ``None`` for full causal attention, or W = the number of keys each query sees,
       *itself included* (query i attends to keys i-W+1 .. i). Mistral's ``sliding_window`` uses the
       same count; Longformer's one-sided window w corresponds to W = w + 1. A list gives one value per
@@ -45,6 +49,7 @@ class GPTConfig:
 
     block_size: int = 1024
     vocab_size: int = 50257
+    padded_vocab_size: int | None = None
     n_layer: int = 12
     n_head: int = 12
     n_embd: int = 768
@@ -63,6 +68,8 @@ class GPTConfig:
             self.window = [None if w == FULL_WINDOW else w for w in self.window]
         elif self.window == FULL_WINDOW:
             self.window = None
+        if self.padded_vocab_size == self.vocab_size:  # no padding, spelled one way so that configs compare equal
+            self.padded_vocab_size = None
         self.validate()
 
     # ------------------------------------------------------------------ validation
@@ -71,6 +78,11 @@ class GPTConfig:
             value = getattr(self, name)
             if not is_int(value) or value < 1:
                 raise GPT2LabError(f"config: {name} must be a positive integer, got {value!r}")
+        padded = self.padded_vocab_size
+        if padded is not None and (not is_int(padded) or padded < self.vocab_size):
+            raise GPT2LabError(
+                f"config: padded_vocab_size must be unset or an integer >= vocab_size {self.vocab_size}, got {padded!r}"
+            )
         if self.n_embd % self.n_head:
             raise GPT2LabError(f"config: n_embd ({self.n_embd}) must be divisible by n_head ({self.n_head})")
         if self.n_head % self.n_kv_head:
@@ -108,6 +120,15 @@ class GPTConfig:
     @property
     def head_dim(self) -> int:
         return self.n_embd // self.n_head
+
+    @property
+    def vocab_rows(self) -> int:
+        """Rows of ``wte`` and the LM head: ``padded_vocab_size``, or ``vocab_size`` when unpadded."""
+        return self.padded_vocab_size or self.vocab_size
+
+    def unpadded(self) -> GPTConfig:
+        """This config without vocabulary padding: what an exported model has."""
+        return self.replace(padded_vocab_size=None)
 
     def layer_window(self, layer: int) -> int | None:
         """The window of layer ``layer``: W keys seen by each query, or None for a global layer."""
@@ -147,6 +168,14 @@ class GPTConfig:
 
 
 FIELDS = tuple(f.name for f in dataclasses.fields(GPTConfig))
+
+
+def padded_vocab(vocab_size: int, multiple: int) -> int | None:
+    """``vocab_size`` rounded up to a multiple of ``multiple`` (50,257 -> 50,304 for 64), or None when it
+    already is one: the ``padded_vocab_size`` that training gives a model."""
+    padded = -(-vocab_size // multiple) * multiple
+    return None if padded == vocab_size else padded
+
 
 # Sizes of the four released GPT-2 models (Radford et al. 2019, table 2; hparams.json of each release).
 PRESETS: dict[str, dict[str, Any]] = {

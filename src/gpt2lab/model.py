@@ -9,7 +9,7 @@ from outside: CPU kernels and int8 weights swap its ``nn.Linear`` modules, the t
 :meth:`GPT.hidden_states`, compiled decoding calls :meth:`GPT.decode_step`. Generation is
 :mod:`gpt2lab.generation`.
 
-Shapes: B batch, T tokens, C = n_embd, V = vocab_size.
+Shapes: B batch, T tokens, C = n_embd, V = vocab_size, Vp = vocab_rows (V padded for training, see GPT).
 """
 
 from __future__ import annotations
@@ -72,6 +72,15 @@ class GPT(nn.Module):
     * an extra layer normalization after the final block (``transformer.ln_f``);
     * the output projection ``lm_head``, sharing its matrix with ``wte``.
 
+    **The padded vocabulary.** A model built for training has ``padded_vocab_size`` rows in ``wte`` and
+    ``lm_head`` (GPT-2's 50,257 padded to 50,304, a multiple of 64, as nanoGPT and llm.c do): the LM head is
+    the largest product of a step, and a vocabulary that is a multiple of 64 keeps it aligned for tensor
+    cores. The extra rows are no token. No input id reaches them, the logits are cut to the first
+    ``vocab_size`` columns after the product (so they are never sampled or scored), the training loss leaves
+    them out of its softmax (:mod:`gpt2lab.kernels.lm_head_loss`), so their gradient is zero and they stay
+    at the zero they start from; every export drops them. They take no random numbers at init, so a padded
+    model starts from exactly the weights of the unpadded one.
+
     :meth:`forward` gives logits; :meth:`hidden_states` the final-LayerNorm activations from which a
     loss without the logits is computed (:mod:`gpt2lab.kernels.lm_head_loss`); :meth:`loss` the plain
     cross-entropy.
@@ -83,7 +92,7 @@ class GPT(nn.Module):
         super().__init__()
         self.config = config
         parts = dict(
-            wte=nn.Embedding(config.vocab_size, config.n_embd),
+            wte=nn.Embedding(config.vocab_size, config.n_embd),  # padded below, after the init
             drop=nn.Dropout(config.dropout),
             h=nn.ModuleList(Block(config, i) for i in range(config.n_layer)),
             ln_f=nn.LayerNorm(config.n_embd, eps=config.layer_norm_epsilon),
@@ -99,6 +108,16 @@ class GPT(nn.Module):
         for name, p in self.named_parameters():
             if name.endswith("c_proj.weight"):
                 nn.init.normal_(p, mean=0.0, std=0.02 / math.sqrt(2 * config.n_layer))
+        if config.vocab_rows > config.vocab_size:
+            self._pad_vocabulary(config.vocab_rows)
+
+    def _pad_vocabulary(self, rows: int) -> None:
+        """Zero rows appended to the tied wte / lm_head matrix, up to ``rows`` (the class docstring says why)."""
+        wte = self.transformer.wte.weight
+        padding = wte.new_zeros(rows - wte.shape[0], wte.shape[1])
+        weight = nn.Parameter(torch.cat([wte.detach(), padding]))  # (Vp, C)
+        self.transformer.wte.weight, self.transformer.wte.num_embeddings = weight, rows
+        self.lm_head.weight, self.lm_head.out_features = weight, rows
 
     @staticmethod
     def _init_weights(module: nn.Module) -> None:
@@ -126,7 +145,7 @@ class GPT(nn.Module):
         index.
         """
         x = self.hidden_states(idx, cache=cache, attention_mask=attention_mask, position_ids=position_ids)
-        return self.lm_head(x[:, -1:] if last_only else x)  # (B, T, V)
+        return self._logits(x[:, -1:] if last_only else x)  # (B, T, V)
 
     def hidden_states(
         self,
@@ -167,7 +186,13 @@ class GPT(nn.Module):
         x = self._embed(tokens, positions)
         for block, layer_cache in zip(self.transformer.h, cache, strict=True):
             x = block(x, positions, layer_cache, slot_index=index)
-        return self.lm_head(self.transformer.ln_f(x))
+        return self._logits(self.transformer.ln_f(x))
+
+    def _logits(self, x: torch.Tensor) -> torch.Tensor:
+        """The LM head over the padded vocabulary, cut to the real one after the product, which stays aligned."""
+        logits = self.lm_head(x)  # (B, T, Vp)
+        V = self.config.vocab_size
+        return logits if logits.shape[-1] == V else logits[..., :V]  # (B, T, V)
 
     def _embed(self, idx: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
         x = self.transformer.wte(idx)  # token embeddings (B, T, C)

@@ -1,8 +1,11 @@
-"""Weight conversions between attention variants: multi-head to grouped-query (or multi-query).
+"""Weight conversions: multi-head to grouped-query (or multi-query) and back, and the padded vocabulary dropped.
 
 Ainslie et al. (2023) start GQA uptraining from a multi-head checkpoint whose key and value heads are
 mean-pooled within each group; queries, outputs and every other tensor are kept. Their ablation keeps
 each group's first head instead (``init="first"``), which they found worse.
+
+A model trained with a padded vocabulary (``padded_vocab_size``) has rows in ``wte`` that are no token;
+every writer drops them (:func:`drop_vocab_padding`), so what leaves gpt2lab is the plain model.
 """
 
 from __future__ import annotations
@@ -61,3 +64,12 @@ def repeat_kv_heads(config: GPTConfig, state: dict[str, torch.Tensor]):
         ]
         repeated_state[name] = torch.cat((q, *repeated), dim=0)
     return config.replace(n_kv_head=config.n_head), repeated_state
+
+
+def drop_vocab_padding(config: GPTConfig, state: dict[str, torch.Tensor]):
+    """``(config, state)`` without the padded vocabulary rows: ``wte`` cut to ``vocab_size`` rows (a copy, so
+    that no file holds a view of the larger matrix). The identity for an unpadded model."""
+    if config.padded_vocab_size is None:
+        return config, state
+    name = "transformer.wte.weight"
+    return config.unpadded(), {**state, name: state[name][: config.vocab_size].clone()}

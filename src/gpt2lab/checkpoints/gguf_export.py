@@ -28,6 +28,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from gpt2lab.checkpoints.convert import drop_vocab_padding
 from gpt2lab.checkpoints.gguf_vocab import GGUFVocab, gguf_vocab
 from gpt2lab.config import GPTConfig
 from gpt2lab.errors import GPT2LabError
@@ -117,8 +118,10 @@ def export_gguf(
     """Write ``path``, a GGUF file of ``config`` + ``state`` (gpt2lab's names, tied head left out) with the
     vocabulary of ``tokenizer``, its matrices in ``file_type`` (one of :data:`GGUF_TYPES`).
 
-    An existing ``path`` is replaced only with ``overwrite``; refusals come before any work.
+    An existing ``path`` is replaced only with ``overwrite``; refusals come before any work. A padded
+    vocabulary is dropped: the file has a row for each of ``vocab_size`` tokens.
     """
+    config, state = drop_vocab_padding(config, state)
     gguf = _import_gguf()
     path = Path(path)
     if file_type not in GGUF_TYPES:

@@ -15,6 +15,7 @@ from typing import Any
 
 import torch
 
+from gpt2lab.checkpoints.convert import drop_vocab_padding
 from gpt2lab.checkpoints.names import CONFIG_FILE, HF_LAYOUT, WEIGHTS_FILE, collect_state
 from gpt2lab.checkpoints.tensor_files import read_weight_files, write_safetensors
 from gpt2lab.config import ACTIVATIONS, GPT2_EOT_ID, GPT2_VOCAB_SIZE, GPTConfig
@@ -150,8 +151,9 @@ def write_hf(
     dtype, recorded in the config. Only the plain GPT-2 architecture exists in ``transformers``' GPT-2:
     learned positions, as many key/value heads as query heads, full attention. Anything else is refused
     rather than written as a model that would silently compute something different; :mod:`.hf_variants`
-    maps the variants onto the transformers architectures that compute them.
+    maps the variants onto the transformers architectures that compute them. A padded vocabulary is dropped.
     """
+    config, state = drop_vocab_padding(config, state)
     _refuse_what_transformers_cannot_compute(config)
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)

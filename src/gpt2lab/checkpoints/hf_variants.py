@@ -27,7 +27,7 @@ from typing import Any
 
 import torch
 
-from gpt2lab.checkpoints.convert import repeat_kv_heads
+from gpt2lab.checkpoints.convert import drop_vocab_padding, repeat_kv_heads
 from gpt2lab.checkpoints.hf import HF_ACTIVATION, special_token_id, write_hf
 from gpt2lab.checkpoints.names import CONFIG_FILE, WEIGHTS_FILE
 from gpt2lab.checkpoints.tensor_files import write_safetensors
@@ -66,8 +66,10 @@ def export_hf(
     """Write ``config.json`` + ``model.safetensors`` that ``transformers.AutoModelForCausalLM`` loads
     as the architecture :func:`hf_architecture` names (returned), computing the same logits.
 
-    ``state`` is in gpt2lab's names, on the CPU, without the tied LM head; ``dtype`` is the weights'.
+    ``state`` is in gpt2lab's names, on the CPU, without the tied LM head; ``dtype`` is the weights'. A padded
+    vocabulary is dropped: transformers' models have ``vocab_size`` rows.
     """
+    config, state = drop_vocab_padding(config, state)
     architecture = hf_architecture(config)
     if architecture == "gpt2":
         if config.n_kv_head != config.n_head:

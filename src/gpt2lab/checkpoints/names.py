@@ -35,7 +35,7 @@ def gpt_state_shapes(config: GPTConfig) -> dict[str, tuple[int, ...]]:
     is spent on it; a test holds this equal to ``GPT(config).state_dict()`` for every variant.
     """
     C, kv = config.n_embd, config.n_kv_head * config.head_dim
-    shapes = {"transformer.wte.weight": (config.vocab_size, C)}
+    shapes = {"transformer.wte.weight": (config.vocab_rows, C)}  # padded rows included
     if config.pos_encoding == "learned":
         shapes["transformer.wpe.weight"] = (config.block_size, C)
     for i in range(config.n_layer):

@@ -11,6 +11,7 @@ from typing import Any
 
 import torch
 
+from gpt2lab.checkpoints.convert import drop_vocab_padding
 from gpt2lab.checkpoints.names import CONFIG_FILE, GPT2LAB_LAYOUT, WEIGHTS_FILE, collect_state
 from gpt2lab.checkpoints.tensor_files import read_weight_files, write_safetensors
 from gpt2lab.config import GPTConfig
@@ -48,8 +49,9 @@ def write_gpt2lab(directory: str | os.PathLike, config: GPTConfig, state: dict[s
     ``state`` holds contiguous CPU tensors in gpt2lab's names, the tied LM head stored once, as
     ``transformer.wte.weight``. Each file is written to a temporary name and moved into place, so a
     crash or a full disk never leaves a half-written checkpoint; the config goes last, so a folder whose
-    config.json is readable has its weights.
+    config.json is readable has its weights. A padded vocabulary is dropped: the saved model is the plain one.
     """
+    config, state = drop_vocab_padding(config, state)
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     write_safetensors(directory / WEIGHTS_FILE, state)

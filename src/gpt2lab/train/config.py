@@ -140,6 +140,7 @@ class TrainConfig:
     init_from: str | None = _opt("model", None)  # pretrained checkpoint: fine-tune instead of init
     convert_n_kv_head: int | None = _opt("model", None)  # GQA uptraining: pool K/V heads of init_from
     convert_kv_init: str = _opt("model", "mean")  # mean: each group's K/V heads averaged; first: its first head
+    vocab_multiple: int = _opt("model", 64)  # vocabulary rows padded to a multiple of this (1: none); see model.GPT
     model: dict = field(
         default_factory=lambda: {"n_layer": 4, "n_embd": 128, "block_size": 128, "pos_encoding": "rope", "window": 128},
         metadata={"section": "model"},
@@ -245,7 +246,7 @@ class TrainConfig:
         if self.convert_n_kv_head is not None and self.init_from is None:
             raise GPT2LabError("config: convert_n_kv_head converts a pretrained model; set init_from too")
         if self.init_from is None:  # the model's fields are checked now, not after the data is read
-            fields = {k: v for k, v in self.model.items() if k != "vocab_size"}
+            fields = {k: v for k, v in self.model.items() if k not in ("vocab_size", "padded_vocab_size")}
             GPTConfig.from_preset(self.preset, **fields) if self.preset else GPTConfig.from_dict(fields)
 
     def to_dict(self) -> dict:
@@ -259,7 +260,7 @@ _CHOICES = {
     "convert_kv_init": ("mean", "first"),
 }
 _INTEGERS = {  # field: smallest value
-    **dict.fromkeys(("max_iters", "batch_size", "seq_len", "grad_accum", "eval_iters"), 1),
+    **dict.fromkeys(("max_iters", "batch_size", "seq_len", "grad_accum", "eval_iters", "vocab_multiple"), 1),
     **dict.fromkeys(("eval_interval", "ckpt_interval", "log_interval"), 1),
     **dict.fromkeys(("warmup_iters", "seed", "hellaswag_interval"), 0),
 }

@@ -29,7 +29,7 @@ from gpt2lab.tokenizer import copy_tokenizer
 from gpt2lab.train.config import TrainConfig
 from gpt2lab.train.distributed import Dist, gather_state, load_state, setup, sync_context, teardown, wrap_model
 from gpt2lab.train.plan import peak_flops, train_flops_per_token
-from gpt2lab.train.resume import data_fingerprint, resume_checkpoint
+from gpt2lab.train.resume import data_fingerprint, read_resume_state, resume_checkpoint
 from gpt2lab.train.run import (
     LOSS_PLOT_FILE,
     TRAIN_CONFIG_FILE,
@@ -84,14 +84,15 @@ class Trainer:
         self.accum = micro_batches_per_rank(cfg, dist)
         self.data_gen = seed_everything(cfg.seed)
         self.data = TokenData.open(cfg.data_dir)
-        model = build_model(cfg, vocab_size=self.data.vocab_size)
+        saved = read_resume_state(cfg, from_saved) if resume else None  # the model takes its shape from it
+        model = build_model(cfg, vocab_size=self.data.vocab_size, resumed=saved["model_config"] if saved else None)
         self.model_config = model.config
         check_fits(cfg, self.data, model.config)
         # MFU needs the GPU's peak FLOP/s (gpt2lab.train.plan lists A100/H100/H200); elsewhere it is not logged
         peak = peak_flops(device, self.dtype)
         self.flops_per_s_peak = peak * dist.world if peak else None
         self.flops_per_token = train_flops_per_token(cfg, model.config) if peak else None
-        resume_state = resume_checkpoint(cfg, self.data, model.config, allow_changes, from_saved) if resume else None
+        resume_state = resume_checkpoint(cfg, self.data, model.config, allow_changes, saved)
 
         # the model, the loss module (for sync_context), what each step calls (compiled whole or per block)
         wrapped = wrap_model(model.to(device), dist, cfg.strategy, self.dtype, cfg.compile)

@@ -28,29 +28,42 @@ from gpt2lab.train.run import METRICS_NAME, TRAIN_CONFIG_FILE, holds_run, read_m
 RESUMABLE_CHANGES = (
     "max_iters", "eval_interval", "eval_iters", "log_interval", "ckpt_interval",
     "out_dir", "device", "compile", "strategy", "skip_nonfinite", "hellaswag_interval", "hellaswag_file",
-    "reference", "log_to", "process_group",
+    "reference", "log_to", "process_group", "vocab_multiple",
 )  # fmt: skip
 # Model fields that change what training computes but not the weights' shapes: --allow-changes may change them.
 MODEL_TRAINING_FIELDS = ("dropout",)
 
 
-def resume_checkpoint(
-    cfg: TrainConfig, data: TokenData, config: GPTConfig, allow_changes: bool, from_saved_model: bool = False
-) -> dict | None:
-    """The run's checkpoint, refused when it holds another model, or was trained on other data or settings
-    than the config describes (unless ``allow_changes``); None for a run killed before its first one.
-    ``from_saved_model``: the run's exported model when its checkpoint is gone (optimizer state starts afresh)."""
+def read_resume_state(cfg: TrainConfig, from_saved_model: bool = False) -> dict | None:
+    """What ``--resume`` continues from, read before the model is built (the model takes the checkpoint's
+    ``model_config``, its padded vocabulary included): the run's checkpoint; with ``from_saved_model`` its
+    exported model when the checkpoint is gone (optimizer state starts afresh); None for a run killed before
+    its first checkpoint. :func:`resume_checkpoint` then checks it against the model and the config."""
     run_dir = Path(cfg.out_dir)
     ckpt_path = run_dir / CKPT_NAME
     if not ckpt_path.is_file():
-        return _resume_without_checkpoint(cfg, config, from_saved_model)
+        return _resume_without_checkpoint(cfg, from_saved_model)
     if from_saved_model:
         raise GPT2LabError(f"--from-saved-model is for a run whose {CKPT_NAME} is gone; {ckpt_path} exists: drop it")
     state = load_checkpoint(ckpt_path)
     _check_not_past_end(run_dir, state["step"], cfg.max_iters)
+    return state
+
+
+def resume_checkpoint(
+    cfg: TrainConfig, data: TokenData, config: GPTConfig, allow_changes: bool, state: dict | None
+) -> dict | None:
+    """``state`` (from :func:`read_resume_state`), refused when it holds another model, or was trained on other
+    data or settings than the config describes (unless ``allow_changes``); None when there is none."""
+    if state is None:
+        return None
+    run_dir = Path(cfg.out_dir)
     _check_same_model(run_dir, state["model_config"], config.to_dict())
+    if state.get("from_saved_model"):
+        return state
     _check_same_tokenizer(run_dir, data)
-    changes = _train_changes(upgrade_train_fields(state.get("train_config", {}), str(ckpt_path)), cfg.to_dict())
+    saved_cfg = upgrade_train_fields(state.get("train_config", {}), str(run_dir / CKPT_NAME))
+    changes = _train_changes(saved_cfg, cfg.to_dict())
     changes += [
         f"{k} {state['model_config'].get(k)!r} -> {config.to_dict().get(k)!r}"
         for k in MODEL_TRAINING_FIELDS
@@ -73,7 +86,7 @@ def _check_not_past_end(run_dir: Path, step: int, max_iters: int) -> None:
         )
 
 
-def _resume_without_checkpoint(cfg: TrainConfig, config: GPTConfig, from_saved_model: bool) -> dict | None:
+def _resume_without_checkpoint(cfg: TrainConfig, from_saved_model: bool) -> dict | None:
     """No ``ckpt.pt``: a run killed before its first checkpoint starts from step 0 (it had nothing to lose);
     a run that trained and saved (a model, or logged steps a checkpoint followed) is refused with the choices."""
     run_dir = Path(cfg.out_dir)
@@ -83,7 +96,7 @@ def _resume_without_checkpoint(cfg: TrainConfig, config: GPTConfig, from_saved_m
     if from_saved_model:
         if not saved:
             raise GPT2LabError(f"--from-saved-model: {run_dir} has no saved model (config.json + model.safetensors)")
-        return _state_from_saved_model(run_dir, cfg, config)
+        return _state_from_saved_model(run_dir, cfg)
     config_file = run_dir / TRAIN_CONFIG_FILE
     interval = read_json(config_file).get("ckpt_interval") if config_file.is_file() else None
     step = _last_logged_step(run_dir)
@@ -96,14 +109,15 @@ def _resume_without_checkpoint(cfg: TrainConfig, config: GPTConfig, from_saved_m
     return None
 
 
-def _state_from_saved_model(run_dir: Path, cfg: TrainConfig, config: GPTConfig) -> dict:
+def _state_from_saved_model(run_dir: Path, cfg: TrainConfig) -> dict:
     """A resume state from the run's exported model at the last step its metrics logged, with a fresh
-    optimizer and the run's seed: the run continues, though not as an uninterrupted one would."""
+    optimizer and the run's seed: the run continues, though not as an uninterrupted one would. The export
+    has no padded vocabulary, so neither has the continued run."""
     model = GPT.from_pretrained(run_dir)
-    _check_same_model(run_dir, model.config.to_dict(), config.to_dict())
     step = _last_logged_step(run_dir)
     _check_not_past_end(run_dir, step, cfg.max_iters)
-    return {"model": model.state_dict(), "optimizer": {}, "step": step}
+    state = {"model": model.state_dict(), "optimizer": {}, "step": step}
+    return state | {"model_config": model.config.to_dict(), "from_saved_model": True}
 
 
 def _last_logged_step(run_dir: Path) -> int:

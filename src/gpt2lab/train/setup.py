@@ -10,7 +10,7 @@ import warnings
 import numpy as np
 import torch
 
-from gpt2lab.config import GPTConfig, parse_dtype
+from gpt2lab.config import GPTConfig, padded_vocab, parse_dtype
 from gpt2lab.data.tokens import TokenData
 from gpt2lab.errors import GPT2LabError
 from gpt2lab.kernels.choice import faster_training_dtype
@@ -65,16 +65,45 @@ def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
     return dtype
 
 
-def build_model(cfg: TrainConfig, vocab_size: int) -> GPT:
-    """From scratch (preset + fields), or from a pretrained checkpoint or run, optionally GQA-converted."""
-    if cfg.init_from is not None:
-        model = load_model(cfg.init_from)
-        if cfg.convert_n_kv_head is not None:
-            model = model.convert_to_gqa(cfg.convert_n_kv_head, init=cfg.convert_kv_init)
+def build_model(cfg: TrainConfig, vocab_size: int, resumed: dict | None = None) -> GPT:
+    """From scratch (preset + fields), or from a pretrained checkpoint or run, optionally GQA-converted, with
+    the padded vocabulary of :func:`vocab_padding`. ``resumed``: the model config of the run being resumed."""
+    if cfg.init_from is None:
+        fields = {"vocab_size": vocab_size, **cfg.model}
+        config = GPTConfig.from_preset(cfg.preset, **fields) if cfg.preset else GPTConfig.from_dict(fields)
+        return GPT(config.replace(padded_vocab_size=vocab_padding(cfg, config, resumed)))
+    model = load_model(cfg.init_from)
+    if cfg.convert_n_kv_head is not None:
+        model = model.convert_to_gqa(cfg.convert_n_kv_head, init=cfg.convert_kv_init)
+    return pad_vocabulary(model, vocab_padding(cfg, model.config, resumed))
+
+
+def vocab_padding(cfg: TrainConfig, config: GPTConfig, resumed: dict | None) -> int | None:
+    """The ``padded_vocab_size`` a run trains with (see :class:`~gpt2lab.model.GPT`): a resumed run's own, read
+    from its checkpoint (absent, so None, in those written before padding existed), so that it continues with
+    the shapes it was saved with; else the one ``[model]`` sets; else ``vocab_size`` rounded up to a multiple
+    of ``vocab_multiple``. Fine-tuned models are padded too: their rows are the same inert padding."""
+    padding = None if resumed is None else resumed.get("padded_vocab_size")
+    if resumed is not None and (padding is None or padding >= config.vocab_size):
+        return padding  # (another vocabulary is refused by resume, naming vocab_size)
+    if cfg.init_from is None and cfg.model.get("padded_vocab_size") is not None:
+        return config.padded_vocab_size
+    return padded_vocab(config.vocab_size, cfg.vocab_multiple)
+
+
+def pad_vocabulary(model: GPT, padded_vocab_size: int | None) -> GPT:
+    """``model`` with ``padded_vocab_size`` rows of vocabulary (None: ``vocab_size``): its real rows and every
+    other weight kept, new padding rows zero. The model itself when it already has them."""
+    config = model.config.replace(padded_vocab_size=padded_vocab_size)
+    if config == model.config:
         return model
-    fields = {"vocab_size": vocab_size, **cfg.model}
-    config = GPTConfig.from_preset(cfg.preset, **fields) if cfg.preset else GPTConfig.from_dict(fields)
-    return GPT(config)
+    state = model.state_dict()
+    wte = state.pop("lm_head.weight")[: config.vocab_size]
+    rows = wte.new_zeros(config.vocab_rows, wte.shape[1])
+    rows[: config.vocab_size] = wte
+    padded = GPT(config).to(dtype=wte.dtype)
+    padded.load_state_dict({**state, "transformer.wte.weight": rows, "lm_head.weight": rows})
+    return padded
 
 
 def seed_everything(seed: int) -> torch.Generator:
