@@ -180,10 +180,11 @@ class LMHeadLoss(torch.autograd.Function):
     With GPT-2's 50,257-word vocabulary the logits are the largest activation of a training step (4 bytes
     x 50,257 per token in fp32), and the usual path keeps three tensors of that size alive: the logits,
     their log-softmax and its gradient. Here rows are processed in chunks of 32 MiB of logits, sized for a
-    CPU's caches (``chunk_bytes`` sets another size: :data:`LOSS_PATHS`), and each chunk's gradient (softmax - one-hot) goes straight into the
-    gradients of ``hidden`` and ``weight``: forward does the backward's matrix products and backward only
-    scales them. Same FLOPs, a fraction of the memory and of the elementwise passes. The idea of Liger
-    Kernel's fused linear cross-entropy (Hsu et al. 2024), written here with PyTorch operations.
+    CPU's caches (``chunk_bytes`` sets another size: :data:`LOSS_PATHS`), and each chunk's gradient
+    (softmax - one-hot) goes straight into the gradients of ``hidden`` and ``weight``: forward does the
+    backward's matrix products and backward only scales them. Same FLOPs, a fraction of the memory and of
+    the elementwise passes. The idea of Liger Kernel's fused linear cross-entropy (Hsu et al. 2024), written
+    here with PyTorch operations.
 
     ``apply(hidden (N, C), weight (Vp, C), targets (N,), vocab_size=Vp, chunk_bytes=CHUNK_BYTES)``. Rows of
     ``weight`` past ``vocab_size`` (a padded vocabulary) take part in the products, which stay aligned, but
