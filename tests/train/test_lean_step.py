@@ -8,6 +8,7 @@ from __future__ import annotations
 import copy
 import functools
 import threading
+from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
@@ -19,7 +20,7 @@ from gpt2lab.data.loader import BatchLoader
 from gpt2lab.errors import GPT2LabError
 from gpt2lab.kernels.precision import set_tf32
 from gpt2lab.train import loop
-from gpt2lab.train.config import load_model_config
+from gpt2lab.train.config import load_config, load_model_config
 from gpt2lab.train.distributed import Dist
 from gpt2lab.train.loop import Trainer, train
 from gpt2lab.train.plan import train_flops_per_token
@@ -239,3 +240,20 @@ def test_on_cuda_no_step_synchronises_with_the_host(corpus, tmp_path, monkeypatc
     out = tmp_path / "run"
     train(tiny_config(corpus, out, "device='cuda'", "max_iters=6", "log_interval=3"))
     assert [r["step"] for r in read_metrics(out) if "loss" in r] == [3, 6]
+
+
+# ---------------------------------------------------------------------------------------- nanoGPT's recipe
+
+
+def test_the_nanogpt_config_spells_nanogpts_cpu_recipe():
+    """configs/nanogpt-shakespeare-char-cpu.toml against nanoGPT's README command line on top of its
+    config/train_shakespeare_char.py and train.py defaults, as benchmarks/nanogpt_cpu.py compares them."""
+    cfg = load_config(Path(__file__).resolve().parents[2] / "configs" / "nanogpt-shakespeare-char-cpu.toml")
+    model = {"n_layer": 4, "n_head": 4, "n_embd": 128, "block_size": 64, "dropout": 0.0}
+    model |= {"pos_encoding": "learned", "window": "full", "activation": "gelu"}  # wpe, full SDPA, nn.GELU()
+    assert cfg.model == model
+    optim = (cfg.lr, cfg.min_lr, cfg.warmup_iters, cfg.max_iters, cfg.lr_decay_iters, cfg.weight_decay, cfg.betas)
+    assert optim == (1e-3, 1e-4, 100, 2000, 2000, 0.1, [0.9, 0.99]) and cfg.grad_clip == 1.0
+    assert (cfg.batch_size, cfg.seq_len, cfg.grad_accum) == (12, 64, 1)
+    assert (cfg.eval_interval, cfg.eval_iters, cfg.log_interval, cfg.seed) == (250, 20, 1, 1337)
+    assert (cfg.dtype, cfg.compile, cfg.device) == ("float32", False, "cpu")
