@@ -42,3 +42,16 @@ def grad_scaler(dtype: torch.dtype, device: torch.device | str) -> torch.amp.Gra
     """
     enabled = dtype == torch.float16
     return torch.amp.GradScaler(torch.device(device).type, init_scale=FP16_INIT_SCALE, enabled=enabled)
+
+
+def set_tf32(enabled: bool) -> None:
+    """TF32 (10-bit mantissa) tensor-core products for float32 matrix multiplies on CUDA.
+
+    One switch, ``torch.backends.cuda.matmul.allow_tf32``, because it is the one that every reader agrees
+    with: since torch 2.9 it writes both the global precision (``torch.get_float32_matmul_precision``) and
+    the per-backend ``torch.backends.cuda.matmul.fp32_precision``. Writing ``fp32_precision`` alone leaves the
+    two disagreeing, and torch then refuses every read of the global one, which Inductor's caches and Dynamo
+    still make (torch 2.13): ``torch.compile`` fails. (``torch.set_float32_matmul_precision`` would also switch
+    the CPU's oneDNN products.) Convolutions keep torch's default; GPT-2 has none.
+    """
+    torch.backends.cuda.matmul.allow_tf32 = enabled

@@ -18,16 +18,18 @@ import torch
 from tqdm import tqdm
 
 from gpt2lab.checkpoints.train_state import CKPT_NAME, save_checkpoint
+from gpt2lab.data.loader import BatchLoader
 from gpt2lab.data.tokens import TokenData, gather_batch, sample_offsets
 from gpt2lab.errors import GPT2LabError
 from gpt2lab.eval.hellaswag import accuracies, evaluate_hellaswag, load_examples
 from gpt2lab.files import write_json
-from gpt2lab.kernels.precision import grad_scaler
+from gpt2lab.kernels.precision import grad_scaler, set_tf32
 from gpt2lab.model import GPT
 from gpt2lab.plots import plot_losses
 from gpt2lab.tokenizer import copy_tokenizer
 from gpt2lab.train.config import TrainConfig
 from gpt2lab.train.distributed import Dist, gather_state, load_state, setup, sync_context, teardown, wrap_model
+from gpt2lab.train.guards import StepGuard
 from gpt2lab.train.plan import peak_flops, train_flops_per_token
 from gpt2lab.train.resume import data_fingerprint, read_resume_state, resume_checkpoint
 from gpt2lab.train.run import (
@@ -73,8 +75,7 @@ class Trainer:
         self.out = Path(cfg.out_dir)
         device = dist.device
         if device.type == "cuda":
-            torch.backends.cuda.matmul.allow_tf32 = True
-            torch.backends.cudnn.allow_tf32 = True
+            set_tf32(True)
         self.dtype = resolve_dtype(cfg.dtype, device)
         if self.dtype == torch.float16 and dist.world > 1 and cfg.strategy == "fsdp":
             raise GPT2LabError(
@@ -88,10 +89,7 @@ class Trainer:
         model = build_model(cfg, vocab_size=self.data.vocab_size, resumed=saved["model_config"] if saved else None)
         self.model_config = model.config
         check_fits(cfg, self.data, model.config)
-        # MFU needs the GPU's peak FLOP/s (gpt2lab.train.plan lists A100/H100/H200); elsewhere it is not logged
-        peak = peak_flops(device, self.dtype)
-        self.flops_per_s_peak = peak * dist.world if peak else None
-        self.flops_per_token = train_flops_per_token(cfg, model.config) if peak else None
+        self._set_peak(model.config)
         resume_state = resume_checkpoint(cfg, self.data, model.config, allow_changes, saved)
 
         # the model, the loss module (for sync_context), what each step calls (compiled whole or per block)
@@ -100,8 +98,7 @@ class Trainer:
         self.optimizer = make_optimizer(self.wrapped, cfg, device)
         self.scaler = grad_scaler(self.dtype, device)
         self.step = 0
-        self.skipped = 0  # steps skipped for a non-finite loss or gradient (skip_nonfinite)
-        self.overflows = 0  # fp16 steps skipped because the scaled gradients overflowed
+        counts = {"skipped": 0, "overflows": 0}  # steps skipped: non-finite (skip_nonfinite), fp16 overflows
         if resume_state is not None:
             load_state(self.wrapped, self.optimizer, resume_state["model"], resume_state["optimizer"])
             if "rng" in resume_state:  # absent when continuing from the saved model: the seed's RNGs go on
@@ -109,82 +106,66 @@ class Trainer:
             if resume_state.get("scaler"):  # empty when the run was not float16 (resumed with --allow-changes)
                 self.scaler.load_state_dict(resume_state["scaler"])
             self.step = resume_state["step"]
-            self.skipped, self.overflows = resume_state.get("skipped", 0), resume_state.get("overflows", 0)
+            counts = {name: resume_state.get(name, 0) for name in counts}
+        params = list(self.wrapped.parameters())
+        self.guard = StepGuard(cfg, dist, params, self.optimizer, self.scaler, **counts)
+        mine = (dist.rank * self.accum, self.accum)  # this rank's micro-batches of each step
+        self.loader = BatchLoader(
+            self.data.train, cfg.seq_len, cfg.batch_size, cfg.grad_accum, mine, self.data_gen, device
+        )
         self.resumed = resume_state is not None
         self.stop_signal: int | None = None
         self.losses: list[tuple[int, float]] = []
         self.saved_step = self.step if self.resumed else 0  # step of the last checkpoint written
+        self._clock = (time.perf_counter(), self.step)  # (time, step) since which logged steps are timed
         self.last_eval: dict[str, float] = {}
         # read (or downloaded) before training starts, so a missing file fails at once
         vocab = self.model_config.vocab_size
         self.hellaswag = load_examples(cfg.hellaswag_file, vocab_size=vocab) if cfg.hellaswag_interval else None
+
+    def _set_peak(self, model_config) -> None:
+        """MFU's terms: training FLOPs per token and the GPU's peak FLOP/s (:data:`gpt2lab.train.plan.PEAK_FLOPS`
+        lists A100/H100/H200), named in every row that logs MFU. None on a CPU or an unlisted GPU: no MFU."""
+        peak = peak_flops(self.dist.device, self.dtype)
+        self.flops_per_s_peak = peak * self.dist.world if peak else None
+        self.flops_per_token = train_flops_per_token(self.cfg, model_config) if peak else None
+        if peak:
+            device, kind = self.dist.device, str(self.dtype).removeprefix("torch.")
+            name = torch.cuda.get_device_name(device) if device.type == "cuda" else device.type
+            self.mfu_peak = f"{name} {kind} {peak / 1e12:g} TFLOP/s x {self.dist.world}"
 
     # -------------------------------------------------------------- pieces
     def autocast(self):
         return torch.autocast(self.dist.device.type, dtype=self.dtype, enabled=self.dtype != torch.float32)
 
     def train_step(self) -> torch.Tensor:
-        """One optimizer step on the global batch; returns this rank's mean micro-batch loss (detached).
+        """One optimizer step on the global batch; returns this rank's mean micro-batch loss (detached, on
+        the device: nothing in a step waits for the device, see :mod:`gpt2lab.train.guards`).
 
         All ranks draw the same global batch offsets from the shared generator and each takes its own
-        slice of micro-batches, so N processes see exactly the batch one process would.
+        slice of micro-batches (:class:`~gpt2lab.data.loader.BatchLoader`), so N processes see exactly the
+        batch one process would.
         """
-        cfg, device = self.cfg, self.dist.device
-        lr = lr_at(self.step, cfg)
+        lr = lr_at(self.step, self.cfg)
         for group in self.optimizer.param_groups:
             group["lr"] = lr
-        offsets = sample_offsets(len(self.data.train), cfg.seq_len, cfg.grad_accum * cfg.batch_size, self.data_gen)
-        mine = offsets.view(cfg.grad_accum, cfg.batch_size)[
-            self.dist.rank * self.accum : (self.dist.rank + 1) * self.accum
-        ]
-        total = torch.zeros((), device=device)
-        for i, micro in enumerate(mine):
-            x, y = (t.to(device) for t in gather_batch(self.data.train, micro, cfg.seq_len))
+        total = torch.zeros((), device=self.dist.device)
+        for i, (x, y) in enumerate(self.loader.next_step()):
             with sync_context(self.loss, last=i == self.accum - 1), self.autocast():
                 loss = self.loss_fn(x, y)
             self.scaler.scale(loss / self.accum).backward()  # fp16: scaled so small gradients survive
             total += loss.detach()
-        self.scaler.unscale_(self.optimizer)  # clipping and the finiteness check see the true gradients
-        if self._finite_step(total / self.accum):
-            self.scaler.step(self.optimizer)
-        self.scaler.update()  # fp16: lowers the scale after an overflow, raises it after a clean stretch
+        # clip, check finiteness, update; the norm (before clipping) is read when the step is logged
+        self.grad_norm = self.guard.apply(self.step + 1, total / self.accum, self.saved_step)
         self.optimizer.zero_grad(set_to_none=True)
         self.step += 1
         return total / self.accum
 
-    def _finite_step(self, loss: torch.Tensor) -> bool:
-        """Clip the gradients; whether the loss and the gradient norm are finite on every rank.
-
-        In float16 training a finite loss with overflowing gradients is the loss scale being too high:
-        the step is skipped, counted, and the scaler lowers the scale; that is routine, not divergence.
-        Any other non-finite step is skipped (the model is not updated) when ``skip_nonfinite`` is set,
-        and otherwise stops the run with one line, before the update: the last checkpoint stays good.
-        """
-        params = [p for p in self.wrapped.parameters() if p.grad is not None]
-        clip = self.cfg.grad_clip if self.cfg.grad_clip > 0 else math.inf
-        norm = torch.nn.utils.clip_grad_norm_(params, clip)
-        norm = norm.full_tensor() if hasattr(norm, "full_tensor") else norm  # FSDP2: a DTensor
-        self.grad_norm = norm  # before clipping; read when the step is logged
-        bad_loss = self.dist.any(not bool(torch.isfinite(loss)))
-        if not bad_loss and not self.dist.any(not bool(torch.isfinite(norm))):
-            return True
-        if not bad_loss and self.scaler.is_enabled():
-            self.overflows += 1
-            return False
-        if not self.cfg.skip_nonfinite:
-            step = self.saved_step
-            saved = f"the last checkpoint (step {step}) is intact" if step else "no checkpoint was written"
-            raise GPT2LabError(
-                f"training diverged at step {self.step + 1}: loss {loss.item():.4g}, gradient norm {norm.item():.4g}; "
-                f"the model was not updated and {saved}; lower lr, or set skip_nonfinite = true to skip such steps"
-            )
-        self.skipped += 1
-        return False
-
     @torch.no_grad()
     def evaluate(self) -> dict[str, float]:
         """Mean loss over ``eval_iters`` batches of each split. The batches come from a generator seeded
-        the same way every time, so evaluations are comparable and never disturb the training RNG."""
+        the same way every time, so evaluations are comparable and never disturb the training RNG. The
+        losses stay on the device until the split is done: one read per split, not one per batch."""
         cfg = self.cfg
         gen = torch.Generator().manual_seed(cfg.seed + 1)
         self.wrapped.eval()
@@ -196,15 +177,17 @@ class Trainer:
                 offsets = sample_offsets(len(tokens), cfg.seq_len, cfg.batch_size, gen)
                 x, y = (t.to(self.dist.device) for t in gather_batch(tokens, offsets, cfg.seq_len))
                 with self.autocast():
-                    loss = self.loss_fn(x, y)
-                losses.append(loss.item())
-            result[f"{split}_loss"] = sum(losses) / len(losses)
+                    losses.append(self.loss_fn(x, y))
+            values = torch.stack(losses).tolist()
+            result[f"{split}_loss"] = sum(values) / len(values)
         self.wrapped.train()
         result["val_ppl"] = math.exp(min(result["val_loss"], 50.0))
         return result
 
     def checkpoint(self) -> dict:
-        """Gather the full model/optimizer state (a collective under FSDP) and, on rank 0, write it."""
+        """Gather the full model/optimizer state (a collective under FSDP) and, on rank 0, write it. A
+        diverged step found now stops the run first: no non-finite step reaches a checkpoint."""
+        self.guard.check(self.saved_step)
         model_state, optim_state = gather_state(self.wrapped, self.optimizer)
         if self.dist.master:
             payload = {
@@ -215,15 +198,16 @@ class Trainer:
                 "optimizer": optim_state,
                 "model_config": self.model_config.to_dict(),
                 "train_config": self.cfg.to_dict(),
-                "rng": capture_rng(self.data_gen),
+                "rng": capture_rng(self.loader.generator_state()),  # as of the batches used, none drawn ahead
                 "scaler": self.scaler.state_dict(),  # empty unless float16
-                "skipped": self.skipped,
-                "overflows": self.overflows,
+                "skipped": self.guard.skipped,
+                "overflows": self.guard.overflows,
                 "data": data_fingerprint(self.data),
             }
             save_checkpoint(self.out / CKPT_NAME, payload)
         self.saved_step = self.step
         self.dist.barrier()
+        self._clock = (time.perf_counter(), self.step)  # the next logged steps' time leaves the writing out
         return model_state
 
     def log(self, row: dict) -> None:
@@ -246,29 +230,44 @@ class Trainer:
         self.stop_signal = signum
 
     # -------------------------------------------------------------- run
-    def _log_step(self, loss: torch.Tensor, started: float, bar: tqdm) -> None:
+    def _log_step(self, loss: torch.Tensor, bar: tqdm) -> None:
+        """Log the step: the one point between evaluations where a step's numbers are read from the device.
+        ``dt`` is the mean time of the steps since the clock last started (the last logged step, evaluation
+        or checkpoint), measured after waiting for the device, so it holds with no read inside a step."""
+        self.guard.check(self.saved_step)
         value = self.dist.mean(loss).item()
-        dt = time.perf_counter() - started
+        if self.dist.device.type == "cuda":
+            torch.cuda.synchronize(self.dist.device)  # the steps' last kernels (the update) included
+        dt = self._restart_clock()
         self.losses.append((self.step, value))
         tokens_per_s = self.cfg.grad_accum * self.cfg.batch_size * self.cfg.seq_len / dt
         row = {"step": self.step, "loss": value, "lr": lr_at(self.step - 1, self.cfg), "dt": dt}
         row |= {"grad_norm": self.grad_norm.item(), "tokens_per_s": tokens_per_s}
         if self.flops_per_s_peak:
-            row["mfu"] = self.flops_per_token * tokens_per_s / self.flops_per_s_peak
-        if self.skipped:
-            row["skipped_steps"] = self.skipped
+            row |= {"mfu": self.flops_per_token * tokens_per_s / self.flops_per_s_peak, "mfu_peak": self.mfu_peak}
+        if self.guard.skipped:
+            row["skipped_steps"] = self.guard.skipped
         if self.scaler.is_enabled():
-            row |= {"loss_scale": self.scaler.get_scale(), "overflow_steps": self.overflows}
+            row |= {"loss_scale": self.scaler.get_scale(), "overflow_steps": self.guard.overflows}
         self.log(row)
-        bar.set_postfix(loss=f"{value:.4f}", tok_s=f"{tokens_per_s:,.0f}")
+        # refresh=False: the bar redraws at its own pace (tqdm's mininterval), not on every logged step
+        bar.set_postfix(loss=f"{value:.4f}", tok_s=f"{tokens_per_s:,.0f}", refresh=False)
+
+    def _restart_clock(self) -> float:
+        """Seconds per step since the clock last started; starts it again."""
+        now, (started, step) = time.perf_counter(), self._clock
+        self._clock = (now, self.step)
+        return (now - started) / max(1, self.step - step)
 
     def _evaluate_and_log(self, bar: tqdm | None = None) -> None:
         """Evaluate and log; with ``bar``, also print the losses (the step-0 evaluation is not printed)."""
+        self.guard.check(self.saved_step)
         self.last_eval = result = self.evaluate()
         self.log({"step": self.step, **result})
         if bar is not None:
             line = f"step {self.step}: train {result['train_loss']:.4f}, val {result['val_loss']:.4f}"
             bar.write(line + self._reference_note())
+        self._clock = (time.perf_counter(), self.step)  # evaluation read the device: it is idle now
 
     def _reference_note(self) -> str:
         """`` (reference NAME: val X at N tokens)``: the published loss nearest ahead of the tokens seen so far."""
@@ -293,6 +292,7 @@ class Trainer:
         self.log({"step": self.step, **result})
         if self.dist.master:
             bar.write(f"step {self.step}: hellaswag acc_norm {result['hellaswag_acc_norm']:.4f}")
+        self._clock = (time.perf_counter(), self.step)
 
     def _loop(self, bar: tqdm) -> tuple[bool, dict | None]:
         """Train to ``max_iters`` or to a signal; returns (stopped by a signal, last saved model state)."""
@@ -300,12 +300,12 @@ class Trainer:
         stop, model_state = False, None
         if self.step == 0 and not self.resumed:
             self._evaluate_and_log()
+        self._clock = (time.perf_counter(), self.step)
         while self.step < cfg.max_iters:
-            started = time.perf_counter()
             loss = self.train_step()
             last = self.step == cfg.max_iters
             if self.step % cfg.log_interval == 0 or last:
-                self._log_step(loss, started, bar)
+                self._log_step(loss, bar)
             bar.update(1)
             if self.step % cfg.eval_interval == 0 or last:
                 self._evaluate_and_log(bar)
@@ -326,6 +326,7 @@ class Trainer:
         try:
             stop, model_state = self._loop(bar)
         finally:
+            self.loader.close()
             bar.close()
             if self.trackers is not None:
                 self.trackers.close()

@@ -36,8 +36,10 @@ LOSS_PLOT_FILE = "loss.png"
 # ---------------------------------------------------------------------------------------- RNG states
 
 
-def capture_rng(data_gen: torch.Generator) -> dict:
-    """Every RNG a run draws from (torch, CUDA, numpy, Python) and the batch sampler's own generator."""
+def capture_rng(data_state: torch.Tensor) -> dict:
+    """Every RNG a run draws from (torch, CUDA, numpy, Python) and ``data_state``, the batch sampler's
+    generator state as of the batches used (:meth:`gpt2lab.data.loader.BatchLoader.generator_state`: the
+    loader draws ahead, so the generator itself may already be past the next step's batch)."""
     np_state = np.random.get_state()
     return {
         "torch": torch.get_rng_state(),
@@ -45,7 +47,7 @@ def capture_rng(data_gen: torch.Generator) -> dict:
         # numpy's state holds an ndarray, which weights_only refuses: store it as a tensor
         "numpy": {"keys": torch.from_numpy(np_state[1].astype(np.int64)), "rest": list(np_state[2:])},
         "python": random.getstate(),
-        "data": data_gen.get_state(),
+        "data": data_state,
     }
 
 
