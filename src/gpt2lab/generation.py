@@ -25,6 +25,7 @@ from gpt2lab.tokenizer import load_tokenizer
 # logits' dtype would divide by zero. Compared on the Python float, so no tensor is made per step.
 FLOAT32_ROUNDS_TO_ZERO = 2.0**-150
 
+
 @dataclass(frozen=True)
 class Sampler:
     """How the next token is drawn from the last position's logits. ``temperature == 0`` is greedy."""

@@ -45,7 +45,6 @@ def upgrade_train_fields(fields: dict[str, Any], where: str) -> dict[str, Any]:
     return {RENAMED.get(k, k) if k in old else k: v for k, v in fields.items()}
 
 
-
 # ---------------------------------------------------------------------------------------- the grammar
 
 
