@@ -98,15 +98,7 @@ class Trainer:
         self.optimizer = make_optimizer(self.wrapped, cfg, device)
         self.scaler = grad_scaler(self.dtype, device)
         self.step = 0
-        counts = {"skipped": 0, "overflows": 0}  # steps skipped: non-finite (skip_nonfinite), fp16 overflows
-        if resume_state is not None:
-            load_state(self.wrapped, self.optimizer, resume_state["model"], resume_state["optimizer"])
-            if "rng" in resume_state:  # absent when continuing from the saved model: the seed's RNGs go on
-                restore_rng(resume_state["rng"], self.data_gen)
-            if resume_state.get("scaler"):  # empty when the run was not float16 (resumed with --allow-changes)
-                self.scaler.load_state_dict(resume_state["scaler"])
-            self.step = resume_state["step"]
-            counts = {name: resume_state.get(name, 0) for name in counts}
+        counts = self._restore(resume_state)
         params = list(self.wrapped.parameters())
         self.guard = StepGuard(cfg, dist, params, self.optimizer, self.scaler, **counts)
         mine = (dist.rank * self.accum, self.accum)  # this rank's micro-batches of each step
@@ -122,6 +114,20 @@ class Trainer:
         # read (or downloaded) before training starts, so a missing file fails at once
         vocab = self.model_config.vocab_size
         self.hellaswag = load_examples(cfg.hellaswag_file, vocab_size=vocab) if cfg.hellaswag_interval else None
+
+    def _restore(self, resume_state: dict | None) -> dict[str, int]:
+        """Load a checkpoint's model, optimizer, RNG, loss-scaler state and step; return the counts of steps
+        skipped so far (non-finite with skip_nonfinite, fp16 overflows), which the step guard carries on."""
+        counts = {"skipped": 0, "overflows": 0}
+        if resume_state is None:
+            return counts
+        load_state(self.wrapped, self.optimizer, resume_state["model"], resume_state["optimizer"])
+        if "rng" in resume_state:  # absent when continuing from the saved model: the seed's RNGs go on
+            restore_rng(resume_state["rng"], self.data_gen)
+        if resume_state.get("scaler"):  # empty when the run was not float16 (resumed with --allow-changes)
+            self.scaler.load_state_dict(resume_state["scaler"])
+        self.step = resume_state["step"]
+        return {name: resume_state.get(name, 0) for name in counts}
 
     def _set_peak(self, model_config) -> None:
         """MFU's terms: training FLOPs per token and the GPU's peak FLOP/s (:data:`gpt2lab.train.plan.PEAK_FLOPS`
