@@ -43,6 +43,12 @@ import tempfile
 import time
 from pathlib import Path
 
+from gpt2lab.cli.kernel_report import cpu_description
+from gpt2lab.files import write_json
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import load_average  # noqa: E402
+
 ROOT = Path(__file__).resolve().parents[1]
 CONFIG = ROOT / "configs" / "nanogpt-shakespeare-char-cpu.toml"
 RECIPE = [
@@ -53,23 +59,6 @@ BLOCK = 64  # the recipe's context: the windows of the whole-split evaluation
 
 
 # ---------------------------------------------------------------------------------------- the machine
-
-
-def cpu_description() -> str:
-    """The CPU's model name and the flags that decide CPU matrix kernels."""
-    try:
-        text = subprocess.run(["lscpu"], capture_output=True, text=True, check=True).stdout
-    except (OSError, subprocess.CalledProcessError):
-        return "unknown CPU (lscpu failed)"
-    fields = dict(line.split(":", 1) for line in text.splitlines() if ":" in line)
-    model = fields.get("Model name", "?").strip()
-    flags = set(fields.get("Flags", "").split())
-    wanted = ("avx2", "fma", "avx512f", "avx512_bf16", "amx_tile", "amx_bf16", "amx_fp16")
-    return f"{model}; {os.cpu_count()} logical CPUs; flags: {' '.join(f for f in wanted if f in flags) or 'none'}"
-
-
-def load_average() -> str:
-    return " ".join(Path("/proc/loadavg").read_text().split()[:3])
 
 
 # ---------------------------------------------------------------------------------------- the data
@@ -388,7 +377,7 @@ def benchmark(args, data: Path, work: Path, env: dict) -> None:
         f"  gpt2lab / nanoGPT: wall time {ratio(g['wall_s'], n['wall_s'])}, steps/s {ratio(n['step_s'], g['step_s'])}"
     )
     if args.json:
-        Path(args.json).write_text(json.dumps({"cpu": cpu_description(), "iters": args.iters, "runs": runs}, indent=1))
+        write_json(args.json, {"cpu": cpu_description(), "iters": args.iters, "runs": runs})
 
 
 def main() -> None:
@@ -410,7 +399,9 @@ def main() -> None:
         os.environ["OMP_NUM_THREADS"] = str(args.threads)  # the profile runs in this process
     work = args.work or Path(tempfile.mkdtemp(prefix="nanogpt-cpu-"))
     work.mkdir(parents=True, exist_ok=True)
-    print(f"CPU: {cpu_description()}\nload average: {load_average()}\nwork folder: {work}", flush=True)
+    cpu = cpu_description()
+    print(f"CPU: {cpu['model']}; flags: {' '.join(cpu['flags'])}", flush=True)
+    print(f"load average: {load_average()}\nwork folder: {work}", flush=True)
     data = prepare_both(args.nanogpt, args.text, work)
     if args.profile:
         ours = profile_gpt2lab(data, work, args.profile_steps)
