@@ -41,18 +41,13 @@ class Dist:
     def master(self) -> bool:
         return self.rank == 0
 
-    @property
-    def active(self) -> bool:
-        """Collectives go through a process group (several processes, or one with ``process_group = "always"``)."""
-        return self.grouped
-
     def barrier(self) -> None:
-        if self.active:
+        if self.grouped:
             torch_dist.barrier()
 
     def mean(self, value: torch.Tensor) -> torch.Tensor:
         """Average over ranks (gloo has no AVG reduction, so SUM / world)."""
-        if not self.active:
+        if not self.grouped:
             return value
         value = value.detach().clone()
         torch_dist.all_reduce(value)
@@ -61,7 +56,7 @@ class Dist:
     def any(self, flag: bool) -> bool:
         """True on every rank if it is True on one: a signal caught by one rank stops all of them at the
         same step (a rank that stopped alone would leave the others waiting in a collective)."""
-        if not self.active:
+        if not self.grouped:
             return flag
         t = torch.tensor([float(flag)], device=self.device)
         torch_dist.all_reduce(t, op=torch_dist.ReduceOp.MAX)

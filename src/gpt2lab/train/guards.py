@@ -76,7 +76,7 @@ class StepGuard:
 
     def _apply_on_device(self, step: int, loss: torch.Tensor, norm: torch.Tensor) -> None:
         bad = ~(torch.isfinite(loss) & torch.isfinite(norm))  # () bool
-        if self.dist.active:  # a bad step on any process is a bad step on all of them, still on the device
+        if self.dist.grouped:  # a bad step on any process is a bad step on all of them, still on the device
             bad = self.dist.mean(bad.float()) > 0
         first = bad & (self._counts[0] < 0)
         self._counts[0].masked_fill_(first, step)
