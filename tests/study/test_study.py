@@ -587,3 +587,20 @@ def test_a_study_in_chunks_reports_what_is_present_and_names_what_is_missing(tmp
     assert set(refs) == {"1-gram", "2-gram", "3-gram", "4-gram", "5-gram"}
     assert partial.splitlines()[2].startswith("**The reference")
     assert f"{min(refs.values()):.4f}" in partial.splitlines()[2]
+
+
+def test_a_variants_step_time_is_the_median_over_its_seeds(tmp_path):
+    """One run slowed by a neighbour on a shared machine must not move its variant's measured cost."""
+    from gpt2lab.study.run import _variant_row
+
+    path = tmp_path / "tiny.toml"
+    path.write_text(SUITE)
+    suite = load_suite(path)
+    times = {1: 10.0, 2: 11.0, 3: 40.0}  # seed 3 ran beside another job
+    results = [
+        {"variant": "baseline", "seed": seed, "val_loss": 2.0, "train_tok_s": 1e3 / ms, "step_ms": ms,
+         "peak_mib": 100.0, "by_position": [2.0] * 16, "eval_tokens": 64, "eval_sha": "x"}
+        for seed, ms in times.items()
+    ]  # fmt: skip
+    row = _variant_row(suite, suite.variants[0], 65, 16, results)
+    assert row["step_ms"] == 11.0 and row["train_tok_s"] == pytest.approx(1e3 / 11.0)

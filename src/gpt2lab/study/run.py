@@ -247,8 +247,9 @@ def _variant_row(suite: Suite, variant: dict, vocab: int, context: int, results:
         "kv_bytes_per_token": report["kv_cache"]["bytes_per_token"],
         "kv_kib_at_ctx": report["kv_cache"]["bytes_at_seq_len"] / 1024,
         "flops_per_token": report["flops_per_token"]["total"],
-        "train_tok_s": statistics.fmean(r["train_tok_s"] for r in mine),
-        "step_ms": statistics.fmean(r.get("step_ms", float("nan")) for r in mine),
+        # medians over seeds: on a shared machine one disturbed run should not move a variant's cost
+        "train_tok_s": statistics.median(r["train_tok_s"] for r in mine),
+        "step_ms": statistics.median(r.get("step_ms", float("nan")) for r in mine),
         "peak_mib": statistics.fmean(r.get("peak_mib", float("nan")) for r in mine),
         "effective_context": _effective_context(mine),
         "seeds": len(losses),
