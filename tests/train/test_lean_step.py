@@ -15,9 +15,10 @@ from types import SimpleNamespace
 import pytest
 import torch
 import torch.distributed as torch_dist
-from training_helpers import logged_losses, tiny_config
+from training_helpers import logged_losses, tiny_args, tiny_config
 
 from gpt2lab.checkpoints.train_state import load_checkpoint
+from gpt2lab.cli.main import main
 from gpt2lab.data.loader import BatchLoader
 from gpt2lab.errors import GPT2LabError
 from gpt2lab.kernels.precision import set_tf32
@@ -95,8 +96,8 @@ def test_no_value_is_read_from_the_device_between_log_steps(corpus, tmp_path, mo
 
 @pytest.fixture
 def stop_checks(monkeypatch):
-    """The step after which each stop agreement ran (``Dist.any``'s all-reduce with MAX, the only MAX one), and
-    ``where["signal_at"]``: the step after which the test raises SIGTERM in the training process."""
+    """The step after which each stop agreement ran (its all-reduce takes the MAX, the only one that does on the
+    lean path), and ``where["signal_at"]``: the step after which the test raises SIGTERM in the process."""
     where, checks = {"step": 0, "signal_at": None}, []
     step, all_reduce = Trainer.train_step, distributed.torch_dist.all_reduce
 
@@ -140,6 +141,25 @@ def test_a_signal_mid_run_stops_at_a_saved_checkpoint(corpus, tmp_path, stop_che
     assert load_checkpoint(out / "ckpt.pt")["step"] == stops_at
     assert (out / "model.safetensors").is_file()
     assert checks == ([10] if group == "always" else [])
+
+
+def test_a_rank_stopped_by_another_ranks_signal_exits_with_that_signal(corpus, tmp_path, monkeypatch, capsys):
+    """The agreement's all-reduce answers as if another rank had caught SIGINT: this rank, which caught nothing,
+    stops at the next agreement (step 10) with the checkpoint of that step and SIGINT's exit status, 130."""
+    all_reduce = distributed.torch_dist.all_reduce
+
+    def another_rank_caught_sigint(tensor, op=torch_dist.ReduceOp.SUM, **kwargs):
+        work = all_reduce(tensor, op=op, **kwargs)
+        if op == torch_dist.ReduceOp.MAX:
+            tensor.clamp_(min=float(signal.SIGINT))
+        return work
+
+    monkeypatch.setattr(distributed.torch_dist, "all_reduce", another_rank_caught_sigint)
+    out = tmp_path / "run"
+    settings = ("max_iters=30", "log_interval=1000", "eval_interval=1000", "process_group='always'")
+    assert main(["train", *tiny_args(corpus, out, *settings)]) == 128 + signal.SIGINT
+    assert load_checkpoint(out / "ckpt.pt")["step"] == 10
+    assert "stopped at step 10" in capsys.readouterr().out
 
 
 # ---------------------------------------------------------------------------------------- divergence

@@ -61,23 +61,31 @@ class Dist:
         torch_dist.all_reduce(value)
         return value / self.world
 
-    def any(self, flag: bool) -> bool:
-        """True on every rank if it is True on one: a signal caught by one rank stops all of them at the
-        same step (a rank that stopped alone would leave the others waiting in a collective)."""
+    def max(self, value: float) -> float:
+        """The largest ``value`` over ranks, on every rank (an all-reduce and a read of its result)."""
         if not self.grouped:
-            return flag
-        t = torch.tensor([float(flag)], device=self.device)
+            return value
+        t = torch.tensor([float(value)], device=self.device)
         torch_dist.all_reduce(t, op=torch_dist.ReduceOp.MAX)
-        return bool(t.item())
+        return t.item()
 
-    def stop_after(self, step: int, signalled: bool, log_step: bool) -> bool:
-        """Whether the run stops after ``step``; ``signalled``: this process caught a signal. Alone, at once. In a
-        process group the ranks agree through :meth:`any`, only at log steps and every :data:`STOP_CHECK_STEPS`-th
-        step: steps every rank knows alike, so none waits in a collective the others skip. A signal caught in
-        between stays caught (the handler sets a flag) and stops the run, at a checkpoint, at the next of them."""
-        if self.grouped and not (log_step or step % STOP_CHECK_STEPS == 0):
-            return False
-        return self.any(signalled)
+    def any(self, flag: bool) -> bool:
+        """True on every rank if it is True on one: a non-finite step found by one rank stops all of them at
+        the same step (a rank that stopped alone would leave the others waiting in a collective)."""
+        return bool(self.max(float(flag)))
+
+    def stop_after(self, step: int, signum: int | None, log_step: bool) -> int | None:
+        """The signal that stops the run after ``step``, or None; ``signum``: the one this process caught. Alone, at
+        once. In a process group all ranks stop at the same step (one that stopped alone would leave the others
+        waiting in a collective), agreed only at log steps and every :data:`STOP_CHECK_STEPS`-th step: steps every
+        rank knows alike, so none waits in a collective the others skip. A signal caught in between stays caught
+        and stops the run, at a checkpoint, at the next of them. The ranks take the largest signal number any of
+        them caught, so a rank stopped by another's signal exits with that signal too."""
+        if not self.grouped:
+            return signum
+        if not (log_step or step % STOP_CHECK_STEPS == 0):
+            return None
+        return int(self.max(signum or 0)) or None
 
 
 def resolve_device(name: str, local_rank: int = 0) -> torch.device:

@@ -318,7 +318,8 @@ class Trainer:
                 self._evaluate_and_log(bar)
             if cfg.hellaswag_interval and (self.step % cfg.hellaswag_interval == 0 or last):
                 self._hellaswag(bar)
-            stop = self.dist.stop_after(self.step, self.stop_signal is not None, log_step)  # not every step in a group
+            stop = self.dist.stop_after(self.step, self.stop_signal, log_step)  # not after every step in a group
+            self.stop_signal = stop or self.stop_signal  # the signal agreed on, which another rank may have caught
             if stop or self.step % cfg.ckpt_interval == 0 or last:
                 model_state = self.checkpoint()
             if stop:
