@@ -23,7 +23,8 @@ The JSON (``--out``) and its Markdown table (same name, ``.md``) are rewritten, 
 section. A section that fails records its error and the next one runs; one that runs past its budget is
 stopped (SIGALRM) with the figures it had; SIGTERM (the shell's outer timeout) stops the check with
 everything finished so far on disk. ``--smoke`` runs every section at tiny sizes, on a CPU too (what needs
-CUDA is recorded as skipped): the tests run it. Sizes and sections: gpu_check_sections.py.
+CUDA is recorded as skipped): the tests run it. Sizes and sections: gpu_check_sections.py. The commit recorded is
+git's, or ``GPT2LAB_COMMIT`` in a checkout without .git (a working tree copied to a GPU machine).
 """
 
 from __future__ import annotations
@@ -56,6 +57,7 @@ from gpt2lab.files import write_json, write_text  # noqa: E402
 from gpt2lab.train.plan import peak_flops  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
+COMMIT_VARIABLE = "GPT2LAB_COMMIT"  # the commit, where the checkout has no .git (see git_commit)
 # Seconds per section on one H100/H200 (estimates: the 124M training step compiles in about a minute, the decoding
 # step and the flex kernels in tens of seconds). They add up to more than the total on purpose: most sections end
 # well inside theirs, and the total cuts the last ones short rather than the first.
@@ -79,7 +81,7 @@ def _raise(kind: type[BaseException]):
 
 def environment(ctx: Context, out: dict) -> None:
     out |= {"python": platform.python_version(), "torch": torch.__version__, "cuda": torch.version.cuda,
-            "device": ctx.device.type, "commit": _git_commit()}  # fmt: skip
+            "device": ctx.device.type, "commit": git_commit()}  # fmt: skip
     for package in ("transformers", "triton"):
         try:
             out[package] = metadata.version(package)
@@ -110,12 +112,15 @@ def _driver() -> str:
         return "unknown"
 
 
-def _git_commit() -> str:
+def git_commit(root: Path = ROOT) -> str:
+    """The commit checked: git's, else ``$GPT2LAB_COMMIT``, else "unknown". A lent GPU machine gets the working tree
+    without .git, so git cannot tell there; the device command passes the commit (scripts/device-gpu-check.md)."""
     try:
-        head = subprocess.run(["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True, text=True, timeout=10)
-        return head.stdout.strip() or "unknown"
-    except (OSError, subprocess.SubprocessError):
-        return "unknown"
+        head = subprocess.run(["git", "rev-parse", "HEAD"], cwd=root, capture_output=True, text=True, timeout=10)
+        commit = head.stdout.strip() if head.returncode == 0 else ""
+    except (OSError, subprocess.SubprocessError):  # no git installed, or it hung
+        commit = ""
+    return commit or os.environ.get(COMMIT_VARIABLE, "").strip() or "unknown"
 
 
 SECTIONS: dict[str, Callable[[Context, dict], None]] = {
@@ -206,7 +211,8 @@ def write_results(results: dict, out: Path) -> None:
 
 def markdown(results: dict) -> str:
     """Every section as a two-column table (nested figures flattened to dotted names), for docs/benchmarks.md."""
-    lines = [f"# GPU check: {results['device']} ({results['date']}, torch {results['torch']})", ""]
+    commit = results.get("commit", "unknown")
+    lines = [f"# GPU check: {results['device']} ({results['date']}, torch {results['torch']}, commit {commit})", ""]
     for section, figures in results["sections"].items():
         lines += [f"## {section}", "", "| figure | value |", "| --- | --- |"]
         lines += [f"| {key} | {_shown(value)} |" for key, value in _flatten(figures) if key != "traceback"]
@@ -265,8 +271,9 @@ def main(argv: list[str] | None = None) -> int:
     chosen = {s: SECTIONS[s] for s in SECTIONS if s in args.sections.split(",")}
     total = args.budget or (SMOKE_TOTAL_BUDGET if args.smoke else TOTAL_BUDGET)
     date = datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%d %H:%M UTC")
-    results = {"device": name, "date": date, "torch": torch.__version__, "smoke": args.smoke, "budget_s": total,
-               "sections": {}}  # fmt: skip
+    # the commit at the top too, so that a rerun of some sections (without environment) names it as well
+    results = {"device": name, "date": date, "torch": torch.__version__, "commit": git_commit(), "smoke": args.smoke,
+               "budget_s": total, "sections": {}}  # fmt: skip
     print(f"GPU check on {name}: {', '.join(chosen)} within {total:.0f} s; results in {out}", flush=True)
     with tempfile.TemporaryDirectory(prefix="gpu-check-") as tmp:
         ctx = Context(device, args.smoke, Path(tmp), args.weights)

@@ -353,8 +353,9 @@ def _train_figures(ctx: Context, batch: int) -> dict:
 
 
 def _six_n_flops_per_token(p: dict, seq_len: int) -> float:
-    """Training FLOPs per token as nanoGPT and llm.c count them for MFU: 6 N (N without the position embeddings)
-    plus 12 L C T for attention; gpt2lab's plan counts the mean keys a causal query sees, about 8 % less."""
+    """Training FLOPs per token as nanoGPT and llm.c count them for MFU: 6 N (N without the position embeddings,
+    the padded vocabulary's rows included, as both count them) plus 12 L C T for attention; gpt2lab's plan counts
+    the mean keys a causal query sees, about 8 % less."""
     c = p["model"]
     return 6 * (p["params"] - c["block_size"] * c["n_embd"]) + 12 * c["n_layer"] * c["n_embd"] * seq_len
 

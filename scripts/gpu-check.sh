@@ -9,6 +9,7 @@
 #   bash scripts/gpu-check.sh --smoke --out /tmp/smoke.json      # tiny sizes, CPU allowed (what the tests run)
 # Results: benchmarks/results/gpu-check-<gpu>-<date>.json and .md, rewritten after every section (--out FILE).
 # On a GPU machine lent through the device tool: the command is in scripts/device-gpu-check.md.
+# The results name the checkout's git commit; in a copy without .git, set GPT2LAB_COMMIT=<hash> to name it.
 #
 # It runs from this checkout (PYTHONPATH=src): nothing needs installing but what gpt2lab imports. Missing
 # packages are named first; then `pip install -e .` is tried (from the wheels in .whl/ if that folder exists,

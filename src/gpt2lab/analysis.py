@@ -13,7 +13,10 @@ Conventions:
   mean number of keys a query sees: (T + 1) / 2 for full causal, less under a window. The banded
   kernel also multiplies masked-out entries; that waste is a kernel property, not counted here;
 * the LM head is tied to the token embedding: its parameters are counted once (under ``wte``), its
-  FLOPs are counted (it is a V × C matrix product for every position).
+  FLOPs are counted (it is a V × C matrix product for every position);
+* V is the rows the model holds, ``vocab_rows``: a config padded for training (``padded_vocab_size``)
+  stores and multiplies by every padded row, so they are counted as parameters, bytes and LM-head FLOPs,
+  as llm.c counts its padded Vp. The exported model is the unpadded one: ``model_report(config.unpadded())``.
 """
 
 from __future__ import annotations
@@ -50,7 +53,7 @@ def _parameters(c: GPTConfig) -> dict[str, int]:
     attention = (C * (C + 2 * kv_dim) + C + 2 * kv_dim) + (C * C + C)  # c_attn (q|k|v) + c_proj
     mlp = (C * 4 * C + 4 * C) + (4 * C * C + C)  # c_fc + c_proj
     counts = {
-        "wte": c.vocab_size * C,
+        "wte": c.vocab_rows * C,  # padded rows included: real parameters of the model in memory
         "wpe": c.block_size * C if c.pos_encoding == "learned" else 0,
         "attention": c.n_layer * attention,
         "mlp": c.n_layer * mlp,
@@ -72,7 +75,7 @@ def _flops_per_token(c: GPTConfig, seq_len: int) -> dict[str, float]:
         "attention_proj": c.n_layer * 2 * (C * (C + 2 * kv_dim) + C * C),
         "attention_scores": sum(2 * 2 * c.n_head * c.head_dim * k for k in keys),
         "mlp": c.n_layer * 2 * (2 * 4 * C * C),
-        "lm_head": 2 * C * c.vocab_size,
+        "lm_head": 2 * C * c.vocab_rows,  # the product runs over the padded rows; its logits are cut after
     }
     flops["total"] = sum(flops.values())
     return flops
@@ -135,9 +138,12 @@ def _describe(c: dict[str, Any]) -> str:
     window = c["window"]
     if isinstance(window, list):
         window = ",".join("full" if w is None else str(w) for w in window)
+    vocab = str(c["vocab_size"])
+    if c["padded_vocab_size"] is not None:
+        vocab += f" padded_vocab_size={c['padded_vocab_size']}"
     return (
         f"n_layer={c['n_layer']} n_head={c['n_head']} n_kv_head={c['n_kv_head']} n_embd={c['n_embd']} "
-        f"vocab={c['vocab_size']} block_size={c['block_size']} pos={c['pos_encoding']} window={window or 'full'}"
+        f"vocab={vocab} block_size={c['block_size']} pos={c['pos_encoding']} window={window or 'full'}"
     )
 
 

@@ -5,6 +5,8 @@ writing the results after each one; gpt2lab itself imports without the packages 
 import datetime
 import json
 import os
+import re
+import shutil
 import signal
 import subprocess
 import sys
@@ -64,6 +66,45 @@ def test_smoke_runs_every_section_and_records_each(tmp_path):
     if not torch.cuda.is_available():
         assert sections["decoding"]["B=1"]["cudagraphs"] == "skipped: needs CUDA"
         assert sections["tiny_loss"]["gpu"] == "skipped: needs CUDA"
+
+
+# ---------------------------------------------------------------------------------------- the commit
+
+
+@pytest.mark.skipif(shutil.which("git") is None, reason="needs git")
+@pytest.mark.parametrize("variable", [None, "0123abc"], ids=["unset", "set"])
+def test_the_commit_is_gits_else_gpt2lab_commit(tmp_path, monkeypatch, variable):
+    """A working tree copied without .git (as to a lent GPU machine) names its commit through GPT2LAB_COMMIT, and
+    so does a machine without git; where git can tell, git's commit wins."""
+    monkeypatch.delenv("GIT_DIR", raising=False)
+    monkeypatch.setenv("GIT_CEILING_DIRECTORIES", str(tmp_path))  # git looks for no repository above the tree
+    if variable is None:
+        monkeypatch.delenv("GPT2LAB_COMMIT", raising=False)
+    else:
+        monkeypatch.setenv("GPT2LAB_COMMIT", variable)
+    copied = tmp_path / "copied"  # a checkout without .git
+    copied.mkdir()
+    assert gpu_check.git_commit(copied) == (variable or "unknown")
+
+    repo = tmp_path / "repo"
+    git = ["git", "-c", "user.name=t", "-c", "user.email=t@example.com", "-C", str(repo)]
+    subprocess.run(["git", "init", "-q", str(repo)], check=True)
+    subprocess.run([*git, "commit", "-q", "--allow-empty", "-m", "one"], check=True)
+    head = subprocess.run([*git, "rev-parse", "HEAD"], check=True, capture_output=True, text=True).stdout.strip()
+    assert len(head) == 40 and gpu_check.git_commit(repo) == head
+
+    monkeypatch.setenv("PATH", str(tmp_path / "no-git-here"))  # git not installed
+    assert gpu_check.git_commit(repo) == (variable or "unknown")
+
+
+def test_the_device_command_passes_the_commit():
+    """scripts/device-gpu-check.md's commands export GPT2LAB_COMMIT for the check, as a word written in here
+    (a $(git ...) would run on the machine, which has no .git)."""
+    commands = re.findall(r"^set -o pipefail; .*$", (ROOT / "scripts" / "device-gpu-check.md").read_text(), re.M)
+    assert len(commands) == 2
+    for command in commands:
+        assert re.search(r"^set -o pipefail; export [^;]* GPT2LAB_COMMIT=COMMIT;", command) and "$(" not in command
+        subprocess.run(["bash", "-n", "-c", command], check=True)  # still one valid line of shell
 
 
 # ---------------------------------------------------------------------------------------- the runner

@@ -6,7 +6,7 @@ import pytest
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
-from gpt2lab.analysis import mean_keys_seen, model_report
+from gpt2lab.analysis import format_report, mean_keys_seen, model_report
 from gpt2lab.cli.main import main
 from gpt2lab.config import GPTConfig
 from gpt2lab.errors import GPT2LabError
@@ -51,6 +51,20 @@ def test_parameter_counts_match_the_model(variant):
     assert params["lm_head"] == 0
 
 
+@pytest.mark.parametrize("padded", [None, 128], ids=["unpadded", "padded"])
+def test_parameter_counts_hold_the_padded_vocabulary(padded):
+    """A config padded for training (vocab 100 -> 128 rows) is counted as the model it builds holds: the
+    padded rows are parameters in memory; its unpadded config counts the exported model."""
+    config = GPTConfig(**SMALL, padded_vocab_size=padded)
+    model = GPT(config)
+    params = model_report(config)["params"]
+    assert params["total"] == sum(p.numel() for p in model.parameters())
+    assert params["wte"] == model.transformer.wte.weight.numel() == (padded or 100) * 32
+    exported = config.unpadded()
+    assert model_report(exported)["params"]["total"] == sum(p.numel() for p in GPT(exported).parameters())
+    assert ("padded_vocab_size=128" in format_report(model_report(config))) == (padded is not None)
+
+
 def test_gpt2_small_has_its_published_parameter_count():
     assert model_report(GPTConfig())["params"]["total"] == 124_439_808
 
@@ -77,10 +91,12 @@ def test_mean_keys_seen():
     assert mean_keys_seen(1000, 10) == pytest.approx(10 - 45 / 1000)
 
 
-@pytest.mark.parametrize("variant", ["gpt2", "gqa", "mqa"])
+@pytest.mark.parametrize("variant", ["gpt2", "gqa", "mqa", "padded"])
 def test_matmul_flops_match_torch_flop_counter(variant):
-    """Projections, MLP and LM head against PyTorch's own counter (it does not count SDPA on CPU)."""
-    config = GPTConfig(**SMALL, **VARIANTS[variant])
+    """Projections, MLP and LM head against PyTorch's own counter (it does not count SDPA on CPU). Padded: the
+    LM head multiplies by all 128 rows, though its logits are cut to the 100 real ones."""
+    padding = {"padded_vocab_size": 128} if variant == "padded" else {}
+    config = GPTConfig(**SMALL, **VARIANTS.get(variant, {}), **padding)
     T = 16
     counter = FlopCounterMode(display=False)
     with counter:  # with autograd on: no-grad CPU inference may take oneDNN's linear, which it does not count
@@ -88,6 +104,7 @@ def test_matmul_flops_match_torch_flop_counter(variant):
     counted = sum(n for op, n in counter.get_flop_counts()["Global"].items() if "attention" not in str(op))
     flops = model_report(config, seq_len=T)["flops_per_token"]
     assert counted == T * (flops["attention_proj"] + flops["mlp"] + flops["lm_head"])
+    assert flops["lm_head"] == 2 * config.n_embd * (128 if variant == "padded" else 100)
 
 
 @pytest.mark.parametrize("variant", ["gpt2", "gqa", "mqa", "window", "per-layer window", "everything"])

@@ -7,19 +7,22 @@ from __future__ import annotations
 
 import copy
 import functools
+import signal
 import threading
 from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
 import torch
-from training_helpers import logged_losses, tiny_config
+import torch.distributed as torch_dist
+from training_helpers import logged_losses, tiny_args, tiny_config
 
 from gpt2lab.checkpoints.train_state import load_checkpoint
+from gpt2lab.cli.main import main
 from gpt2lab.data.loader import BatchLoader
 from gpt2lab.errors import GPT2LabError
 from gpt2lab.kernels.precision import set_tf32
-from gpt2lab.train import loop
+from gpt2lab.train import distributed, loop
 from gpt2lab.train.config import load_config, load_model_config
 from gpt2lab.train.distributed import Dist
 from gpt2lab.train.loop import Trainer, train
@@ -55,7 +58,9 @@ def drawn_ahead(monkeypatch):
 # ---------------------------------------------------------------------------------------- host reads
 
 
-def test_no_value_is_read_from_the_device_between_log_steps(corpus, tmp_path, monkeypatch, drawn_ahead):
+@pytest.mark.parametrize("group", ["auto", "always"], ids=["alone", "group"])
+def test_no_value_is_read_from_the_device_between_log_steps(corpus, tmp_path, monkeypatch, drawn_ahead, group):
+    """In a process group (of one, gloo) too, where the stop agreement adds a read after step 10 alone."""
     main, where, reads = threading.get_ident(), {"step": 0, "in_step": False}, []
 
     def counting(name, read):
@@ -78,12 +83,83 @@ def test_no_value_is_read_from_the_device_between_log_steps(corpus, tmp_path, mo
             where.update(step=self.step, in_step=False)
 
     monkeypatch.setattr(Trainer, "train_step", watched)
-    settings = ("max_iters=12", "log_interval=4", "eval_interval=6", "ckpt_interval=6")
+    settings = ("max_iters=12", "log_interval=4", "eval_interval=6", "ckpt_interval=6", f"process_group='{group}'")
     train(tiny_config(corpus, tmp_path / "run", *settings))
     assert [r for r in reads if r[1]] == []  # none inside a step
     # after a step: only log steps (4, 8, 12), evaluations and checkpoints (6, 12) read the device
-    assert {s for s, _, _ in reads if s > 0} == {4, 6, 8, 12}
+    assert {s for s, _, _ in reads if s > 0} == {4, 6, 8, 12} | ({10} if group == "always" else set())
     assert reads  # the counting saw the reads that do happen
+
+
+# ---------------------------------------------------------------------------------------- stopping on a signal
+
+
+@pytest.fixture
+def stop_checks(monkeypatch):
+    """The step after which each stop agreement ran (its all-reduce takes the MAX, the only one that does on the
+    lean path), and ``where["signal_at"]``: the step after which the test raises SIGTERM in the process."""
+    where, checks = {"step": 0, "signal_at": None}, []
+    step, all_reduce = Trainer.train_step, distributed.torch_dist.all_reduce
+
+    def stepped(self):
+        loss = step(self)
+        where["step"] = self.step
+        if self.step == where["signal_at"]:
+            signal.raise_signal(signal.SIGTERM)  # the trainer's own handler catches it
+        return loss
+
+    def counted(tensor, op=torch_dist.ReduceOp.SUM, **kwargs):
+        if op == torch_dist.ReduceOp.MAX:
+            checks.append(where["step"])
+        return all_reduce(tensor, op=op, **kwargs)
+
+    monkeypatch.setattr(Trainer, "train_step", stepped)
+    monkeypatch.setattr(distributed.torch_dist, "all_reduce", counted)
+    return where, checks
+
+
+def test_a_process_group_agrees_on_stopping_at_log_steps_and_every_tenth_step(corpus, tmp_path, stop_checks):
+    """25 steps logged every 7th in a group of one (gloo): the stop agreement, a collective and a host read, runs
+    after steps 7, 10, 14, 20, 21 and 25 (the last is a log step) and no other: 6 collectives, not 25."""
+    _, checks = stop_checks
+    settings = ("max_iters=25", "log_interval=7", "process_group='always'")
+    assert train(tiny_config(corpus, tmp_path / "run", *settings))["step"] == 25
+    assert checks == [7, 10, 14, 20, 21, 25]
+
+
+@pytest.mark.parametrize(("group", "stops_at"), [("always", 10), ("auto", 3)], ids=["group", "alone"])
+def test_a_signal_mid_run_stops_at_a_saved_checkpoint(corpus, tmp_path, stop_checks, group, stops_at):
+    """SIGTERM after step 3, nothing logged or saved before step 1000: a group of one stops after step 10, the
+    first step its ranks agree at; a process alone stops after step 3, with no collective. Either way the run
+    ends with a checkpoint of the step it stopped at, and exports that model."""
+    where, checks = stop_checks
+    where["signal_at"] = 3
+    out = tmp_path / "run"
+    settings = ("max_iters=30", "log_interval=1000", "eval_interval=1000", f"process_group='{group}'")
+    summary = train(tiny_config(corpus, out, *settings))
+    assert (summary["stopped"], summary["signal"], summary["step"]) == (True, signal.SIGTERM, stops_at)
+    assert load_checkpoint(out / "ckpt.pt")["step"] == stops_at
+    assert (out / "model.safetensors").is_file()
+    assert checks == ([10] if group == "always" else [])
+
+
+def test_a_rank_stopped_by_another_ranks_signal_exits_with_that_signal(corpus, tmp_path, monkeypatch, capsys):
+    """The agreement's all-reduce answers as if another rank had caught SIGINT: this rank, which caught nothing,
+    stops at the next agreement (step 10) with the checkpoint of that step and SIGINT's exit status, 130."""
+    all_reduce = distributed.torch_dist.all_reduce
+
+    def another_rank_caught_sigint(tensor, op=torch_dist.ReduceOp.SUM, **kwargs):
+        work = all_reduce(tensor, op=op, **kwargs)
+        if op == torch_dist.ReduceOp.MAX:
+            tensor.clamp_(min=float(signal.SIGINT))
+        return work
+
+    monkeypatch.setattr(distributed.torch_dist, "all_reduce", another_rank_caught_sigint)
+    out = tmp_path / "run"
+    settings = ("max_iters=30", "log_interval=1000", "eval_interval=1000", "process_group='always'")
+    assert main(["train", *tiny_args(corpus, out, *settings)]) == 128 + signal.SIGINT
+    assert load_checkpoint(out / "ckpt.pt")["step"] == 10
+    assert "stopped at step 10" in capsys.readouterr().out
 
 
 # ---------------------------------------------------------------------------------------- divergence
@@ -188,7 +264,8 @@ def test_mfu_names_the_peak_it_divides_by(corpus, tmp_path, monkeypatch):
     out = tmp_path / "run"
     cfg = tiny_config(corpus, out, "max_iters=3")
     train(cfg)
-    flops_per_token = train_flops_per_token(cfg, load_model_config(str(out)))
+    trained = load_model_config(str(out)).replace(padded_vocab_size=50_304)  # config.json holds the export
+    flops_per_token = train_flops_per_token(cfg, trained)
     rows = [r for r in read_metrics(out) if "loss" in r]
     assert len(rows) == 3
     for row in rows:

@@ -8,13 +8,14 @@ from gpt2lab.cli.main import main
 from gpt2lab.errors import GPT2LabError
 from gpt2lab.train.config import load_config
 from gpt2lab.train.plan import plan
+from gpt2lab.train.setup import build_model
 
 # C = 8, L = 2, heads 2, vocab 16 (from the data's meta.json), context 8; global batch 2 x 8 x 2.
 TINY = [
     "preset=tiny", "model.n_layer=2", "model.n_head=2", "model.n_embd=8", "model.block_size=8",
     "model.pos_encoding='learned'", "model.window='full'",  # GPT-2's shape, whatever the demo's defaults
     "batch_size=2", "batch.seq_len=8", "grad_accum=2", "max_iters=10", "eval_interval=4", "eval_iters=3",
-    "warmup_iters=0",
+    "warmup_iters=0", "vocab_multiple=1",  # 16 rows, unpadded: the padded vocabulary has a test of its own
 ]  # fmt: skip
 
 
@@ -50,6 +51,32 @@ def test_tiny_plan_matches_hand_arithmetic(tiny):
     # wall time: training split over 2 GPUs, evaluation (the same batches on every rank) not
     seconds = 3 * forward * 320 / (2 * 312e12 * 0.5) + forward * 384 / (312e12 * 0.5)
     assert p["hours"]["A100"] == pytest.approx(seconds / 3600)
+
+
+def test_the_padded_vocabulary_is_counted_as_training_holds_it(tiny):
+    """vocab_multiple = 64 pads the 16-token vocabulary to 64 rows of 8: 384 more parameters in the model training
+    builds, each with its fp32 weight, gradient, DDP bucket and two AdamW moments, and 48 more rows in the LM
+    head's product. The exported model is the unpadded one."""
+    unpadded = plan(tiny, gpus=2)
+    tiny.vocab_multiple = 64
+    padded = plan(tiny, gpus=2)
+    rows = (64 - 16) * 8
+    assert padded["model"]["padded_vocab_size"] == 64
+    assert padded["params"] == sum(p.numel() for p in build_model(tiny, vocab_size=16).parameters())
+    assert padded["params"] == unpadded["params"] + rows
+    assert padded["exported_params"] == unpadded["exported_params"] == unpadded["params"] == 1952
+    assert padded["flops"]["forward_per_token"] == unpadded["flops"]["forward_per_token"] + 2 * rows
+
+    def grown(strategy: str) -> dict[str, float]:
+        before, after = unpadded["memory_per_gpu"][strategy], padded["memory_per_gpu"][strategy]
+        return {part: after[part] - before[part] for part in after}
+
+    # bytes per padded parameter: fp32 weight, gradient and DDP bucket, AdamW's two fp32 moments
+    ddp = {"parameters": 4, "gradients": 4, "optimizer": 8, "buckets": 4, "activations": 0, "total": 20}
+    assert grown("ddp") == {part: n * rows for part, n in ddp.items()}
+    # FSDP2: sharded over the 2 GPUs, and wte gathered whole with the root unit (its weights and its gradients)
+    fsdp = {"parameters": 2, "gradients": 2, "optimizer": 4, "gathered": 4 + 4, "activations": 0, "total": 16}
+    assert grown("fsdp") == {part: n * rows for part, n in fsdp.items()}
 
 
 def test_fp32_uses_tf32_peak_and_doubles_activations(tiny):
@@ -88,6 +115,7 @@ def test_recipes_load_and_plan(name):
 
     cfg = load_config(Path(__file__).resolve().parents[2] / "configs" / f"{name}.toml")
     p = plan(cfg, gpus=8)
-    assert p["params"] == 124_439_808 and p["total_tokens"] == 524_288 * 19_073
+    assert p["exported_params"] == 124_439_808 and p["total_tokens"] == 524_288 * 19_073
+    assert p["params"] == 124_439_808 + (50_304 - 50_257) * 768  # trained with GPT-2's vocabulary padded, as nanoGPT
     assert cfg.reference["source"] and cfg.reference_at(p["total_tokens"]) is not None
     assert cfg.hellaswag_interval > 0

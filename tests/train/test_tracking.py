@@ -181,18 +181,22 @@ def test_mfu_is_logged_against_the_gpus_peak(corpus, tmp_path, monkeypatch):
     train(cfg)
     steps = [r for r in read_metrics(tmp_path) if "loss" in r]
     model = _model_config_of(tmp_path)
-    forward = model_report(model, cfg.seq_len)["flops_per_token"]["total"]
+    exported = model_report(model.unpadded(), cfg.seq_len)["flops_per_token"]["total"]
+    forward = exported + 2 * model.n_embd * (50_304 - 50_257)  # the LM head multiplies by the padded rows too
     for row in steps:
         assert row["mfu"] == pytest.approx(3 * forward * row["tokens_per_s"] / 1e12, rel=1e-12)
         assert row["tokens_per_s"] == pytest.approx(2 * 2 * 16 / row["dt"], rel=1e-12)  # accum x batch x length
 
 
 def _model_config_of(run_dir):
+    """The model the run trained, as its checkpoint records it: its vocabulary padded (50,257 -> 50,304 rows),
+    which the LM head multiplies by; the exported config.json holds the unpadded model."""
+    from gpt2lab.checkpoints.train_state import load_checkpoint
     from gpt2lab.config import GPTConfig
-    from gpt2lab.files import read_json
 
-    fields = {k: v for k, v in read_json(run_dir / "config.json").items() if k not in ("format", "format_version")}
-    return GPTConfig.from_dict(fields)
+    config = GPTConfig.from_dict(load_checkpoint(run_dir / "ckpt.pt")["model_config"])
+    assert config.padded_vocab_size == 50_304
+    return config
 
 
 def test_peak_flops_of_listed_gpus_only(monkeypatch):

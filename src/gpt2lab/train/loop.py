@@ -310,14 +310,16 @@ class Trainer:
         while self.step < cfg.max_iters:
             loss = self.train_step()
             last = self.step == cfg.max_iters
-            if self.step % cfg.log_interval == 0 or last:
+            log_step = self.step % cfg.log_interval == 0 or last
+            if log_step:
                 self._log_step(loss, bar)
             bar.update(1)
             if self.step % cfg.eval_interval == 0 or last:
                 self._evaluate_and_log(bar)
             if cfg.hellaswag_interval and (self.step % cfg.hellaswag_interval == 0 or last):
                 self._hellaswag(bar)
-            stop = self.dist.any(self.stop_signal is not None)
+            stop = self.dist.stop_after(self.step, self.stop_signal, log_step)  # not after every step in a group
+            self.stop_signal = stop or self.stop_signal  # the signal agreed on, which another rank may have caught
             if stop or self.step % cfg.ckpt_interval == 0 or last:
                 model_state = self.checkpoint()
             if stop:

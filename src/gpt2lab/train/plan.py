@@ -2,7 +2,9 @@
 
 Everything is computed from the training config alone (``gpt2lab plan`` / ``gpt2lab train --plan``);
 no model is built and no data is read (``meta.json`` of the data folder is read for the vocabulary
-when it exists, since training takes the model's vocabulary from it).
+when it exists, since training takes the model's vocabulary from it). The model counted is the one
+training builds, its vocabulary padded (``vocab_multiple``): the padded rows are parameters, gradients,
+optimizer state and LM-head FLOPs of the run; ``exported_params`` counts the model the run exports.
 
 Conventions, chosen where no one standard exists:
 
@@ -34,6 +36,7 @@ from gpt2lab.data.tokens import META_FILE
 from gpt2lab.errors import GPT2LabError, check_number, is_int
 from gpt2lab.files import read_json
 from gpt2lab.train.config import TrainConfig, load_model_config
+from gpt2lab.train.setup import vocab_padding
 
 # Dense (no sparsity) peak FLOP/s from the vendors' datasheets: bf16 tensor cores, and TF32 for fp32
 # training (gpt2lab enables TF32 on CUDA). H100 and H200 are the SXM parts; H200 has the same compute.
@@ -46,14 +49,17 @@ ACTIVATION_BYTES_PER_TOKEN_LAYER = 34  # × n_embd, 16-bit activations (Korthika
 
 
 def model_config_of(cfg: TrainConfig) -> GPTConfig:
-    """The model a run of ``cfg`` would train, from its config alone (no weights loaded)."""
+    """The model a fresh run of ``cfg`` would train, from its config alone (no weights loaded), with the padded
+    vocabulary training gives it (:func:`~gpt2lab.train.setup.vocab_padding`)."""
     if cfg.init_from is not None:
         config = load_model_config(cfg.init_from)
-        return config.replace(n_kv_head=cfg.convert_n_kv_head) if cfg.convert_n_kv_head else config
-    meta = Path(cfg.data_dir) / META_FILE
-    vocab = read_json(meta).get("vocab_size", GPT2_VOCAB_SIZE) if meta.is_file() else GPT2_VOCAB_SIZE
-    fields = {"vocab_size": vocab, **cfg.model}
-    return GPTConfig.from_preset(cfg.preset, **fields) if cfg.preset else GPTConfig.from_dict(fields)
+        config = config.replace(n_kv_head=cfg.convert_n_kv_head) if cfg.convert_n_kv_head else config
+    else:
+        meta = Path(cfg.data_dir) / META_FILE
+        vocab = read_json(meta).get("vocab_size", GPT2_VOCAB_SIZE) if meta.is_file() else GPT2_VOCAB_SIZE
+        fields = {"vocab_size": vocab, **cfg.model}
+        config = GPTConfig.from_preset(cfg.preset, **fields) if cfg.preset else GPTConfig.from_dict(fields)
+    return config.replace(padded_vocab_size=vocab_padding(cfg, config, resumed=None))
 
 
 def _evaluations(cfg: TrainConfig) -> int:
@@ -147,7 +153,8 @@ def plan(cfg: TrainConfig, gpus: int = 1, mfu: float = 0.4, gpu_names: list[str]
     tokens_per_step = cfg.batch_size * cfg.seq_len * cfg.grad_accum
     return {
         "model": config.to_dict(),
-        "params": model_report(config)["params"]["total"],
+        "params": model_report(config)["params"]["total"],  # as trained: memory, and the N of 6N
+        "exported_params": model_report(config.unpadded())["params"]["total"],
         "gpus": gpus,
         "mfu": mfu,
         "dtype": dtype,
@@ -174,9 +181,12 @@ def format_plan(p: dict[str, Any]) -> str:
     """The plan as text, one figure per line."""
     f, m = p["flops"], p["memory_per_gpu"]
     c = p["model"]
+    vocab = f"vocab={c['vocab_size']}"
+    if c["padded_vocab_size"] is not None:  # the exported model holds only the real rows
+        vocab += f" padded to {c['padded_vocab_size']}; {p['exported_params']:,} exported"
     lines = [
         f"model: {p['params']:,} parameters (n_layer={c['n_layer']} n_head={c['n_head']} n_embd={c['n_embd']} "
-        f"vocab={c['vocab_size']}); training in {p['dtype']} on {p['gpus']} GPU(s)",
+        f"{vocab}); training in {p['dtype']} on {p['gpus']} GPU(s)",
         f"tokens per step      {p['tokens_per_step']:,}",
         f"steps                {p['steps']:,}",
         f"total tokens         {p['total_tokens']:,} ({p['total_tokens'] / 1e9:.3g} B)",
