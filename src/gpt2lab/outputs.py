@@ -23,38 +23,62 @@ from pathlib import Path
 from gpt2lab.errors import GPT2LabError
 
 RUN, DATA, MODEL, STUDY, EVAL = "run", "data", "model", "study", "eval"
-TOKENIZER_FILE = "gpt2lab-tokenizer.json"  # gpt2lab.tokenizer's name; written into runs, data and models
 LOCK_FILE = ".lock"
 
-_MODEL_FILES = ("config.json", "model.safetensors", "model.safetensors.index.json", "model-*.safetensors")
-_EVAL_FILES = ("loss_by_position.csv", "loss_by_position.png")
-# gpt2lab.train.tracking's files and folders in a run (metrics.csv, the W&B run id, the trackers' logs)
-_TRACKER_FILES = ("metrics.csv", "wandb_run_id", "tensorboard", "wandb")
+# The names of the files gpt2lab writes: their one home. The modules that write them import them from here,
+# since this module (the lowest layer) must tell every kind of folder apart without importing them.
+TOKENIZER_FILE = "gpt2lab-tokenizer.json"  # gpt2lab.tokenizer's; written into runs, data and models
+# a run (gpt2lab.train.run, gpt2lab.checkpoints.train_state)
+CKPT_NAME = "ckpt.pt"
+METRICS_NAME = "metrics.jsonl"
+TRAIN_CONFIG_FILE = "train_config.json"  # the run's TrainConfig, for a reader (the checkpoint holds it too)
+LOSS_PLOT_FILE = "loss.png"
+# the trackers' files and folders in a run (gpt2lab.train.tracking)
+CSV_NAME = "metrics.csv"
+WANDB_ID_FILE = "wandb_run_id"
+TENSORBOARD_DIR, WANDB_DIR = "tensorboard", "wandb"
+# a model (gpt2lab.checkpoints.names): Hugging Face's layout
+CONFIG_FILE = "config.json"
+WEIGHTS_FILE = "model.safetensors"
+WEIGHTS_INDEX_FILE = "model.safetensors.index.json"  # sharded safetensors
+WEIGHT_SHARDS = "model-*.safetensors"
+PICKLED_WEIGHTS_FILE = "pytorch_model.bin"
+GENERATION_CONFIG_FILE = "generation_config.json"
+# prepared data (gpt2lab.data.tokens, gpt2lab.data.shards)
+META_FILE = "meta.json"  # a prepared data folder's metadata, written last: it marks the folder complete
+MANIFEST = "manifest.json"  # a sharded folder's list of shards
+TRAIN_BIN, VAL_BIN = "train.bin", "val.bin"
+# evaluation by position (gpt2lab.eval.loss) and a study (gpt2lab.study)
+EVAL_FILES = ("loss_by_position.csv", "loss_by_position.png")
+SUITE_FILE, REPORT_FILE = "suite.json", "report.md"
+
+_MODEL_FILES = (CONFIG_FILE, WEIGHTS_FILE, WEIGHTS_INDEX_FILE, WEIGHT_SHARDS)
+_TRACKER_FILES = (CSV_NAME, WANDB_ID_FILE, TENSORBOARD_DIR, WANDB_DIR)
 # kind -> (markers: any of them present says the folder is this kind, own: every file the kind writes)
 KINDS: dict[str, tuple[tuple[str, ...], tuple[str, ...]]] = {
     RUN: (
-        ("ckpt.pt", "metrics.jsonl", "train_config.json"),
+        (CKPT_NAME, METRICS_NAME, TRAIN_CONFIG_FILE),
         (
-            "ckpt.pt",
-            "metrics.jsonl",
-            "train_config.json",
-            "loss.png",
+            CKPT_NAME,
+            METRICS_NAME,
+            TRAIN_CONFIG_FILE,
+            LOSS_PLOT_FILE,
             TOKENIZER_FILE,
             *_MODEL_FILES,
-            *_EVAL_FILES,
+            *EVAL_FILES,
             *_TRACKER_FILES,
         ),
-    ),
-    STUDY: (("suite.json",), ("suite.json", "runs", "data", "*.csv", "*.png", "report.md")),
+    ),  # fmt: skip
+    STUDY: ((SUITE_FILE,), (SUITE_FILE, "runs", "data", "*.csv", "*.png", REPORT_FILE)),
     DATA: (
-        ("meta.json", "manifest.json", "train.bin", "val.bin"),
-        ("meta.json", "manifest.json", "train.bin", "val.bin", "train_*.bin", "val_*.bin", TOKENIZER_FILE),
+        (META_FILE, MANIFEST, TRAIN_BIN, VAL_BIN),
+        (META_FILE, MANIFEST, TRAIN_BIN, VAL_BIN, "train_*.bin", "val_*.bin", TOKENIZER_FILE),
     ),
     MODEL: (
-        ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin"),
-        (*_MODEL_FILES, TOKENIZER_FILE, "generation_config.json", *_EVAL_FILES),
+        (WEIGHTS_FILE, WEIGHTS_INDEX_FILE, PICKLED_WEIGHTS_FILE),
+        (*_MODEL_FILES, TOKENIZER_FILE, GENERATION_CONFIG_FILE, *EVAL_FILES),
     ),  # fmt: skip
-    EVAL: (_EVAL_FILES, _EVAL_FILES),
+    EVAL: (EVAL_FILES, EVAL_FILES),
 }
 _ADVICE = {
     RUN: "continue it with --resume, start it again with --overwrite, or choose another --out",
@@ -140,7 +164,7 @@ def guard_output(path: str | os.PathLike, kind: str, overwrite: bool = False, re
 def _guard_eval(folder: Path, found: str | None, overwrite: bool) -> None:
     if found in (DATA, STUDY):
         raise GPT2LabError(f"{folder} holds {_ARTICLE[found]}; write evaluation outputs to another --out")
-    if not overwrite and any(_matches(entry.name, _EVAL_FILES) for entry in folder.iterdir()):
+    if not overwrite and any(_matches(entry.name, EVAL_FILES) for entry in folder.iterdir()):
         raise GPT2LabError(f"{folder} already holds evaluation outputs: pass --overwrite to replace them")
 
 

@@ -25,11 +25,11 @@ from tiktoken.load import data_gym_to_mergeable_bpe_ranks
 
 from gpt2lab.errors import GPT2LabError, closest_hint
 from gpt2lab.files import read_json, write_json
+from gpt2lab.outputs import TOKENIZER_FILE
 
 # GPT-2's pre-tokenizer pattern (OpenAI's encoder.py), as tiktoken writes it.
 GPT2_PATTERN = r"""'(?:[sdmt]|ll|ve|re)| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+"""
 EOT_TOKEN = "<|endoftext|>"
-TOKENIZER_FILE = "gpt2lab-tokenizer.json"
 TOKENIZER_FORMAT = "gpt2lab-tokenizer"
 GPT2_TOKENIZER = "gpt2"  # the name meta.json records for GPT-2's BPE
 TOKENIZERS = (GPT2_TOKENIZER, "char")  # the names prepare --tokenizer takes

@@ -19,7 +19,8 @@ from gpt2lab import GPT, GPTConfig, load_tokenizer
 from gpt2lab.cli.main import main
 from gpt2lab.data.tokens import TokenData, prepare
 from gpt2lab.errors import GPT2LabError
-from gpt2lab.tokenizer import TOKENIZER_FILE, CharTokenizer, save_tokenizer
+from gpt2lab.outputs import TOKENIZER_FILE
+from gpt2lab.tokenizer import CharTokenizer, save_tokenizer
 from gpt2lab.train.loop import train
 
 # A small corpus whose character set is known by construction: the first 20,000 characters of a play.

@@ -18,7 +18,7 @@ from gpt2lab.cli.main import main
 from gpt2lab.data.fingerprint import combine_digests, file_sha256
 from gpt2lab.data.tokens import prepare
 from gpt2lab.errors import GPT2LabError
-from gpt2lab.tokenizer import TOKENIZER_FILE
+from gpt2lab.outputs import TOKENIZER_FILE
 from gpt2lab.train.config import load_config
 from gpt2lab.train.loop import train
 from gpt2lab.train.run import read_metrics

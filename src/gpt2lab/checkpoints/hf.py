@@ -16,11 +16,12 @@ from typing import Any
 import torch
 
 from gpt2lab.checkpoints.convert import drop_vocab_padding
-from gpt2lab.checkpoints.names import CONFIG_FILE, HF_LAYOUT, WEIGHTS_FILE, collect_state
+from gpt2lab.checkpoints.names import HF_LAYOUT, collect_state
 from gpt2lab.checkpoints.tensor_files import read_weight_files, write_safetensors
 from gpt2lab.config import ACTIVATIONS, GPT2_EOT_ID, GPT2_VOCAB_SIZE, GPTConfig
 from gpt2lab.errors import GPT2LabError
 from gpt2lab.files import read_json, write_json
+from gpt2lab.outputs import CONFIG_FILE, WEIGHTS_FILE
 
 __all__ = ["HF_ACTIVATION", "gpt_config_to_hf", "hf_config_to_gpt", "read_hf", "special_token_id", "write_hf"]
 

@@ -29,11 +29,11 @@ import torch
 
 from gpt2lab.checkpoints.convert import drop_vocab_padding, repeat_kv_heads
 from gpt2lab.checkpoints.hf import HF_ACTIVATION, special_token_id, write_hf
-from gpt2lab.checkpoints.names import CONFIG_FILE, WEIGHTS_FILE
 from gpt2lab.checkpoints.tensor_files import write_safetensors
 from gpt2lab.config import GPTConfig
 from gpt2lab.errors import GPT2LabError
 from gpt2lab.files import write_json
+from gpt2lab.outputs import CONFIG_FILE, WEIGHTS_FILE
 
 __all__ = ["export_hf", "hf_architecture"]
 

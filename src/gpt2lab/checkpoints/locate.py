@@ -16,11 +16,11 @@ import re
 from dataclasses import dataclass
 from pathlib import Path
 
-from gpt2lab.checkpoints.names import CONFIG_FILE, PICKLED_WEIGHTS_FILE, WEIGHTS_FILE, WEIGHTS_INDEX_FILE
 from gpt2lab.checkpoints.native import is_gpt2lab_config
 from gpt2lab.checkpoints.tf_bundle import tf_prefix
 from gpt2lab.errors import GPT2LabError, closest_hint
 from gpt2lab.files import inside, one_line, read_json
+from gpt2lab.outputs import CONFIG_FILE, PICKLED_WEIGHTS_FILE, WEIGHTS_FILE, WEIGHTS_INDEX_FILE
 
 __all__ = ["HUB_TIMEOUT_S", "LEGACY_HUB_NAMES", "Source", "locate"]
 

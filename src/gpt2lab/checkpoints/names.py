@@ -15,6 +15,7 @@ import torch
 
 from gpt2lab.config import GPTConfig
 from gpt2lab.errors import GPT2LabError
+from gpt2lab.outputs import CONFIG_FILE, WEIGHTS_FILE
 
 __all__ = [
     "CONFIG_FILE", "GPT2LAB_LAYOUT", "HF_LAYOUT", "TF_LAYOUT", "WEIGHTS_FILE", "Layout", "collect_state",
@@ -22,10 +23,6 @@ __all__ = [
 ]  # fmt: skip
 
 # The file names of a saved model folder (gpt2lab's format and the hub layout alike), named once here.
-CONFIG_FILE = "config.json"
-WEIGHTS_FILE = "model.safetensors"
-WEIGHTS_INDEX_FILE = "model.safetensors.index.json"  # sharded safetensors
-PICKLED_WEIGHTS_FILE = "pytorch_model.bin"
 
 
 def gpt_state_shapes(config: GPTConfig) -> dict[str, tuple[int, ...]]:

@@ -12,11 +12,12 @@ from typing import Any
 import torch
 
 from gpt2lab.checkpoints.convert import drop_vocab_padding
-from gpt2lab.checkpoints.names import CONFIG_FILE, GPT2LAB_LAYOUT, WEIGHTS_FILE, collect_state
+from gpt2lab.checkpoints.names import GPT2LAB_LAYOUT, collect_state
 from gpt2lab.checkpoints.tensor_files import read_weight_files, write_safetensors
 from gpt2lab.config import GPTConfig
 from gpt2lab.errors import GPT2LabError
 from gpt2lab.files import read_json, write_json
+from gpt2lab.outputs import CONFIG_FILE, WEIGHTS_FILE
 
 __all__ = ["GPT2LAB_FORMAT", "GPT2LAB_FORMAT_VERSION", "is_gpt2lab_config", "read_gpt2lab", "write_gpt2lab"]
 

@@ -13,14 +13,13 @@ from pathlib import Path
 
 import torch
 
-from gpt2lab.checkpoints.names import CONFIG_FILE, WEIGHTS_FILE
 from gpt2lab.checkpoints.safe_pickle import load_weights_only
 from gpt2lab.checkpoints.tensor_files import check_finite
 from gpt2lab.config import GPTConfig
 from gpt2lab.errors import GPT2LabError
 from gpt2lab.files import atomic_file
+from gpt2lab.outputs import CKPT_NAME, CONFIG_FILE, WEIGHTS_FILE
 
-CKPT_NAME = "ckpt.pt"
 CKPT_MAGIC = b"GPT2LAB-TRAIN-CKPT v1 sha256="
 _DIGEST_PLACEHOLDER = b"0" * hashlib.sha256().digest_size * 2  # hex digits
 

@@ -15,13 +15,13 @@ import numpy as np
 import torch
 
 from gpt2lab.data.count_models import bigram_loss, unigram_loss
-from gpt2lab.data.tokens import META_FILE, TokenData, prepare
+from gpt2lab.data.tokens import TokenData, prepare
 from gpt2lab.errors import GPT2LabError
 from gpt2lab.eval.loss import evaluate
 from gpt2lab.generation import stream_text
 from gpt2lab.loading import load_model, load_model_and_tokenizer
 from gpt2lab.model import GPT
-from gpt2lab.outputs import DATA, guard_output
+from gpt2lab.outputs import DATA, META_FILE, guard_output
 from gpt2lab.tokenizer import load_tokenizer
 from gpt2lab.train.config import TrainConfig
 from gpt2lab.train.loop import train

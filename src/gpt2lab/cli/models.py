@@ -8,7 +8,6 @@ import sys
 from pathlib import Path
 
 from gpt2lab.analysis import format_report, model_report
-from gpt2lab.checkpoints.names import CONFIG_FILE, WEIGHTS_FILE
 from gpt2lab.cli import arguments as arg
 from gpt2lab.cli.kernel_report import format_kernel_report, kernel_report
 from gpt2lab.errors import GPT2LabError
@@ -17,8 +16,8 @@ from gpt2lab.eval.loss import evaluate, load_tokens, write_by_position
 from gpt2lab.files import remove_stale_temp_files
 from gpt2lab.generation import stream_text
 from gpt2lab.loading import load_model, load_model_and_tokenizer
-from gpt2lab.outputs import EVAL, MODEL, clear_outputs, guard_output
-from gpt2lab.tokenizer import TOKENIZER_FILE, load_tokenizer, save_tokenizer
+from gpt2lab.outputs import CONFIG_FILE, EVAL, MODEL, TOKENIZER_FILE, WEIGHTS_FILE, clear_outputs, guard_output
+from gpt2lab.tokenizer import load_tokenizer, save_tokenizer
 from gpt2lab.train.config import load_model_config, parse_overrides
 
 DTYPES = ("float32", "bfloat16")  # names gpt2lab.config.parse_dtype reads

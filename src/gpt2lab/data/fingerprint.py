@@ -8,7 +8,7 @@ import hashlib
 from pathlib import Path
 
 from gpt2lab.files import read_json
-from gpt2lab.tokenizer import TOKENIZER_FILE
+from gpt2lab.outputs import TOKENIZER_FILE, TRAIN_BIN, VAL_BIN
 
 
 def data_fingerprint(path: Path, meta: dict) -> dict:
@@ -20,7 +20,7 @@ def data_fingerprint(path: Path, meta: dict) -> dict:
 def split_files(path: Path, meta: dict) -> list[Path]:
     """The token files of a prepared folder, in the order its content digest covers them: train, then val."""
     if "shards" not in meta:
-        return [path / "train.bin", path / "val.bin"]
+        return [path / TRAIN_BIN, path / VAL_BIN]
     return [path / name for split in ("train", "val") for name in meta["shards"][split]]
 
 

@@ -30,13 +30,12 @@ from tqdm import tqdm
 
 from gpt2lab.data.fingerprint import combine_digests, file_sha256
 from gpt2lab.data.sources import SourceOptions, count_documents, iter_texts
-from gpt2lab.data.tokens import DTYPE, META_FILE
+from gpt2lab.data.tokens import DTYPE
 from gpt2lab.errors import GPT2LabError, is_int
 from gpt2lab.files import atomic_file, make_folder, read_json, remove_stale_temp_files, write_json
-from gpt2lab.outputs import DATA, clear_outputs, guard_output
+from gpt2lab.outputs import DATA, MANIFEST, META_FILE, clear_outputs, guard_output
 from gpt2lab.tokenizer import GPT2_TOKENIZER, load_tokenizer, token_byte_lengths
 
-MANIFEST = "manifest.json"
 FORMAT = "gpt2lab-shards"
 SHARD_TOKENS = 100_000_000  # 200 MB of uint16 per shard
 VAL_TOKENS = 10_000_000

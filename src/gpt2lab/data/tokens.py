@@ -27,7 +27,7 @@ from tqdm import tqdm
 from gpt2lab.data.fingerprint import combine_digests, data_fingerprint
 from gpt2lab.errors import GPT2LabError, check_number, closest_hint, is_int
 from gpt2lab.files import atomic_file, make_folder, read_json, remove_stale_temp_files, scratch_file, write_json
-from gpt2lab.outputs import DATA, TOKENIZER_FILE, clear_outputs, guard_output
+from gpt2lab.outputs import DATA, META_FILE, TOKENIZER_FILE, TRAIN_BIN, VAL_BIN, clear_outputs, guard_output
 from gpt2lab.tokenizer import (
     TOKENIZERS,
     Tokenizer,
@@ -38,7 +38,6 @@ from gpt2lab.tokenizer import (
     token_byte_lengths,
 )
 
-META_FILE = "meta.json"  # a prepared data folder's metadata, written last: it marks the folder complete
 DTYPE = np.uint16  # GPT-2's 50257 ids fit in 16 bits: half the disk and memory of int32
 SHAKESPEARE_FILE = "tinyshakespeare.txt.gz"  # package data (src/gpt2lab/corpora/README.md says where it is from)
 TEXT_SUFFIXES = (".txt", ".text", ".md", ".rst")
@@ -167,7 +166,7 @@ def prepare(
             (out / "meta.json").unlink(missing_ok=True)
             meta = _write_splits(stream_path, out, n_tokens, val_fraction, enc)
         meta.update(documents=n_docs, sources=[str(s) for s in sources])
-        clear_outputs(out, DATA, keep=("train.bin", "val.bin", "meta.json", TOKENIZER_FILE))  # old shards, manifest
+        clear_outputs(out, DATA, keep=(TRAIN_BIN, VAL_BIN, META_FILE, TOKENIZER_FILE))  # old shards, manifest
         save_tokenizer(enc, out)  # before meta.json, which marks the folder complete
         write_json(out / META_FILE, meta)
     except BaseException:

@@ -19,6 +19,7 @@ from gpt2lab.data.tokens import TokenData
 from gpt2lab.errors import GPT2LabError
 from gpt2lab.files import atomic_file
 from gpt2lab.model import GPT
+from gpt2lab.outputs import EVAL_FILES
 from gpt2lab.plots import plot_loss_by_position
 from gpt2lab.tokenizer import Tokenizer, describe, load_tokenizer, same_tokenizer, token_byte_lengths
 
@@ -120,7 +121,7 @@ def write_by_position(result: EvalResult, out_dir: str | Path, trained_context: 
     """``loss_by_position.csv`` and ``.png``; a dashed line marks the trained context when it is shorter."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    csv_path, png_path = out / "loss_by_position.csv", out / "loss_by_position.png"
+    csv_path, png_path = (out / name for name in EVAL_FILES)
     with atomic_file(csv_path) as tmp, open(tmp, "w", newline="") as f:
         writer = csv.writer(f)
         writer.writerow(["position", "loss"])

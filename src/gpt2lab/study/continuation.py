@@ -20,9 +20,10 @@ from __future__ import annotations
 from pathlib import Path
 
 from gpt2lab.checkpoints.convert import pool_kv_heads
-from gpt2lab.checkpoints.train_state import CKPT_NAME, load_checkpoint, save_checkpoint
+from gpt2lab.checkpoints.train_state import load_checkpoint, save_checkpoint
 from gpt2lab.config import GPTConfig
 from gpt2lab.errors import GPT2LabError
+from gpt2lab.outputs import CKPT_NAME
 
 
 def continuation_fields(base_fields: dict, base_config: GPTConfig, steps: int, n_kv_head: int | None) -> dict:

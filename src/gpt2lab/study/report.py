@@ -9,6 +9,7 @@ import statistics
 from pathlib import Path
 
 from gpt2lab.files import write_text
+from gpt2lab.outputs import REPORT_FILE
 from gpt2lab.study.sections import (
     PAIRED_HEADER,
     comparison_cells,
@@ -187,7 +188,7 @@ def write_report(out: Path, suite: Suite, context: int) -> Path:
     lines += uptrain_section(out, suite)
     lines += cost_section(out, suite, rows, context)
     lines += can_and_cannot(out, suite, context)
-    path = out / "report.md"
+    path = out / REPORT_FILE
     write_text(path, "\n".join(lines) + "\n")
     return path
 

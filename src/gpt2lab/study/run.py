@@ -30,10 +30,10 @@ from pathlib import Path
 
 from gpt2lab.analysis import model_report
 from gpt2lab.data.count_models import ngram_references
-from gpt2lab.data.tokens import META_FILE, TokenData, prepare
+from gpt2lab.data.tokens import TokenData, prepare
 from gpt2lab.errors import GPT2LabError
 from gpt2lab.files import read_json, write_text
-from gpt2lab.outputs import STUDY, guard_output
+from gpt2lab.outputs import META_FILE, REPORT_FILE, STUDY, SUITE_FILE, guard_output
 from gpt2lab.study.context_use import effective_context
 from gpt2lab.study.extrapolation import band_means
 from gpt2lab.study.plots import write_plots
@@ -49,7 +49,7 @@ from gpt2lab.train.config import upgrade_train_fields
 def _claim_folder(out: Path, suite: Suite) -> None:
     """A study folder holds the runs of one suite: refuse to mix another suite's runs into it."""
     guard_output(out, STUDY, resume=True)  # a run, data, a model or one's own files are never a study's folder
-    marker = out / "suite.json"
+    marker = out / SUITE_FILE
     fingerprint = json.loads(json.dumps(suite.fingerprint()))  # as JSON reads it back (tuples -> lists)
     if marker.is_file():
         saved = read_json(marker)
@@ -132,7 +132,7 @@ def _write_references(out: Path, suite: Suite, data_dir: Path, vocab: int, conte
 
 
 def _report_without_baseline(out: Path, missing: list[str]) -> Path:
-    path = out / "report.md"
+    path = out / REPORT_FILE
     lines = ["# Variant study: not yet reportable", "", "No baseline run has finished; missing runs:", ""]
     write_text(path, "\n".join(lines + [f"- {name}" for name in missing]) + "\n")
     return path

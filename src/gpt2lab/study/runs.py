@@ -22,12 +22,12 @@ from typing import Any
 import numpy as np
 import torch
 
-from gpt2lab.checkpoints.train_state import CKPT_NAME
 from gpt2lab.data.tokens import TokenData
 from gpt2lab.errors import GPT2LabError
 from gpt2lab.eval.loss import evaluate
 from gpt2lab.files import read_json, write_text
 from gpt2lab.loading import load_model
+from gpt2lab.outputs import CKPT_NAME
 from gpt2lab.study.context_use import loss_by_cut
 from gpt2lab.study.continuation import seed_continuation
 from gpt2lab.study.extrapolation import extrapolate

@@ -19,10 +19,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from gpt2lab.checkpoints.names import CONFIG_FILE
 from gpt2lab.config import FIELDS, PRESETS, GPTConfig
 from gpt2lab.errors import GPT2LabError, check_number, check_seed, closest_hint, is_int
 from gpt2lab.files import read_json
+from gpt2lab.outputs import CONFIG_FILE
 
 # Training-config keys renamed since run folders and TOML files were first written: old -> new.
 RENAMED = {"block_size": "seq_len"}

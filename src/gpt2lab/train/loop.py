@@ -17,7 +17,7 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-from gpt2lab.checkpoints.train_state import CKPT_NAME, save_checkpoint
+from gpt2lab.checkpoints.train_state import save_checkpoint
 from gpt2lab.data.loader import BatchLoader
 from gpt2lab.data.tokens import TokenData, gather_batch, sample_offsets
 from gpt2lab.errors import GPT2LabError
@@ -25,6 +25,7 @@ from gpt2lab.eval.hellaswag import accuracies, evaluate_hellaswag, load_examples
 from gpt2lab.files import write_json
 from gpt2lab.kernels.precision import grad_scaler, set_tf32
 from gpt2lab.model import GPT
+from gpt2lab.outputs import CKPT_NAME, LOSS_PLOT_FILE, TRAIN_CONFIG_FILE
 from gpt2lab.plots import plot_losses
 from gpt2lab.tokenizer import copy_tokenizer
 from gpt2lab.train.config import TrainConfig
@@ -33,8 +34,6 @@ from gpt2lab.train.guards import StepGuard
 from gpt2lab.train.plan import peak_flops, train_flops_per_token
 from gpt2lab.train.resume import data_fingerprint, read_resume_state, resume_checkpoint
 from gpt2lab.train.run import (
-    LOSS_PLOT_FILE,
-    TRAIN_CONFIG_FILE,
     RunLock,
     append_metrics,
     capture_rng,

@@ -32,9 +32,9 @@ import torch
 
 from gpt2lab.analysis import model_report
 from gpt2lab.config import GPT2_VOCAB_SIZE, GPTConfig
-from gpt2lab.data.tokens import META_FILE
 from gpt2lab.errors import GPT2LabError, check_number, is_int
 from gpt2lab.files import read_json
+from gpt2lab.outputs import META_FILE
 from gpt2lab.train.config import TrainConfig, load_model_config
 from gpt2lab.train.setup import vocab_padding
 

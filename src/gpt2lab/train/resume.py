@@ -11,17 +11,16 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from gpt2lab.checkpoints.names import CONFIG_FILE, WEIGHTS_FILE
-from gpt2lab.checkpoints.train_state import CKPT_NAME, load_checkpoint
+from gpt2lab.checkpoints.train_state import load_checkpoint
 from gpt2lab.config import GPTConfig
 from gpt2lab.data.fingerprint import tokenizer_digest
 from gpt2lab.data.tokens import TokenData
 from gpt2lab.errors import GPT2LabError, is_int
 from gpt2lab.files import read_json
 from gpt2lab.model import GPT
-from gpt2lab.tokenizer import TOKENIZER_FILE
+from gpt2lab.outputs import CKPT_NAME, CONFIG_FILE, METRICS_NAME, TOKENIZER_FILE, TRAIN_CONFIG_FILE, WEIGHTS_FILE
 from gpt2lab.train.config import TrainConfig, upgrade_train_fields
-from gpt2lab.train.run import METRICS_NAME, TRAIN_CONFIG_FILE, holds_run, read_metrics
+from gpt2lab.train.run import holds_run, read_metrics
 
 # What may differ between a run and its resumption: how long it runs, how often it reports, and where
 # and how it computes. Anything else (data, model, batch, schedule, seed, precision) changes the result.

@@ -20,18 +20,24 @@ from typing import Any
 import numpy as np
 import torch
 
-from gpt2lab.checkpoints.names import CONFIG_FILE, WEIGHTS_FILE
-from gpt2lab.checkpoints.train_state import CKPT_NAME
 from gpt2lab.errors import GPT2LabError, os_fault
 from gpt2lab.files import make_folder, remove_stale_temp_files, write_text
-from gpt2lab.outputs import RUN, clear_outputs, guard_output
-from gpt2lab.tokenizer import TOKENIZER_FILE
-from gpt2lab.train.tracking import CSV_NAME, TENSORBOARD_DIR, WANDB_ID_FILE
-
-METRICS_NAME = "metrics.jsonl"
-TRAIN_CONFIG_FILE = "train_config.json"  # the run's TrainConfig, for a reader (the checkpoint holds it too)
-LOSS_PLOT_FILE = "loss.png"
-
+from gpt2lab.outputs import (
+    CKPT_NAME,
+    CONFIG_FILE,
+    CSV_NAME,
+    LOSS_PLOT_FILE,
+    METRICS_NAME,
+    RUN,
+    TENSORBOARD_DIR,
+    TOKENIZER_FILE,
+    TRAIN_CONFIG_FILE,
+    WANDB_DIR,
+    WANDB_ID_FILE,
+    WEIGHTS_FILE,
+    clear_outputs,
+    guard_output,
+)
 
 # ---------------------------------------------------------------------------------------- RNG states
 
@@ -114,7 +120,7 @@ RUN_FILES = (
     CKPT_NAME, METRICS_NAME, TRAIN_CONFIG_FILE, CONFIG_FILE, WEIGHTS_FILE, LOSS_PLOT_FILE, TOKENIZER_FILE,
     CSV_NAME, WANDB_ID_FILE,
 )  # fmt: skip
-RUN_DIRS = (TENSORBOARD_DIR, "wandb")  # the trackers' folders (gpt2lab.train.tracking)
+RUN_DIRS = (TENSORBOARD_DIR, WANDB_DIR)  # the trackers' folders (gpt2lab.train.tracking)
 
 
 def holds_run(run_dir: Path) -> bool:

@@ -35,13 +35,11 @@ from typing import Any
 
 from gpt2lab.errors import GPT2LabError, closest_hint
 from gpt2lab.files import one_line, write_text
+from gpt2lab.outputs import CSV_NAME, TENSORBOARD_DIR, WANDB_ID_FILE
 
-__all__ = ["CSV_NAME", "TENSORBOARD_DIR", "TRACKERS", "WANDB_ID_FILE", "Trackers", "check_log_to", "hyperparameters"]
+__all__ = ["TRACKERS", "Trackers", "check_log_to", "hyperparameters"]
 
 TRACKERS = ("tensorboard", "wandb", "csv")
-TENSORBOARD_DIR = "tensorboard"
-WANDB_ID_FILE = "wandb_run_id"
-CSV_NAME = "metrics.csv"
 CSV_HEADER = ["step", "metric", "value"]
 _PACKAGES = {"tensorboard": "tensorboard", "wandb": "wandb"}  # tracker -> the module it needs (= the extra)
 
