@@ -117,13 +117,13 @@ def _plot_comparisons(path: Path, rows: list[dict]) -> None:
             if row["low"] == "":
                 continue
             mean, low, high = float(row["mean_diff"]), float(row["low"]), float(row["high"])
+            color = "C0" if row.get("holm_significant") != "True" else "C2"
             if abs(mean) > limit:
                 edge = np.sign(mean) * limit * 0.97
-                ax.annotate(f"{mean:+.3f} [{low:+.3f}, {high:+.3f}]", (edge, i), ha="right" if mean > 0 else "left",
-                            va="bottom", fontsize=8, color="C3")  # fmt: skip
-                ax.plot(edge, i, marker=">" if mean > 0 else "<", color="C3")
+                ax.annotate(f"{mean:+.3f} [{low:+.3f}, {high:+.3f}] (off the scale)", (edge, i),
+                            ha="right" if mean > 0 else "left", va="bottom", fontsize=8, color=color)  # fmt: skip
+                ax.plot(edge, i, marker=">" if mean > 0 else "<", color=color)
                 continue
-            color = "C0" if row.get("holm_significant") != "True" else "C2"
             ax.errorbar(mean, i, xerr=[[mean - low], [high - mean]], fmt="o", capsize=4, color=color)
         ax.axvline(0, color="gray", lw=1)
         ax.set_xlim(-limit, limit)
