@@ -73,10 +73,24 @@ def test_rows_joining_and_leaving_decode_as_alone(shape):
         Row(ids=p, max_tokens=n, sampler=s, emit=collector.emit(i))
         for i, (p, n, s) in enumerate(zip(prompts, lengths, samplers, strict=True))
     ]
+    # The later waves must arrive while the first decodes, however fast the machine: the worker is held
+    # at row 0's first token (it emits from the worker thread) until they have been submitted.
+    first_token, later_waves_in = threading.Event(), threading.Event()
+    record_row_0 = rows[0].emit
+
+    def hold_at_first_token(event) -> None:
+        if isinstance(event, TokenEvent) and not first_token.is_set():
+            first_token.set()
+            later_waves_in.wait(30)
+        record_row_0(event)
+
+    rows[0].emit = hold_at_first_token
     try:
-        for i in range(0, len(rows), 2):  # arrivals in three waves, while earlier rows decode
-            scheduler.submit(rows[i : i + 2])
-            time.sleep(0.01)
+        scheduler.submit(rows[0:2])
+        assert first_token.wait(30)
+        scheduler.submit(rows[2:4])  # arrivals in two more waves, while the first decodes
+        scheduler.submit(rows[4:6])
+        later_waves_in.set()
         assert collector.finished.wait(120)
     finally:
         scheduler.stop(30)
