@@ -88,7 +88,9 @@ def test_rows_joining_and_leaving_decode_as_alone(shape):
     try:
         scheduler.submit(rows[0:2])
         assert first_token.wait(30)
-        scheduler.submit(rows[2:4])  # arrivals in two more waves, while the first decodes
+        # the other four arrive while the first two decode: one joins at once (max_batch 3), the rest
+        # wait for the slots that rows leaving the batch free
+        scheduler.submit(rows[2:4])
         scheduler.submit(rows[4:6])
         later_waves_in.set()
         assert collector.finished.wait(120)
