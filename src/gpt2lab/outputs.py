@@ -33,6 +33,7 @@ CKPT_NAME = "ckpt.pt"
 METRICS_NAME = "metrics.jsonl"
 TRAIN_CONFIG_FILE = "train_config.json"  # the run's TrainConfig, for a reader (the checkpoint holds it too)
 LOSS_PLOT_FILE = "loss.png"
+RESULT_FILE = "result.json"  # a study's finished run: its measurements (gpt2lab.study.runs), in the run's folder
 # the trackers' files and folders in a run (gpt2lab.train.tracking)
 CSV_NAME = "metrics.csv"
 WANDB_ID_FILE = "wandb_run_id"
@@ -63,6 +64,7 @@ KINDS: dict[str, tuple[tuple[str, ...], tuple[str, ...]]] = {
             METRICS_NAME,
             TRAIN_CONFIG_FILE,
             LOSS_PLOT_FILE,
+            RESULT_FILE,
             TOKENIZER_FILE,
             *_MODEL_FILES,
             *EVAL_FILES,

@@ -27,7 +27,7 @@ from gpt2lab.errors import GPT2LabError
 from gpt2lab.eval.loss import evaluate
 from gpt2lab.files import read_json, write_text
 from gpt2lab.loading import load_model
-from gpt2lab.outputs import CKPT_NAME
+from gpt2lab.outputs import CKPT_NAME, RESULT_FILE
 from gpt2lab.study.context_use import loss_by_cut
 from gpt2lab.study.continuation import seed_continuation
 from gpt2lab.study.extrapolation import extrapolate
@@ -141,7 +141,7 @@ def train_and_measure(train_fields: dict[str, Any], settings: dict[str, Any], ru
         out["context_use"] = loss_by_cut(model, val, cfg.seq_len, settings["context_targets"])
     if settings.get("extrapolation") is not None:
         out["extrapolation"] = extrapolate(model, val, cfg.seq_len, settings["extrapolation"])
-    write_text(Path(run_dir) / "result.json", json.dumps(out) + "\n")
+    write_text(Path(run_dir) / RESULT_FILE, json.dumps(out) + "\n")
     return out
 
 
@@ -178,7 +178,7 @@ class Runs:
         run_dir = self.runs_dir / f"{name}-s{seed}"
         # as result.json will hold them (JSON has lists, not tuples), so a finished run compares equal
         train_fields = json.loads(json.dumps({**self.base_fields, **fields, "seed": seed, "out_dir": str(run_dir)}))
-        done = run_dir / "result.json"
+        done = run_dir / RESULT_FILE
         if done.is_file():
             result = read_json(done)
             if upgrade_train_fields(result.get("fields") or {}, str(self.runs_dir)) != train_fields:
