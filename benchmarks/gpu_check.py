@@ -7,17 +7,21 @@ Sections, in this order, each under its own time budget (``BUDGETS``) and the to
   parity       gpt2lab's GPT-2 against transformers' on the same weights: logits in fp32 (TF32 off) and
                bf16, 32 greedy tokens
   decoding     124M greedy decoding in fp32 at B=1 and B=64: eager, compiled, compiled + CUDA graphs;
-               tokens/s, tokens equal
-  tiny_loss    one tiny character-level run (same config, seed, data) on the CPU and on the GPU: the losses
-  distributed  the tiny run under DDP and FSDP2 on a one-process group, against the bare run
+               tokens/s, tokens equal, the mode each decoder ended in
+  training     124M at T=1024, bf16, compiled, B=64 then B=16, through gpt2lab.train.loop.train: tokens/s,
+               MFU, peak memory against `gpt2lab plan` (two compilations of about a minute and a half each,
+               evaluation's included)
   attention    sliding window vs full causal at T=1024/4096/8192, forward + backward in bf16, every path
                checked against a dense-mask reference (gpu_check_attention.py)
-  training     124M at T=1024, bf16, compiled, B=64 then B=16, through gpt2lab.train.loop.train: tokens/s,
-               MFU, peak memory against `gpt2lab plan`; last, as the longest (two compilations of about
-               a minute and a half each, evaluation's included): what is left of the total goes to it
+  tiny_loss    one tiny character-level run (same config, seed, data) on the CPU and on the GPU: the losses
+  distributed  the tiny run under DDP and FSDP2 on a one-process group, against the bare run
 
-The fp32 sections come first: the trainer switches TF32 on for the whole process, and this check never
-sets it itself (setting it through two APIs in one process breaks Inductor in recent PyTorch).
+The order is the issue's goals first (MFU and memory, decoding, windows), the checks without a goal last: the
+budgets add up to more than the total, so the total cuts the last sections short, and a rerun of just those
+(``--sections tiny_loss,distributed``) fits in a few minutes. The fp32 sections come before training: the
+trainer switches TF32 on for the whole process, and this check never sets it itself (setting it through two
+APIs in one process breaks Inductor in recent PyTorch); the sections after training run in bf16 or through the
+trainer, which sets TF32 itself.
 
 The JSON (``--out``) and its Markdown table (same name, ``.md``) are rewritten, atomically, after every
 section. A section that fails records its error and the next one runs; one that runs past its budget is
@@ -36,6 +40,7 @@ import json
 import os
 import platform
 import re
+import shutil
 import signal
 import subprocess
 import sys
@@ -61,8 +66,8 @@ COMMIT_VARIABLE = "GPT2LAB_COMMIT"  # the commit, where the checkout has no .git
 # Seconds per section on one H100/H200 (estimates: the 124M training step compiles in about a minute, the decoding
 # step and the flex kernels in tens of seconds). They add up to more than the total on purpose: most sections end
 # well inside theirs, and the total cuts the last ones short rather than the first.
-BUDGETS = {"environment": 30, "parity": 75, "decoding": 100, "tiny_loss": 45, "distributed": 60, "attention": 90,
-           "training": 230}  # fmt: skip
+BUDGETS = {"environment": 30, "parity": 60, "decoding": 90, "training": 200, "attention": 90, "tiny_loss": 45,
+           "distributed": 60}  # fmt: skip
 SMOKE_BUDGETS = dict.fromkeys(BUDGETS, 45)
 TOTAL_BUDGET, SMOKE_TOTAL_BUDGET = 420, 150  # seconds; scripts/gpu-check.sh's timeout comes 40 s after
 MIN_SECTION_SECONDS = 10  # a section is skipped rather than started with less than this left
@@ -82,6 +87,9 @@ def _raise(kind: type[BaseException]):
 def environment(ctx: Context, out: dict) -> None:
     out |= {"python": platform.python_version(), "torch": torch.__version__, "cuda": torch.version.cuda,
             "device": ctx.device.type, "commit": git_commit()}  # fmt: skip
+    # Triton builds its kernel launchers with a C compiler when it first compiles: without one, every
+    # torch.compile on the GPU fails (and the compiled sections fall back or record the error)
+    out["c_compiler"] = next((path for cc in ("cc", "gcc", "clang") if (path := shutil.which(cc))), "missing")
     for package in ("transformers", "triton"):
         try:
             out[package] = metadata.version(package)
@@ -127,10 +135,10 @@ SECTIONS: dict[str, Callable[[Context, dict], None]] = {
     "environment": environment,
     "parity": sections.parity,
     "decoding": sections.decoding,
+    "training": sections.training,
+    "attention": attention,
     "tiny_loss": sections.tiny_loss,
     "distributed": sections.distributed,
-    "attention": attention,
-    "training": sections.training,
 }
 
 

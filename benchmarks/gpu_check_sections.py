@@ -28,6 +28,7 @@ from gpt2lab.kernels import apply_inference_kernels
 from gpt2lab.kernels.choice import ENV as KERNEL_ENV
 from gpt2lab.kernels.compiled_decoding import CompiledDecoder, cache_capacity
 from gpt2lab.loading import load_model
+from gpt2lab.outputs import METRICS_NAME
 from gpt2lab.train.config import TRAIN_FIELDS, load_config
 from gpt2lab.train.loop import train
 from gpt2lab.train.plan import peak_flops, plan
@@ -170,8 +171,13 @@ def decoding(ctx: Context, out: dict) -> None:
         row["tokens_equal"] = all(bool(e.all()) for e in equal)
         row["rows_equal"] = min((e.float().mean().item() for e in equal), default=1.0)
     rows = [(b, out[f"B={b}"]) for b in ctx.sizes["decode_batches"]]
-    rates = [f"B={b}: " + " / ".join(f"{m} {row[m]['steady_tok_s']:,.0f}" for m in modes) for b, row in rows]
+    rates = [f"B={b}: " + " / ".join(_rate(m, row[m]) for m in modes) for b, row in rows]
     out["headline"] = f"{', '.join(rates)} tok/s; tokens equal: {all(row['tokens_equal'] for _, row in rows)}"
+
+
+def _rate(mode: str, figures: dict) -> str:
+    fell_back = f" (ran {figures['mode_used']})" if figures["mode_used"] != mode else ""
+    return f"{mode} {figures['steady_tok_s']:,.0f}{fell_back}"
 
 
 @contextlib.contextmanager
@@ -198,15 +204,18 @@ def _decode_rates(model, prompt: torch.Tensor, new: int, mode: str) -> tuple[tor
         sync(device)
         figures[label] = time.perf_counter() - start
     figures["call_tok_s"] = batch * new / figures["call_s"]
-    figures["step_ms"] = 1000 * _steady_step_s(model, prompt, new, mode)
+    seconds, figures["mode_used"] = _steady_step_s(model, prompt, new, mode)
+    figures["step_ms"] = 1000 * seconds
     figures["steady_tok_s"] = batch / figures["step_ms"] * 1000
     return ids[:, prompt.shape[1] :].cpu(), figures
 
 
 @torch.no_grad()
-def _steady_step_s(model, prompt: torch.Tensor, new: int, mode: str) -> float:
+def _steady_step_s(model, prompt: torch.Tensor, new: int, mode: str) -> tuple[float, str]:
     """Seconds per decoding step once running: the cache generate would allocate (so the compiled graph is reused),
-    one untimed step (which records the graph), then ``new - 2`` steps timed together, one sync at the end."""
+    one untimed step (which records the graph), then ``new - 2`` steps timed together, one sync at the end; and
+    the mode the decoder ran in (a failed recording falls back to "compiled", a failed compilation to "eager",
+    each with a warning only)."""
     batch, length = prompt.shape
     cache = model.new_cache(batch, cache_capacity(length + new) if mode != "eager" else length + new)
     logits = model(prompt, cache=cache, last_only=True)
@@ -217,7 +226,7 @@ def _steady_step_s(model, prompt: torch.Tensor, new: int, mode: str) -> float:
     for _ in range(new - 2):
         logits = step(logits[:, -1].argmax(-1, keepdim=True))
     sync(prompt.device)
-    return (time.perf_counter() - start) / max(new - 2, 1)
+    return (time.perf_counter() - start) / max(new - 2, 1), getattr(step, "mode", "eager")
 
 
 # ---------------------------------------------------------------------------------------- (d), (g): tiny runs
@@ -288,16 +297,32 @@ def _free_port() -> int:
 
 
 def training(ctx: Context, out: dict) -> None:
-    """124M at T=1024, bf16, compiled, through the trainer; B=64 first (llm.c's micro-batch), then B=16."""
+    """124M at T=1024, bf16, compiled, through the trainer; B=64 first (llm.c's micro-batch), then B=16. A run
+    that the section's budget stops still reports the steps it logged (``cut_short``)."""
     for batch in ctx.sizes["train_batches"]:
         if out and ctx.left() < ctx.sizes["train_min_s"]:
             out[f"B={batch}"] = f"skipped: {ctx.left():.0f} s of the section's budget left"
             continue
-        out[f"B={batch}"] = _train_figures(ctx, batch)
-    done = [(b, f) for b, f in ((b, out[f"B={b}"]) for b in ctx.sizes["train_batches"]) if isinstance(f, dict)]
-    out["headline"] = "; ".join(
+        cfg = _train_config(ctx, ctx.tmp / f"train-B{batch}", batch)
+        started = time.perf_counter()
+        try:
+            summary = _train(ctx, cfg)
+        except BaseException:  # the section's alarm (or SIGTERM): the figures of the steps logged by then
+            if _timed_steps(cfg):
+                out[f"B={batch}"] = {**_train_figures(ctx, cfg, time.perf_counter() - started, None), "cut_short": True}
+            raise
+        finally:
+            out["headline"] = _training_headline(ctx, out)
+        out[f"B={batch}"] = _train_figures(ctx, cfg, time.perf_counter() - started, summary)
+        shutil.rmtree(cfg.out_dir, ignore_errors=True)
+    out["headline"] = _training_headline(ctx, out)
+
+
+def _training_headline(ctx: Context, out: dict) -> str:
+    done = [(b, out[f"B={b}"]) for b in ctx.sizes["train_batches"] if isinstance(out.get(f"B={b}"), dict)]
+    return "; ".join(
         f"B={b}: {f['tokens_per_s']:,.0f} tok/s, MFU {_percent(f['mfu'])}, peak {f['peak_memory_gib']:.1f} GiB "
-        f"(plan {f['plan_memory_gib']:.1f})"
+        f"(plan {f['plan_memory_gib']:.1f}){' cut short' if f.get('cut_short') else ''}"
         for b, f in done
     )
 
@@ -315,26 +340,33 @@ def _train_config(ctx: Context, run: Path, batch: int):
     return load_config(ROOT / "configs" / "gpt2-124m.toml", sets)
 
 
-def _train_figures(ctx: Context, batch: int) -> dict:
-    run = ctx.tmp / f"train-B{batch}"
-    cfg = _train_config(ctx, run, batch)
+def _train(ctx: Context, cfg) -> dict:
     torch._dynamo.reset()  # each batch size compiles its own static graph, as a fresh run would
     if ctx.cuda:
         torch.cuda.reset_peak_memory_stats(ctx.device)
-    started = time.perf_counter()
     summary = train(cfg)
-    wall = time.perf_counter() - started
     if summary.get("stopped"):
         raise Stopped()
-    rows = [r for r in read_metrics(run) if "dt" in r]
-    shutil.rmtree(run, ignore_errors=True)
+    return summary
+
+
+def _timed_steps(cfg) -> list[dict]:
+    """The logged steps of a run that carry a step time (none where the run stopped before its first)."""
+    metrics = Path(cfg.out_dir) / METRICS_NAME
+    return [r for r in read_metrics(cfg.out_dir) if "dt" in r] if metrics.is_file() else []
+
+
+def _train_figures(ctx: Context, cfg, wall: float, summary: dict | None) -> dict:
+    """The figures of a training run from its logged steps (``summary`` None: a run stopped early)."""
+    rows = _timed_steps(cfg)
     timed = rows[ctx.sizes["train_warm"] :] or rows
     step_s = statistics.median(r["dt"] for r in timed)
     p = plan(cfg)
     peak = peak_flops(ctx.device, torch.bfloat16 if p["dtype"] == "bfloat16" else torch.float32)
     tok_s = p["tokens_per_step"] / step_s
     six_n = _six_n_flops_per_token(p, cfg.seq_len)
-    figures = {"batch": f"{batch} x {cfg.seq_len}", "steps": len(rows), "wall_s_incl_compile": wall,
+    losses = summary["losses"] if summary else [(r["step"], r["loss"]) for r in rows if "loss" in r]
+    figures = {"batch": f"{cfg.batch_size} x {cfg.seq_len}", "steps": len(rows), "wall_s_incl_compile": wall,
                "first_step_s": rows[0]["dt"], "median_step_s": step_s, "tokens_per_s": tok_s,
                "flops_per_token": p["flops"]["train_per_token"],
                "mfu": tok_s * p["flops"]["train_per_token"] / peak if peak else None,
@@ -342,7 +374,7 @@ def _train_figures(ctx: Context, batch: int) -> dict:
                "trainer_mfu": statistics.median(r["mfu"] for r in timed) if "mfu" in timed[0] else None,
                "plan_step_s_at_40pct_mfu": p["flops"]["per_step"] / (0.4 * peak) if peak else None,
                "plan_memory_gib": p["memory_per_gpu"]["ddp"]["total"] / 2**30,
-               "final_loss": summary["losses"][-1][1] if summary["losses"] else None}  # fmt: skip
+               "final_loss": losses[-1][1] if losses else None}  # fmt: skip
     if ctx.cuda:
         figures["peak_memory_gib"] = torch.cuda.max_memory_allocated(ctx.device) / 2**30
         figures["peak_reserved_gib"] = torch.cuda.max_memory_reserved(ctx.device) / 2**30

@@ -20,7 +20,11 @@ ROOT = Path(__file__).resolve().parents[2]
 SCRIPT = ROOT / "scripts" / "gpu-check.sh"
 sys.path.insert(0, str(ROOT / "benchmarks"))
 import gpu_check  # noqa: E402
+import gpu_check_attention as attention  # noqa: E402
+import gpu_check_sections as sections  # noqa: E402
 from gpu_check_sections import Context, Stopped  # noqa: E402
+
+from gpt2lab import sliding_window  # noqa: E402
 
 
 def test_script_parses():
@@ -60,6 +64,7 @@ def test_smoke_runs_every_section_and_records_each(tmp_path):
         assert row["errors"][f"{failed} forward only"] <= sections["attention"]["tolerance"]
     assert {"sliding_window_attention W=32", "sliding_window_attention W=T", "causal_attention"} <= set(row["errors"])
     assert "sliding_window_attention W=32 gqa 4/2" in row["errors"]
+    assert sections["decoding"]["B=1"]["eager"]["mode_used"] == "eager"
     assert sections["training"]["B=4"]["tokens_per_s"] > 0 and sections["training"]["B=2"]["steps"] == 4
     assert len(sections["tiny_loss"]["losses_cpu"]) == 6
     assert "## training" in out.with_suffix(".md").read_text()
@@ -105,6 +110,45 @@ def test_the_device_command_passes_the_commit():
     for command in commands:
         assert re.search(r"^set -o pipefail; export [^;]* GPT2LAB_COMMIT=COMMIT;", command) and "$(" not in command
         subprocess.run(["bash", "-n", "-c", command], check=True)  # still one valid line of shell
+
+
+def test_later_lengths_check_window_w_only_and_the_section_may_compile_more_graphs(monkeypatch):
+    """W=T and GQA are checked at the first length only (each FlexAttention shape is a compiled graph); the
+    section raises Dynamo's recompile limit, which its graphs would pass at T=8192 (flex then runs uncompiled)."""
+    paths = {"sliding_window_attention": sliding_window.sliding_window_attention}
+    later = attention._check(paths, 64, 16, torch.float32, torch.device("cpu"), first=False)
+    assert set(later) == {"sliding_window_attention W=16"} and later["sliding_window_attention W=16"] < 1e-4
+    first = attention._check(paths, 64, 16, torch.float32, torch.device("cpu"), first=True)
+    assert {"sliding_window_attention W=T", "causal_attention", "sliding_window_attention W=16 gqa 4/2"} < set(first)
+    seen = []
+    monkeypatch.setattr(attention, "_attention", lambda ctx, out: seen.append(torch._dynamo.config.recompile_limit))
+    attention.attention(None, {})
+    assert seen == [attention.RECOMPILE_LIMIT] and attention.RECOMPILE_LIMIT > torch._dynamo.config.recompile_limit
+
+
+def test_a_training_run_cut_short_reports_the_steps_it_logged(tmp_path, monkeypatch):
+    """The section's alarm inside the first batch size's run: the figures of its logged steps are kept (marked
+    cut_short), the alarm goes on up to the runner, and the next batch size does not start."""
+
+    class Alarm(BaseException):
+        pass
+
+    def two_steps_then_the_alarm(cfg):
+        Path(cfg.out_dir).mkdir(parents=True)
+        rows = [{"step": s, "loss": 5.0 - s, "dt": dt} for s, dt in ((1, 9.0), (2, 0.25), (3, 0.5))]
+        (Path(cfg.out_dir) / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+        raise Alarm()
+
+    monkeypatch.setattr(sections, "train", two_steps_then_the_alarm)
+    ctx, out = Context(torch.device("cpu"), smoke=True, tmp=tmp_path), {}
+    with pytest.raises(Alarm):
+        sections.training(ctx, out)
+    (batch, *later) = ctx.sizes["train_batches"]
+    figures = out[f"B={batch}"]
+    assert figures["cut_short"] and figures["steps"] == 3 and figures["final_loss"] == 2.0
+    assert figures["median_step_s"] == 0.375  # the steps after the warm-up one (smoke: train_warm = 1): 0.25, 0.5
+    assert figures["tokens_per_s"] == pytest.approx(batch * 64 / 0.375)
+    assert all(f"B={b}" not in out for b in later) and "cut short" in out["headline"]
 
 
 # ---------------------------------------------------------------------------------------- the runner
