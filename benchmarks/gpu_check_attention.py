@@ -110,7 +110,7 @@ def _check(paths: dict, T: int, window: int, dtype, device, first: bool) -> dict
         k, v = (torch.randn(1, kv_heads, T, HEAD_SIZE, generator=gen).to(device, dtype).requires_grad_() for _ in "kv")
         dy = torch.randn(q.shape, generator=gen).to(device, dtype)
         tag = "" if kv_heads == CHECK_HEADS else f" gqa {CHECK_HEADS}/{kv_heads}"
-        for w, label in ((window, f"W={window}"), (T, "W=T"))[: 2 if first else 1]:
+        for w, label in [(window, f"W={window}")] + ([(T, "W=T")] if first else []):
             want = dense_reference(q, k, v, w, dy)  # W = T: every earlier key, the causal mask
             cases = {f"{name} {label}": partial(_windowed, fn, w) for name, fn in paths.items()}
             if w == T:

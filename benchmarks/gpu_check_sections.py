@@ -226,7 +226,7 @@ def _steady_step_s(model, prompt: torch.Tensor, new: int, mode: str) -> tuple[fl
     for _ in range(new - 2):
         logits = step(logits[:, -1].argmax(-1, keepdim=True))
     sync(prompt.device)
-    return (time.perf_counter() - start) / max(new - 2, 1), getattr(step, "mode", "eager")
+    return (time.perf_counter() - start) / max(new - 2, 1), step.mode if mode != "eager" else "eager"
 
 
 # ---------------------------------------------------------------------------------------- (d), (g): tiny runs
@@ -299,23 +299,24 @@ def _free_port() -> int:
 def training(ctx: Context, out: dict) -> None:
     """124M at T=1024, bf16, compiled, through the trainer; B=64 first (llm.c's micro-batch), then B=16. A run
     that the section's budget stops still reports the steps it logged (``cut_short``)."""
-    for batch in ctx.sizes["train_batches"]:
-        if out and ctx.left() < ctx.sizes["train_min_s"]:
-            out[f"B={batch}"] = f"skipped: {ctx.left():.0f} s of the section's budget left"
-            continue
-        cfg = _train_config(ctx, ctx.tmp / f"train-B{batch}", batch)
-        started = time.perf_counter()
-        try:
-            summary = _train(ctx, cfg)
-        except BaseException:  # the section's alarm (or SIGTERM): the figures of the steps logged by then
-            if _timed_steps(cfg):
-                out[f"B={batch}"] = {**_train_figures(ctx, cfg, time.perf_counter() - started, None), "cut_short": True}
-            raise
-        finally:
-            out["headline"] = _training_headline(ctx, out)
-        out[f"B={batch}"] = _train_figures(ctx, cfg, time.perf_counter() - started, summary)
-        shutil.rmtree(cfg.out_dir, ignore_errors=True)
-    out["headline"] = _training_headline(ctx, out)
+    try:
+        for batch in ctx.sizes["train_batches"]:
+            if out and ctx.left() < ctx.sizes["train_min_s"]:
+                out[f"B={batch}"] = f"skipped: {ctx.left():.0f} s of the section's budget left"
+                continue
+            cfg = _train_config(ctx, ctx.tmp / f"train-B{batch}", batch)
+            started = time.perf_counter()
+            try:
+                summary = _train(ctx, cfg)
+            except BaseException:  # the section's alarm (or SIGTERM): the figures of the steps logged by then
+                if _timed_steps(cfg):
+                    figures = _train_figures(ctx, cfg, time.perf_counter() - started, None)
+                    out[f"B={batch}"] = {**figures, "cut_short": True}
+                raise
+            out[f"B={batch}"] = _train_figures(ctx, cfg, time.perf_counter() - started, summary)
+            shutil.rmtree(cfg.out_dir, ignore_errors=True)
+    finally:  # finished or stopped: the batch sizes measured by then
+        out["headline"] = _training_headline(ctx, out)
 
 
 def _training_headline(ctx: Context, out: dict) -> str:
